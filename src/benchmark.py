@@ -1,0 +1,294 @@
+"""Scheduled batch inference: predict lengths, schedule, generate, and report the paper's metrics.
+
+    python -m src.benchmark --num-data 1024 --strategy gt --vbs --fcr          # the paper's command
+    python -m src.benchmark --model smollm2-135m --data-path data/demo.json \\
+        --strategies vanilla gt gt+vbs+fcr                                     # several, one table
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+
+from .data import default_length_path, load_conversations, load_length_file, require_ids, select_samples
+from .predictors import PREDICTORS, PredictorContext, build_predictor
+from .schedule import (
+    PAPER_VBS_TABLE,
+    Batch,
+    BatchOutcome,
+    ScheduleConfig,
+    compute_metrics,
+    parse_vbs_table,
+    run_schedule,
+)
+from .utils import Timer, UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
+
+STRATEGY_MODIFIERS = ("vbs", "fcr")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    predictor: str
+    vbs: bool = False
+    fcr: bool = False
+
+    @property
+    def label(self) -> str:
+        return "+".join([self.predictor] + [name for name in STRATEGY_MODIFIERS if getattr(self, name)])
+
+
+def parse_strategy(text: str, vbs: bool = False, fcr: bool = False) -> Strategy:
+    """`gt+vbs+fcr` -> Strategy('gt', True, True); --vbs/--fcr add to every strategy but vanilla,
+    which is the unscheduled baseline by definition."""
+    name, *modifiers = text.strip().split("+")
+    if name not in PREDICTORS:
+        raise UserError(f"unknown strategy {name!r}: choose from {', '.join(sorted(PREDICTORS))}")
+    unknown = [modifier for modifier in modifiers if modifier not in STRATEGY_MODIFIERS]
+    if unknown:
+        raise UserError(f"unknown strategy modifier {unknown[0]!r} in {text!r}: use +vbs and/or +fcr")
+    if name == "vanilla":
+        return Strategy("vanilla")
+    return Strategy(name, vbs or "vbs" in modifiers, fcr or "fcr" in modifiers)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", default="./data/alpaca-val-10k.json", help="FastChat conversation file")
+    add_model_arguments(parser)
+    parser.add_argument("--seed", type=int, default=42, help="seed of the sample draw and of sampling")
+    parser.add_argument("--num-data", type=int, default=None, help="draw this many samples as upstream; default all")
+    parser.add_argument("--debug", action="store_true", help="print one line per batch")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the paper's setting)")
+    parser.add_argument("--max-length", type=int, default=512, help="most new tokens a sample may generate")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size (without VBS, and for FCR recompute)")
+    parser.add_argument("--group-size", type=int, default=256, help="samples scheduled together")
+    parser.add_argument("--strategy", default="vanilla", help=f"length predictor: {', '.join(sorted(PREDICTORS))}")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=None,
+        help="run several in one process on the same samples, e.g. vanilla gt gt+vbs+fcr; overrides --strategy",
+    )
+    parser.add_argument("--lora-path", default=None, help="peft LoRA adapter of the length perception module")
+    parser.add_argument("--vbs", action="store_true", help="variable batch size by predicted-length bucket")
+    parser.add_argument("--fcr", action="store_true", help="cap batches at their prediction; recompute failures")
+    parser.add_argument(
+        "--vbs-table",
+        default=",".join(f"{bucket}:{size}" for bucket, size in PAPER_VBS_TABLE.items()),
+        help="bucket:batch_size pairs for VBS (default: the paper's A100 table); other buckets get 16",
+    )
+    parser.add_argument(
+        "--length-path", default=None, help="length file for gt; default: the data path with -length before .json"
+    )
+    parser.add_argument(
+        "--replay-lengths", default=None, help="length file: every sample ends exactly at its recorded length"
+    )
+    parser.add_argument("--replay-field", default="L_t0.0", help="the length file's field to replay")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
+    parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
+    args = parser.parse_args(argv)
+    for name in ("max_length", "batch_size", "group_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        args.vbs_table_parsed = parse_vbs_table(args.vbs_table)
+    except ValueError as error:
+        raise UserError(f"--vbs-table: {error}") from None
+    texts = args.strategies or [args.strategy]
+    args.strategy_list = [parse_strategy(text, args.vbs, args.fcr) for text in texts]
+    if args.length_path is None:
+        args.length_path = default_length_path(args.data_path)
+    return args
+
+
+def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug):
+    """The executor: one scheduled batch through `generate_batch`."""
+    from .generate import eos_token_ids_of, generate_batch
+
+    eos_token_ids = eos_token_ids_of(model, tokenizer)
+
+    def run_batch(batch: Batch) -> BatchOutcome:
+        generated = generate_batch(
+            model,
+            tokenizer,
+            [prompt_ids[sample_id] for sample_id in batch.ids],
+            batch.max_new_tokens,
+            temperature,
+            [replay[sample_id] for sample_id in batch.ids] if replay is not None else None,
+            eos_token_ids,
+        )
+        outcome = BatchOutcome(
+            {sample_id: sample.length for sample_id, sample in zip(batch.ids, generated, strict=True)},
+            {sample_id: sample.finished for sample_id, sample in zip(batch.ids, generated, strict=True)},
+            {sample_id: sample.text for sample_id, sample in zip(batch.ids, generated, strict=True)},
+        )
+        if debug:
+            kind = "recompute" if batch.recompute else "first"
+            steps = max(outcome.lengths.values())
+            print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
+        return outcome
+
+    return run_batch
+
+
+def run_strategy(strategy, args, samples, predictor, run_batch, device) -> dict:
+    """Predict, schedule and generate for one strategy; returns its result object."""
+    from tqdm import tqdm
+
+    set_seed(args.seed)  # sampling runs repeat exactly, whatever ran before
+    with Timer(device) as prediction_timer:
+        predictions = predictor.predict(samples)
+    config = ScheduleConfig(
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        max_length=args.max_length,
+        sort=strategy.predictor != "vanilla",
+        vbs=strategy.vbs,
+        fcr=strategy.fcr,
+        vbs_table=args.vbs_table_parsed,
+    )
+    ids = [sample.id for sample in samples]
+    with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False) as progress:
+
+        def advance(_batch, done):
+            progress.update(done - progress.n)
+
+        with Timer(device) as generation_timer:
+            record = run_schedule(ids, predictions, config, run_batch, on_batch=advance, clock=time.perf_counter)
+    metrics = compute_metrics(record)
+    wall = prediction_timer.seconds + generation_timer.seconds
+    result = {
+        "strategy": strategy.label,
+        "predictor": strategy.predictor,
+        "vbs": strategy.vbs,
+        "fcr": strategy.fcr,
+        **metrics,
+        "throughput_samples_per_s": len(ids) / wall,
+        "wall_time_s": wall,
+        "prediction_time_s": prediction_timer.seconds,
+        "generation_time_s": generation_timer.seconds,
+        "generated_tokens_per_s": metrics["generated_tokens"] / generation_timer.seconds,
+        "token_slots_per_s": metrics["token_slots"] / generation_timer.seconds,
+        "batch_size": args.batch_size,
+        "group_size": args.group_size,
+        "max_length": args.max_length,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "batches": [
+            {
+                "group": executed.batch.group,
+                "recompute": executed.batch.recompute,
+                "bucket": executed.batch.bucket,
+                "size": len(executed.batch.ids),
+                "cap": executed.batch.max_new_tokens,
+                "steps": executed.steps,
+                "useful_tokens": executed.useful_tokens,
+                "elapsed_s": executed.elapsed_s,
+            }
+            for executed in record.batches
+        ],
+        "samples": [
+            {"id": sample_id, "prediction": predictions[sample_id], **_sample_fields(result)}
+            for sample_id, result in record.results.items()
+        ],
+    }
+    return result
+
+
+def _sample_fields(result) -> dict:
+    fields = asdict(result)
+    del fields["id"], fields["text"]
+    return fields
+
+
+def print_result(result: dict) -> None:
+    print(f"Strategy: {result['strategy']}, VBS: {result['vbs']}, FCR: {result['fcr']}")
+    print(
+        f"Total samples: {result['num_samples']}, Group size: {result['group_size']}, "
+        f"Batch size: {result['batch_size']}, Max length: {result['max_length']}"
+    )
+    print(
+        f"Time: {result['wall_time_s']:.2f} s (prediction {result['prediction_time_s']:.2f} s, "
+        f"generation {result['generation_time_s']:.2f} s)"
+    )
+    print(f"Throughput: {result['throughput_samples_per_s']:.3f} samples/s")
+    print(f"Average length: {result['average_length']:.2f} tokens")
+    print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
+    print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
+    print(f"Generated tokens: {result['generated_tokens']} ({result['generated_tokens_per_s']:.1f} tokens/s)")
+    print()
+
+
+def print_table(results: list[dict]) -> None:
+    baseline = next((result for result in results if result["strategy"] == "vanilla"), None)
+    header = f"{'strategy':<18}{'samples/s':>11}{'avg length':>12}{'effective':>11}{'failure':>9}{'speed-up':>10}"
+    print(header)
+    print("-" * len(header))
+    for result in results:
+        speedup = (
+            f"{result['throughput_samples_per_s'] / baseline['throughput_samples_per_s']:.2f}x" if baseline else "n/a"
+        )
+        print(
+            f"{result['strategy']:<18}{result['throughput_samples_per_s']:>11.3f}{result['average_length']:>12.2f}"
+            f"{result['effective_token_ratio'] * 100:>10.2f}%{result['failure_ratio'] * 100:>8.2f}%{speedup:>10}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
+    ids = [sample.id for sample in samples]
+    replay = None
+    if args.replay_lengths:
+        table = load_length_file(args.replay_lengths, (args.replay_field,))
+        require_ids(table, ids, args.replay_lengths)
+        replay = {sample_id: int(table[sample_id][args.replay_field]) for sample_id in ids}
+
+    context = PredictorContext(max_length=args.max_length, length_path=args.length_path)
+    predictors = {}
+    for strategy in args.strategy_list:  # predictors without a model fail fast, before the model loads
+        if strategy.predictor not in predictors and not PREDICTORS[strategy.predictor].needs_model:
+            predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
+            if PREDICTORS[strategy.predictor].uses_length_file:
+                predictors[strategy.predictor].predict(samples)  # checks every id has a row
+
+    from .prompts import PromptFormatter, choose_template
+    from .utils import load_model
+
+    model, tokenizer, model_path = load_model(args.model, args.device, args.dtype, args.lora_path, args.load_format)
+    device = str(model.device)
+    formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
+    context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
+    for strategy in args.strategy_list:
+        if strategy.predictor not in predictors:
+            predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
+
+    prompt_ids = {sample.id: formatter.encode(sample.prompt) for sample in samples}
+    run_batch = make_run_batch(model, tokenizer, prompt_ids, args.temperature, replay, args.debug)
+    print(
+        f"model: {model_path} on {device} ({next(model.parameters()).dtype}), template {formatter.template}, "
+        f"{len(samples)} samples from {args.data_path}" + (f", replaying {args.replay_field}" if replay else "")
+    )
+    if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
+        from .generate import generate_batch
+
+        generate_batch(model, tokenizer, [prompt_ids[ids[0]]], 2, args.temperature)
+
+    output = {"args": {key: value for key, value in vars(args).items() if key != "strategy_list"}, "results": []}
+    output["args"]["strategies"] = [strategy.label for strategy in args.strategy_list]
+    output["args"]["model_path"] = model_path
+    output["args"]["device_resolved"] = device
+    for strategy in args.strategy_list:
+        result = run_strategy(strategy, args, samples, predictors[strategy.predictor], run_batch, device)
+        print_result(result)
+        output["results"].append(result)
+        if args.output_json:  # after each strategy, so finished results survive a later failure
+            write_json_atomic(args.output_json, output)
+    if len(output["results"]) > 1:
+        print_table(output["results"])
+    return output
+
+
+if __name__ == "__main__":
+    run_cli(main)

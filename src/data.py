@@ -1,0 +1,103 @@
+"""Conversation files and length files, joined by id; the upstream way of drawing samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .utils import UserError, read_json
+
+# The four temperatures at which the paper records response lengths (one home for them).
+TEMPERATURES = (0.0, 0.3, 0.5, 0.7)
+LENGTH_FIELDS = tuple(f"L_t{temperature}" for temperature in TEMPERATURES)
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    prompt: str  # the human turn
+    reference: str | None  # the dataset's answer, if any
+
+
+def default_length_path(data_path: str | Path) -> str:
+    """Upstream's convention: `x.json` -> `x-length.json`."""
+    data_path = str(data_path)
+    stem = data_path[: -len(".json")] if data_path.endswith(".json") else data_path
+    return f"{stem}-length.json"
+
+
+def load_conversations(path: str | Path) -> list[Sample]:
+    """A FastChat conversation file: a list of {id, conversations: [{from: human, value}, {from: gpt, value}]}."""
+    records = read_json(path, "data file")
+    if not isinstance(records, list) or not records:
+        raise UserError(f"data file {path} must be a non-empty JSON list of conversations")
+    samples, seen = [], set()
+    for index, record in enumerate(records):
+        try:
+            sample_id = str(record["id"])
+            turns = record["conversations"]
+            prompt = turns[0]["value"]
+            reference = turns[1]["value"] if len(turns) > 1 else None
+        except (KeyError, IndexError, TypeError):
+            raise UserError(
+                f"data file {path}: record {index} is not in FastChat format "
+                '({"id": ..., "conversations": [{"from": "human", "value": ...}, ...]})'
+            ) from None
+        if not isinstance(prompt, str):
+            raise UserError(f"data file {path}: record {index} (id {sample_id}) has a non-text prompt")
+        if sample_id in seen:
+            raise UserError(f"data file {path}: id {sample_id} appears twice; ids must be unique")
+        seen.add(sample_id)
+        samples.append(Sample(sample_id, prompt, reference))
+    return samples
+
+
+def load_length_file(path: str | Path, fields: tuple[str, ...] = ()) -> dict[str, dict]:
+    """A length file: a list of {id, L_gt, L_t0.0, ...} rows, returned as id -> row.
+
+    Every row must carry `fields` as non-negative integers."""
+    rows = read_json(path, "length file")
+    if not isinstance(rows, list):
+        raise UserError(f"length file {path} must be a JSON list of {{id, L_gt, L_t0.0, ...}} rows")
+    table = {}
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or "id" not in row:
+            raise UserError(f"length file {path}: row {index} has no id")
+        for field in fields:
+            value = row.get(field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise UserError(f"length file {path}: row {index} (id {row['id']}) has no integer {field}")
+        table[str(row["id"])] = row
+    return table
+
+
+def require_ids(table: dict, ids: list[str], path: str | Path) -> None:
+    """Every sample must have a row: a partial join would silently change what is measured."""
+    missing = [sample_id for sample_id in ids if sample_id not in table]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise UserError(
+            f"length file {path} lacks {len(missing)} id(s) of the data ({shown}); "
+            "use the length file recorded for this data file"
+        )
+
+
+def max_over_temperatures(row: dict) -> int:
+    """L_max: the paper's prediction target and the `gt` oracle."""
+    return max(int(row[field]) for field in LENGTH_FIELDS)
+
+
+def select_samples(samples: list[Sample], num_data: int | None, seed: int) -> list[Sample]:
+    """Upstream's draw, so runs compare with the paper's: np.random.seed(seed); permutation[:num_data].
+    Without num_data, every sample in file order."""
+    if num_data is None:
+        return list(samples)
+    if num_data < 1:
+        raise UserError(f"--num-data must be at least 1, got {num_data}")
+    if num_data > len(samples):
+        raise UserError(f"--num-data {num_data} is larger than the data ({len(samples)} samples)")
+    import numpy as np
+
+    np.random.seed(seed)
+    order = np.random.permutation(len(samples))
+    return [samples[int(index)] for index in order[:num_data]]

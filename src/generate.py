@@ -1,0 +1,108 @@
+"""Batched generation on transformers' `generate`, with per-sample lengths and optional length replay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+class ReplayLengthsProcessor(LogitsProcessor):
+    """Makes row b end exactly at its recorded length: EOS is forbidden before step target[b] and forced
+    at it. With it any model, even random weights, follows a real length distribution."""
+
+    def __init__(self, target_lengths: list[int], eos_token_ids: list[int], prompt_length: int):
+        self.target = torch.tensor([max(1, int(length)) for length in target_lengths])  # [B]
+        self.eos_token_ids = list(eos_token_ids)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        # input_ids: [B, S + t], scores: [B, V]; the token chosen now is number t + 1
+        step = input_ids.shape[1] - self.prompt_length + 1
+        target = self.target.to(scores.device)
+        too_early = target > step  # [B]
+        end_now = target == step  # [B]
+        eos = torch.tensor(self.eos_token_ids, device=scores.device)
+        scores[too_early.nonzero(as_tuple=True)[0].unsqueeze(1), eos.unsqueeze(0)] = -float("inf")
+        if end_now.any():
+            rows = end_now.nonzero(as_tuple=True)[0]
+            scores[rows] = -float("inf")
+            scores[rows, self.eos_token_ids[0]] = 0.0
+        return scores
+
+
+@dataclass(frozen=True)
+class GeneratedSample:
+    length: int  # generated tokens up to and including EOS
+    finished: bool  # emitted EOS within max_new_tokens
+    text: str
+    token_ids: list[int]
+
+
+def eos_token_ids_of(model, tokenizer) -> list[int]:
+    """All ids that end a response: the generation config's (a list for some chat models), else the tokenizer's."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return [int(token_id) for token_id in ids if token_id is not None]
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts end at the same column, so every row's next token is generated at the same position."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)  # [B, S]
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)  # [B, S]
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width - len(prompt) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def sampling_arguments(temperature: float) -> dict:
+    """Greedy at temperature 0, as the paper; above it plain sampling from softmax(logits / T), with
+    top-k and top-p switched off so that a model's generation_config cannot change the distribution."""
+    if temperature <= 0:
+        return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+    return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    replay_lengths: list[int] | None = None,
+    eos_token_ids: list[int] | None = None,
+) -> list[GeneratedSample]:
+    """Generate for a batch of tokenised prompts; the batch stops when every row finished or at the cap."""
+    eos_token_ids = eos_token_ids or eos_token_ids_of(model, tokenizer)
+    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
+    prompt_length = input_ids.shape[1]
+    processors = LogitsProcessorList()
+    if replay_lengths is not None:
+        processors.append(ReplayLengthsProcessor(replay_lengths, eos_token_ids, prompt_length))
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=None,
+        eos_token_id=eos_token_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        logits_processor=processors,
+        **sampling_arguments(temperature),
+    )
+    new_tokens = output[:, prompt_length:].cpu()  # [B, T], T <= max_new_tokens
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids))  # [B, T]
+    samples = []
+    for row in range(new_tokens.shape[0]):
+        eos_positions = is_eos[row].nonzero(as_tuple=True)[0]
+        finished = len(eos_positions) > 0
+        length = int(eos_positions[0]) + 1 if finished else new_tokens.shape[1]
+        token_ids = new_tokens[row, :length].tolist()
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        samples.append(GeneratedSample(length, finished, text, token_ids))
+    return samples

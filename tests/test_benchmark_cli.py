@@ -1,0 +1,150 @@
+"""`python -m src.benchmark` end to end on the tiny model, and its answers to bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src import benchmark
+from src.utils import run_cli
+
+from .conftest import SMALL_LENGTHS, write_json
+
+RESULT_FIELDS = {
+    "strategy", "vbs", "fcr", "num_samples", "throughput_samples_per_s", "average_length", "effective_token_ratio",
+    "failure_ratio", "wall_time_s", "prediction_time_s", "generation_time_s", "generated_tokens", "token_slots",
+    "batch_size", "group_size", "max_length", "temperature", "seed",
+}
+
+
+def base_args(tiny_model_dir, data, lengths, output):
+    return [
+        "--model", str(tiny_model_dir), "--device", "cpu", "--data-path", str(data),
+        "--replay-lengths", str(lengths), "--max-length", "8", "--batch-size", "2", "--group-size", "6",
+        "--output-json", str(output),
+    ]
+
+
+def test_benchmark_end_to_end(tiny_model_dir, small_data, tmp_path, capsys):
+    data, lengths = small_data
+    output = tmp_path / "out.json"
+    returned = benchmark.main(
+        base_args(tiny_model_dir, data, lengths, output) + ["--strategies", "vanilla", "gt", "gt+vbs+fcr"]
+    )
+    saved = json.loads(output.read_text())
+    assert saved == json.loads(json.dumps(returned))
+    assert saved["args"]["strategies"] == ["vanilla", "gt", "gt+vbs+fcr"]
+    results = saved["results"]
+    assert [result["strategy"] for result in results] == ["vanilla", "gt", "gt+vbs+fcr"]
+    for result in results:
+        assert RESULT_FIELDS <= set(result)
+        assert result["num_samples"] == 6
+        assert [sample["id"] for sample in result["samples"]] == list(SMALL_LENGTHS)
+        assert result["generated_tokens"] == sum(min(length, 8) for length in SMALL_LENGTHS.values())
+        assert result["token_slots"] == sum(batch["steps"] * batch["size"] for batch in result["batches"])
+        assert result["average_length"] == pytest.approx(result["token_slots"] / 6)
+        assert result["effective_token_ratio"] == pytest.approx(result["generated_tokens"] / result["token_slots"])
+        assert result["wall_time_s"] == pytest.approx(result["prediction_time_s"] + result["generation_time_s"])
+        assert result["throughput_samples_per_s"] == pytest.approx(6 / result["wall_time_s"])
+    # vanilla: data order, every batch to max length or its longest member: 8 + 6 + 8 steps of 2
+    assert results[0]["token_slots"] == 44
+    # gt sorted by L_max: (c1, e2), (a3, d6), (b10->8, f8)
+    assert results[1]["token_slots"] == 2 * 2 + 6 * 2 + 8 * 2
+    out = capsys.readouterr().out
+    for line in ("Throughput:", "Average length:", "Effective token ratio:", "Failure ratio:", "speed-up"):
+        assert line in out
+
+
+def test_single_strategy_flags_as_upstream(tiny_model_dir, small_data, tmp_path):
+    data, lengths = small_data
+    output = tmp_path / "out.json"
+    benchmark.main(base_args(tiny_model_dir, data, lengths, output) + ["--strategy", "gt", "--vbs", "--fcr"])
+    (result,) = json.loads(output.read_text())["results"]
+    assert (result["strategy"], result["vbs"], result["fcr"]) == ("gt+vbs+fcr", True, True)
+
+
+def run_and_expect_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(benchmark.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_missing_data_file(tmp_path, capsys):
+    err = run_and_expect_error(["--data-path", str(tmp_path / "nope.json")], capsys)
+    assert "nope.json" in err
+
+
+def test_malformed_data_file(tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"id": "1", "conversations": [')
+    assert "not valid JSON" in run_and_expect_error(["--data-path", str(broken)], capsys)
+    wrong_shape = write_json(tmp_path / "shape.json", [{"id": "1", "text": "hi"}])
+    assert "FastChat format" in run_and_expect_error(["--data-path", str(wrong_shape)], capsys)
+
+
+def test_length_file_lacking_ids(small_data, tmp_path, capsys):
+    data, _ = small_data
+    partial = write_json(tmp_path / "partial-length.json", [{"id": "a", "L_gt": 1, "L_t0.0": 1, "L_t0.3": 1,
+                                                              "L_t0.5": 1, "L_t0.7": 1}])
+    err = run_and_expect_error(["--data-path", str(data), "--strategy", "gt", "--length-path", str(partial)], capsys)
+    assert "lacks 5 id(s)" in err
+    err = run_and_expect_error(["--data-path", str(data), "--replay-lengths", str(partial)], capsys)
+    assert "partial-length.json" in err
+
+
+def test_num_data_larger_than_data(small_data, capsys):
+    data, _ = small_data
+    assert "larger than the data" in run_and_expect_error(["--data-path", str(data), "--num-data", "7"], capsys)
+
+
+def test_unknown_strategy(small_data, capsys):
+    data, _ = small_data
+    assert "unknown strategy 'magic'" in run_and_expect_error(["--data-path", str(data), "--strategy", "magic"], capsys)
+    err = run_and_expect_error(["--data-path", str(data), "--strategies", "gt+sort"], capsys)
+    assert "modifier 'sort'" in err
+
+
+def test_model_that_will_not_load(small_data, tmp_path, capsys):
+    data, _ = small_data
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    err = run_and_expect_error(["--data-path", str(data), "--model", str(empty)], capsys)
+    assert "cannot load model" in err and "config.json" in err
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert "cannot load model" in run_and_expect_error(["--data-path", str(data), "--model", str(broken)], capsys)
+
+
+def test_cli_exit_status_in_a_subprocess(tmp_path):
+    """The real entry point: one line on stderr, status 2, no traceback."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "src.benchmark", "--data-path", str(tmp_path / "missing.json")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [f"error: data file not found: {tmp_path / 'missing.json'}"]
+
+
+def test_finished_strategies_survive_a_later_failure(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    data, lengths = small_data
+    output = tmp_path / "out.json"
+    real_run_strategy = benchmark.run_strategy
+
+    def failing_second(strategy, *args, **kwargs):
+        if strategy.predictor == "gt":
+            raise RuntimeError("boom")
+        return real_run_strategy(strategy, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_strategy", failing_second)
+    with pytest.raises(RuntimeError):
+        benchmark.main(base_args(tiny_model_dir, data, lengths, output) + ["--strategies", "vanilla", "gt"])
+    saved = json.loads(output.read_text())
+    assert [result["strategy"] for result in saved["results"]] == ["vanilla"]

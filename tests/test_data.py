@@ -1,0 +1,93 @@
+"""Data files, the upstream sample draw, prompts and atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from src.data import (
+    default_length_path,
+    load_conversations,
+    load_length_file,
+    max_over_temperatures,
+    select_samples,
+)
+from src.prompts import PIA_PROMPT, VICUNA_TEMPLATE, PromptFormatter, choose_template
+from src.utils import UserError, write_json_atomic
+
+
+def test_default_length_path_as_upstream():
+    assert default_length_path("./data/alpaca-val-10k.json") == "./data/alpaca-val-10k-length.json"
+
+
+def test_select_samples_matches_upstream_draw(small_data):
+    samples = load_conversations(small_data[0])
+    np.random.seed(7)
+    expected = [samples[i].id for i in np.random.permutation(len(samples))[:4]]
+    assert [sample.id for sample in select_samples(samples, 4, 7)] == expected
+    assert [sample.id for sample in select_samples(samples, None, 7)] == [sample.id for sample in samples]
+
+
+def test_duplicate_ids_rejected(tmp_path):
+    from .conftest import write_json
+
+    path = write_json(tmp_path / "dup.json", [{"id": "1", "conversations": [{"from": "human", "value": "x"}]}] * 2)
+    with pytest.raises(UserError, match="appears twice"):
+        load_conversations(path)
+
+
+def test_length_file_fields_checked(tmp_path):
+    from .conftest import write_json
+
+    path = write_json(tmp_path / "l.json", [{"id": "1", "L_t0.0": "many"}])
+    with pytest.raises(UserError, match="no integer L_t0.0"):
+        load_length_file(path, ("L_t0.0",))
+
+
+def test_paper_validation_draw(shared_data):
+    """The paper's 1024 samples: the vanilla average of the real lengths is the one its tables build on."""
+    samples = load_conversations(shared_data / "alpaca-val-10k.json")
+    table = load_length_file(shared_data / "alpaca-val-10k-length.json", ("L_t0.0",))
+    assert [sample.id for sample in samples] == list(table)
+    chosen = select_samples(samples, 1024, 42)
+    assert len({sample.id for sample in chosen}) == 1024
+    assert max(max_over_temperatures(table[sample.id]) for sample in chosen) == 514
+
+
+def test_vicuna_prompt_and_suffix(tiny_model):
+    _, tokenizer = tiny_model
+    formatter = PromptFormatter(tokenizer, VICUNA_TEMPLATE)
+    text = formatter.text("Name a color.", PIA_PROMPT)
+    assert text.endswith(f"USER: Name a color.\n{PIA_PROMPT} ASSISTANT:")
+    assert formatter.encode("Name a color.")[0] == tokenizer.bos_token_id
+
+
+def test_template_choice():
+    class WithTemplate:
+        chat_template = "{{ messages }}"
+
+    class Without:
+        chat_template = None
+
+    assert choose_template("./ckpts/vicuna-7b", WithTemplate()) == VICUNA_TEMPLATE
+    assert choose_template("ckpts/smollm2", WithTemplate()) == "chat_template"
+    assert choose_template("ckpts/llama", Without()) == VICUNA_TEMPLATE
+    assert choose_template("ckpts/llama", Without(), "one_shot") == "one_shot"
+
+
+def test_unknown_template(tiny_model):
+    with pytest.raises(UserError, match="unknown --conv-template"):
+        PromptFormatter(tiny_model[1], "no-such-template")
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "out.json"
+    write_json_atomic(path, {"a": 1})
+
+    class Unserialisable:
+        pass
+
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"a": Unserialisable()})
+    assert path.read_text().strip() == '{\n    "a": 1\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

