@@ -16,20 +16,22 @@ class ReplayLengthsProcessor(LogitsProcessor):
         self.target = torch.tensor([max(1, int(length)) for length in target_lengths])  # [B]
         self.eos_token_ids = list(eos_token_ids)
         self.prompt_length = prompt_length
+        self.eos_mask = None  # [1, V], True at the EOS ids; built on the first call, on the scores' device
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        # input_ids: [B, S + t], scores: [B, V]; the token chosen now is number t + 1
+        # input_ids: [B, S + t], scores: [B, V]; the token chosen now is number t + 1.
+        # Masks only, no data-dependent indexing: nothing here waits for the device.
+        if self.eos_mask is None or self.eos_mask.shape[1] != scores.shape[1]:
+            self.target = self.target.to(scores.device)
+            self.eos_mask = torch.zeros((1, scores.shape[1]), dtype=torch.bool, device=scores.device)
+            self.eos_mask[0, self.eos_token_ids] = True
+            self.forced_end = torch.full_like(scores[:1], -float("inf"))  # [1, V]: only the first EOS allowed
+            self.forced_end[0, self.eos_token_ids[0]] = 0.0
         step = input_ids.shape[1] - self.prompt_length + 1
-        target = self.target.to(scores.device)
-        too_early = target > step  # [B]
-        end_now = target == step  # [B]
-        eos = torch.tensor(self.eos_token_ids, device=scores.device)
-        scores[too_early.nonzero(as_tuple=True)[0].unsqueeze(1), eos.unsqueeze(0)] = -float("inf")
-        if end_now.any():
-            rows = end_now.nonzero(as_tuple=True)[0]
-            scores[rows] = -float("inf")
-            scores[rows, self.eos_token_ids[0]] = 0.0
-        return scores
+        too_early = (self.target > step).unsqueeze(1)  # [B, 1]
+        end_now = (self.target == step).unsqueeze(1)  # [B, 1]
+        scores = scores.masked_fill(too_early & self.eos_mask, -float("inf"))
+        return torch.where(end_now, self.forced_end, scores)
 
 
 @dataclass(frozen=True)

@@ -273,7 +273,9 @@ def load_model(
             with torch.device(device):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+            # on an accelerator the weights load straight into its memory, not through a CPU copy first
+            placement = {"device_map": device} if device.startswith("cuda") else {}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement).to(device)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load model {name_or_path!r}: {first_line}; {hint}") from None

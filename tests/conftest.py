@@ -65,8 +65,13 @@ SMALL_LENGTHS = {"a": 3, "b": 10, "c": 1, "d": 6, "e": 2, "f": 8}
 def small_data(tmp_path) -> tuple[Path, Path]:
     """A conversation file and its length file (L_t0.0 = SMALL_LENGTHS; L_max adds 1 at T=0.7 for 'a')."""
     conversations = [
-        {"id": sample_id, "conversations": [{"from": "human", "value": f"Question {sample_id}?"},
-                                             {"from": "gpt", "value": "An answer."}]}
+        {
+            "id": sample_id,
+            "conversations": [
+                {"from": "human", "value": f"Question {sample_id}?"},
+                {"from": "gpt", "value": "An answer."},
+            ],
+        }
         for sample_id in SMALL_LENGTHS
     ]
     rows = [

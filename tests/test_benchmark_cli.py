@@ -15,17 +15,45 @@ from src.utils import run_cli
 from .conftest import SMALL_LENGTHS, write_json
 
 RESULT_FIELDS = {
-    "strategy", "vbs", "fcr", "num_samples", "throughput_samples_per_s", "average_length", "effective_token_ratio",
-    "failure_ratio", "wall_time_s", "prediction_time_s", "generation_time_s", "generated_tokens", "token_slots",
-    "batch_size", "group_size", "max_length", "temperature", "seed",
+    "strategy",
+    "vbs",
+    "fcr",
+    "num_samples",
+    "throughput_samples_per_s",
+    "average_length",
+    "effective_token_ratio",
+    "failure_ratio",
+    "wall_time_s",
+    "prediction_time_s",
+    "generation_time_s",
+    "generated_tokens",
+    "token_slots",
+    "batch_size",
+    "group_size",
+    "max_length",
+    "temperature",
+    "seed",
 }
 
 
 def base_args(tiny_model_dir, data, lengths, output):
     return [
-        "--model", str(tiny_model_dir), "--device", "cpu", "--data-path", str(data),
-        "--replay-lengths", str(lengths), "--max-length", "8", "--batch-size", "2", "--group-size", "6",
-        "--output-json", str(output),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--data-path",
+        str(data),
+        "--replay-lengths",
+        str(lengths),
+        "--max-length",
+        "8",
+        "--batch-size",
+        "2",
+        "--group-size",
+        "6",
+        "--output-json",
+        str(output),
     ]
 
 
@@ -91,8 +119,9 @@ def test_malformed_data_file(tmp_path, capsys):
 
 def test_length_file_lacking_ids(small_data, tmp_path, capsys):
     data, _ = small_data
-    partial = write_json(tmp_path / "partial-length.json", [{"id": "a", "L_gt": 1, "L_t0.0": 1, "L_t0.3": 1,
-                                                              "L_t0.5": 1, "L_t0.7": 1}])
+    partial = write_json(
+        tmp_path / "partial-length.json", [{"id": "a", "L_gt": 1, "L_t0.0": 1, "L_t0.3": 1, "L_t0.5": 1, "L_t0.7": 1}]
+    )
     err = run_and_expect_error(["--data-path", str(data), "--strategy", "gt", "--length-path", str(partial)], capsys)
     assert "lacks 5 id(s)" in err
     err = run_and_expect_error(["--data-path", str(data), "--replay-lengths", str(partial)], capsys)
@@ -127,7 +156,9 @@ def test_cli_exit_status_in_a_subprocess(tmp_path):
     """The real entry point: one line on stderr, status 2, no traceback."""
     completed = subprocess.run(
         [sys.executable, "-m", "src.benchmark", "--data-path", str(tmp_path / "missing.json")],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
     )
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == [f"error: data file not found: {tmp_path / 'missing.json'}"]

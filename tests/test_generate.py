@@ -16,7 +16,10 @@ from .conftest import SMALL_LENGTHS
 def encode_all(tokenizer, ids):
     formatter = PromptFormatter(tokenizer, VICUNA_TEMPLATE)
     # prompts of different lengths, so left padding is exercised
-    return {sample_id: formatter.encode(f"Question {sample_id}" + " and more" * index) for index, sample_id in enumerate(ids)}
+    return {
+        sample_id: formatter.encode(f"Question {sample_id}" + " and more" * index)
+        for index, sample_id in enumerate(ids)
+    }
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])

@@ -13,8 +13,20 @@ from .conftest import SMALL_LENGTHS
 
 
 def args_for(tiny_model_dir, data, output):
-    return ["--model", str(tiny_model_dir), "--device", "cpu", "--data-path", str(data),
-            "--output-path", str(output), "--max-length", "4", "--batch-size", "4"]
+    return [
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--data-path",
+        str(data),
+        "--output-path",
+        str(output),
+        "--max-length",
+        "4",
+        "--batch-size",
+        "4",
+    ]
 
 
 def test_writes_one_row_per_id_in_data_order(tiny_model_dir, small_data, tmp_path):

@@ -79,7 +79,12 @@ def test_vbs_batch_sizes_follow_the_table():
     config = ScheduleConfig(vbs=True, fcr=True, group_size=10_000)
     batches = plan_first_batches(list(predictions), predictions, config)
     assert [(batch.bucket, len(batch.ids), batch.max_new_tokens) for batch in batches] == [
-        (50, 256, 50), (50, 256, 50), (100, 128, 100), (100, 128, 100), (550, 16, 512), (550, 16, 512)
+        (50, 256, 50),
+        (50, 256, 50),
+        (100, 128, 100),
+        (100, 128, 100),
+        (550, 16, 512),
+        (550, 16, 512),
     ]
 
 
@@ -125,11 +130,14 @@ def test_run_returns_every_id_in_input_order_with_its_own_length(config, seed):
         assert result.finished == (actual[sample_id] <= config.max_length)
     # FCR recomputes exactly the samples whose first cap was short of their length
     expected_failures = {
-        sample_id for sample_id, result in record.results.items()
+        sample_id
+        for sample_id, result in record.results.items()
         if config.fcr and result.first_cap < config.max_length and actual[sample_id] > result.first_cap
     }
     assert {sample_id for sample_id, result in record.results.items() if result.recomputed} == expected_failures
-    recomputed_in_batches = [sample_id for batch in record.batches if batch.batch.recompute for sample_id in batch.batch.ids]
+    recomputed_in_batches = [
+        sample_id for batch in record.batches if batch.batch.recompute for sample_id in batch.batch.ids
+    ]
     assert sorted(recomputed_in_batches) == sorted(expected_failures)
 
 
@@ -178,9 +186,7 @@ def test_groups_are_scheduled_independently():
     predictions = {sample_id: 100 - index for index, sample_id in enumerate(ids)}
     config = ScheduleConfig(batch_size=2, group_size=4)
     record = run_schedule(ids, predictions, config, replay_executor(predictions))
-    assert [batch.batch.ids for batch in record.batches] == [
-        ("g3", "g2"), ("g1", "g0"), ("g7", "g6"), ("g5", "g4")
-    ]
+    assert [batch.batch.ids for batch in record.batches] == [("g3", "g2"), ("g1", "g0"), ("g7", "g6"), ("g5", "g4")]
     assert [batch.batch.group for batch in record.batches] == [0, 0, 1, 1]
 
 
