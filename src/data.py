@@ -28,7 +28,7 @@ def default_length_path(data_path: str | Path) -> str:
 
 def load_conversations(path: str | Path) -> list[Sample]:
     """A FastChat conversation file: a list of {id, conversations: [{from: human, value}, {from: gpt, value}]}."""
-    records = read_json(path, "data file")
+    records = read_json(path, "data file", " (pass --data-path; data/README.md says where the paper's files come from)")
     if not isinstance(records, list) or not records:
         raise UserError(f"data file {path} must be a non-empty JSON list of conversations")
     samples, seen = [], set()

@@ -25,6 +25,11 @@ QUERY_PROMPT = (
 )
 
 
+def with_length_prompt(message: str, suffix: str | None) -> str:
+    """A length prompt goes on a new line after the user's message, inside the user's turn (as upstream)."""
+    return f"{message}\n{suffix}" if suffix else message
+
+
 def choose_template(model_name: str, tokenizer, override: str | None = None) -> str:
     """The template follows the model: vicuna_v1.1 for Vicuna, else the tokenizer's chat template,
     else vicuna_v1.1 (base LLaMA-style tokenizers carry no template)."""
@@ -58,8 +63,7 @@ class PromptFormatter:
 
     def text(self, message: str, suffix: str | None = None) -> str:
         """The prompt text; `suffix` (a length prompt) goes on a new line inside the user's turn."""
-        if suffix:
-            message = f"{message}\n{suffix}"
+        message = with_length_prompt(message, suffix)
         if self.template == TOKENIZER_TEMPLATE:
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
@@ -75,3 +79,22 @@ class PromptFormatter:
         # A chat template writes its own special tokens; a fastchat prompt relies on the tokenizer's BOS.
         add_special_tokens = self.template != TOKENIZER_TEMPLATE
         return self.tokenizer(self.text(message, suffix), add_special_tokens=add_special_tokens).input_ids
+
+
+# Stanford Alpaca's training template, as FastChat's alpaca converter writes the human turn of the paper's data.
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def alpaca_human_turn(instruction: str, input_text: str = "") -> str:
+    if input_text:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input_text)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)

@@ -46,11 +46,11 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 # --------------------------------------------------------------------------- JSON files
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
+def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
     """Read a JSON file; a missing or malformed file is a UserError naming `what` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}{hint}")
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)

@@ -1,0 +1,65 @@
+"""Build the instruction-tuning set of the length perception module.
+
+    python -m src.construct                      # data/alpaca-train-10k.json + its length file
+
+Each conversation's user turn gets the paper's query prompt on a new line, and the answer becomes the bucket of
+L_max (the largest length over the four temperatures, rounded up to a multiple of 50), as the paper. Samples are
+joined with the length file by id.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .data import (
+    LENGTH_FIELDS,
+    default_length_path,
+    load_conversations,
+    load_length_file,
+    max_over_temperatures,
+    require_ids,
+)
+from .prompts import QUERY_PROMPT, with_length_prompt
+from .schedule import bucket_of
+from .utils import run_cli, write_json_atomic
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", default="data/alpaca-train-10k.json", help="FastChat conversation file")
+    parser.add_argument("--length-path", default=None, help="its length file; default: data path + -length")
+    parser.add_argument("--output-path", default=None, help="default: data path + -instruct")
+    args = parser.parse_args(argv)
+    args.length_path = args.length_path or default_length_path(args.data_path)
+    if args.output_path is None:
+        stem = args.data_path[: -len(".json")] if args.data_path.endswith(".json") else args.data_path
+        args.output_path = f"{stem}-instruct.json"
+    return args
+
+
+def build_instruct_set(samples, table) -> list[dict]:
+    return [
+        {
+            "id": sample.id,
+            "conversations": [
+                {"from": "human", "value": with_length_prompt(sample.prompt, QUERY_PROMPT)},
+                {"from": "gpt", "value": str(bucket_of(max_over_temperatures(table[sample.id])))},
+            ],
+        }
+        for sample in samples
+    ]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    samples = load_conversations(args.data_path)
+    table = load_length_file(args.length_path, LENGTH_FIELDS)
+    require_ids(table, [sample.id for sample in samples], args.length_path)
+    instruct = build_instruct_set(samples, table)
+    write_json_atomic(args.output_path, instruct)
+    print(f"wrote {len(instruct)} conversations to {args.output_path}")
+    return instruct
+
+
+if __name__ == "__main__":
+    run_cli(main)
