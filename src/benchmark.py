@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--replay-lengths", default=None, help="length file: every sample ends exactly at its recorded length"
     )
     parser.add_argument("--replay-field", default="L_t0.0", help="the length file's field to replay")
+    parser.add_argument(
+        "--prediction-batch-size", type=int, default=128, help="prompts per length-prediction batch (po, seqsch)"
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
     args = parser.parse_args(argv)
@@ -168,6 +171,7 @@ def run_strategy(strategy, args, samples, predictor, run_batch, device) -> dict:
         "wall_time_s": wall,
         "prediction_time_s": prediction_timer.seconds,
         "generation_time_s": generation_timer.seconds,
+        "unparsable_predictions": getattr(predictor, "unparsable", 0),
         "generated_tokens_per_s": metrics["generated_tokens"] / generation_timer.seconds,
         "token_slots_per_s": metrics["token_slots"] / generation_timer.seconds,
         "batch_size": args.batch_size,
@@ -216,6 +220,8 @@ def print_result(result: dict) -> None:
     print(f"Average length: {result['average_length']:.2f} tokens")
     print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
+    if result["unparsable_predictions"]:
+        print(f"Unparsable predictions: {result['unparsable_predictions']} (given the max length)")
     print(f"Generated tokens: {result['generated_tokens']} ({result['generated_tokens_per_s']:.1f} tokens/s)")
     print()
 
@@ -245,7 +251,11 @@ def main(argv: list[str] | None = None) -> dict:
         require_ids(table, ids, args.replay_lengths)
         replay = {sample_id: int(table[sample_id][args.replay_field]) for sample_id in ids}
 
-    context = PredictorContext(max_length=args.max_length, length_path=args.length_path)
+    context = PredictorContext(
+        max_length=args.max_length,
+        length_path=args.length_path,
+        options={"prediction_batch_size": args.prediction_batch_size},
+    )
     predictors = {}
     for strategy in args.strategy_list:  # predictors without a model fail fast, before the model loads
         if strategy.predictor not in predictors and not PREDICTORS[strategy.predictor].needs_model:

@@ -6,10 +6,13 @@ A predictor is a small class built from a `PredictorContext`, with one method
 
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .data import LENGTH_FIELDS, Sample, load_length_file, max_over_temperatures, require_ids
+from .prompts import PIA_PROMPT, QUERY_PROMPT
 from .schedule import clamp_prediction
 from .utils import UserError
 
@@ -68,7 +71,91 @@ class OraclePredictor(Predictor):
         return {sample.id: max_over_temperatures(self.table[sample.id]) for sample in samples}
 
 
-PREDICTORS: dict[str, type[Predictor]] = {cls.name: cls for cls in (VanillaPredictor, OraclePredictor)}
+_NUMBER = re.compile(r"\d[\d,]*")
+
+
+def parse_length_answer(text: str) -> int | None:
+    """The rule for a model's length answer: the first non-empty line; its integers (thousands commas allowed);
+    one integer is the answer, two or more give the mean of the first two (a range such as "120-150" -> 135,
+    as upstream); none means unparsable (None)."""
+    line = next((line for line in text.splitlines() if line.strip()), "")
+    numbers = [int(match.replace(",", "")) for match in _NUMBER.findall(line) if match.replace(",", "")]
+    if not numbers:
+        return None
+    return numbers[0] if len(numbers) == 1 else round((numbers[0] + numbers[1]) / 2)
+
+
+class GenerativePredictor(Predictor):
+    """Asks the served model for a number, greedy, in batches; an unparsable answer gets max_length
+    and is counted in `unparsable`, never raised."""
+
+    needs_model = True
+    suffix = ""
+    max_new_tokens = 8  # one number and EOS
+
+    def __init__(self, context: PredictorContext):
+        super().__init__(context)
+        self.unparsable = 0
+        self.answers: dict[str, str] = {}
+
+    @contextmanager
+    def prediction_mode(self):
+        yield
+
+    def predict_raw(self, samples):
+        from .generate import generate_batch
+
+        context = self.context
+        batch_size = int(context.options.get("prediction_batch_size", 128))
+        predictions, self.unparsable, self.answers = {}, 0, {}
+        with self.prediction_mode():
+            for start in range(0, len(samples), batch_size):
+                batch = samples[start : start + batch_size]
+                prompts = [context.formatter.encode(sample.prompt, self.suffix) for sample in batch]
+                generated = generate_batch(context.model, context.tokenizer, prompts, self.max_new_tokens, 0.0)
+                for sample, output in zip(batch, generated, strict=True):
+                    value = parse_length_answer(output.text)
+                    self.answers[sample.id] = output.text
+                    if value is None:
+                        self.unparsable += 1
+                        value = context.max_length
+                    predictions[sample.id] = value
+        return predictions
+
+
+class PerceptionOnlyPredictor(GenerativePredictor):
+    """`po`: the paper's perception-in-advance prompt on the served model, no training.
+    The number comes first, often after a few words, so it gets more tokens than seqsch."""
+
+    name = "po"
+    suffix = PIA_PROMPT
+    max_new_tokens = 16
+
+
+class InstructionTunedPredictor(GenerativePredictor):
+    """`seqsch`: the LoRA length-perception adapter on the served model. The adapter is enabled only while
+    predicting, so one copy of the weights serves prediction and generation, as the paper."""
+
+    name = "seqsch"
+    suffix = QUERY_PROMPT
+
+    def __init__(self, context: PredictorContext):
+        super().__init__(context)
+        if not hasattr(context.model, "enable_adapter_layers"):
+            raise UserError("strategy seqsch needs the length perception adapter: pass --lora-path")
+
+    @contextmanager
+    def prediction_mode(self):
+        self.context.model.enable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.context.model.disable_adapter_layers()
+
+
+PREDICTORS: dict[str, type[Predictor]] = {
+    cls.name: cls for cls in (VanillaPredictor, OraclePredictor, PerceptionOnlyPredictor, InstructionTunedPredictor)
+}
 
 
 def build_predictor(name: str, context: PredictorContext) -> Predictor:

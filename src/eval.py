@@ -1,0 +1,137 @@
+"""Length-perception accuracy of a predictor, with the paper's metrics and ranking metrics.
+
+    python -m src.eval                      # the paper: seqsch adapter on Vicuna-7B, first 1000 val rows
+    python -m src.eval --strategy po --model smollm2-135m --data-path data/demo.json
+
+Error is mean |prediction - L_max|; Acc-50 and Acc-100 are the fractions within 50 and 100 tokens of L_max
+(upstream's definitions); Kendall's tau and Spearman's rho say how well the predictions rank the samples, which is
+what scheduling needs; bucket accuracy is the fraction whose 50-token bucket equals L_max's.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .data import (
+    LENGTH_FIELDS,
+    default_length_path,
+    load_conversations,
+    load_length_file,
+    max_over_temperatures,
+    require_ids,
+)
+from .predictors import PREDICTORS, PredictorContext, build_predictor
+from .schedule import bucket_of
+from .utils import Timer, UserError, add_model_arguments, run_cli, write_json_atomic
+
+DEFAULT_ADAPTER = "./ckpts/vicuna-response-length-perception-module"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", default="data/alpaca-val-10k.json", help="FastChat conversation file")
+    parser.add_argument("--length-path", default=None, help="its length file; default: data path + -length")
+    add_model_arguments(parser)
+    parser.add_argument("--strategy", default="seqsch", help=f"predictor: {', '.join(sorted(PREDICTORS))}")
+    parser.add_argument("--lora-path", default=None, help=f"adapter for seqsch; default {DEFAULT_ADAPTER}")
+    parser.add_argument("--num-data", type=int, default=1000, help="the first N rows, in file order (the paper's)")
+    parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
+    parser.add_argument("--prediction-batch-size", type=int, default=128, help="prompts per prediction batch")
+    parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
+    parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
+    args = parser.parse_args(argv)
+    if args.strategy not in PREDICTORS:
+        raise UserError(f"unknown strategy {args.strategy!r}: choose from {', '.join(sorted(PREDICTORS))}")
+    if args.strategy == "seqsch" and args.lora_path is None:
+        args.lora_path = DEFAULT_ADAPTER
+    args.length_path = args.length_path or default_length_path(args.data_path)
+    args.plot = args.plot or f"imgs/eval-{args.strategy}.png"
+    return args
+
+
+def length_metrics(predictions: list[int], targets: list[int]) -> dict:
+    """The paper's Error, Acc-50 and Acc-100, plus ranking and bucket agreement (accuracies as fractions)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    count = len(targets)
+    errors = [abs(prediction - target) for prediction, target in zip(predictions, targets, strict=True)]
+    constant = len(set(predictions)) < 2  # a rank correlation is undefined for a constant predictor
+    return {
+        "num_samples": count,
+        "error": sum(errors) / count,
+        "acc_50": sum(error <= 50 for error in errors) / count,
+        "acc_100": sum(error <= 100 for error in errors) / count,
+        "kendall_tau": 0.0 if constant else float(kendalltau(predictions, targets).statistic),
+        "spearman": 0.0 if constant else float(spearmanr(predictions, targets).statistic),
+        "bucket_accuracy": sum(
+            bucket_of(prediction) == bucket_of(target) for prediction, target in zip(predictions, targets, strict=True)
+        )
+        / count,
+    }
+
+
+def plot_predictions(path: str, predictions: list[int], targets: list[int], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.scatter(targets, predictions, s=6, alpha=0.4)
+    top = max(max(targets), max(predictions))
+    axis.plot([0, top], [0, top], color="gray", linewidth=1)
+    axis.set_xlabel("L_max (tokens)")
+    axis.set_ylabel("predicted length (tokens)")
+    axis.set_title(title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    samples = load_conversations(args.data_path)[: args.num_data]
+    table = load_length_file(args.length_path, LENGTH_FIELDS)
+    require_ids(table, [sample.id for sample in samples], args.length_path)
+    context = PredictorContext(
+        max_length=args.max_length,
+        length_path=args.length_path,
+        options={"prediction_batch_size": args.prediction_batch_size},
+    )
+    device = "cpu"
+    if PREDICTORS[args.strategy].needs_model:
+        from .prompts import PromptFormatter, choose_template
+        from .utils import load_model
+
+        model, tokenizer, path = load_model(args.model, args.device, args.dtype, args.lora_path, args.load_format)
+        context.model, context.tokenizer = model, tokenizer
+        context.formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, args.conv_template))
+        device = str(model.device)
+    predictor = build_predictor(args.strategy, context)
+    with Timer(device) as timer:
+        predicted = predictor.predict(samples)
+    predictions = [predicted[sample.id] for sample in samples]
+    targets = [max_over_temperatures(table[sample.id]) for sample in samples]
+    metrics = length_metrics(predictions, targets)
+    metrics["unparsable"] = getattr(predictor, "unparsable", 0)
+    metrics["seconds_per_1000"] = timer.seconds / len(samples) * 1000
+    print(f"Strategy: {args.strategy}, samples: {metrics['num_samples']} (first rows of {args.data_path})")
+    print(f"Error: {metrics['error']:.1f} tokens")
+    print(f"Acc-50: {metrics['acc_50'] * 100:.1f} %")
+    print(f"Acc-100: {metrics['acc_100'] * 100:.1f} %")
+    print(f"Kendall's tau: {metrics['kendall_tau']:.3f}, Spearman: {metrics['spearman']:.3f}")
+    print(f"Bucket accuracy: {metrics['bucket_accuracy'] * 100:.1f} %")
+    print(f"Unparsable: {metrics['unparsable']}")
+    print(f"Prediction cost: {metrics['seconds_per_1000']:.2f} s per 1000 prompts")
+    plot_predictions(args.plot, predictions, targets, f"{args.strategy}: error {metrics['error']:.1f} tokens")
+    print(f"Plot: {args.plot}")
+    if args.output_json:
+        output = {"args": vars(args), **metrics}
+        output["predictions"] = {sample.id: value for sample, value in zip(samples, predictions, strict=True)}
+        write_json_atomic(args.output_json, output)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,163 @@
+"""Instruction-tune the length perception module: a LoRA adapter that answers the query prompt with a length.
+
+    bash train.sh            # the paper's run on Vicuna-7B (under accelerate launch)
+    bash train.sh cpu        # a small preset for SmolLM2-135M on CPU
+
+Arguments are dataclasses read by HfArgumentParser; every transformers TrainingArguments flag works too.
+The prompt is built by the same PromptFormatter as at inference, and the loss covers only the answer tokens
+(the bucket and its end-of-turn token), masked by prompt length and attention mask rather than by pad id,
+since some tokenizers (SmolLM2's) pad with their EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .utils import UserError, run_cli
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="./ckpts/vicuna-7b", metadata={"help": "base model: folder, hub id, or smollm2-135m"}
+    )
+    model_dtype: str = field(
+        default="float32", metadata={"help": "dtype of the frozen base weights: float32, bfloat16 or float16"}
+    )
+    conv_template: str | None = field(default=None, metadata={"help": "as --conv-template of the other CLIs"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="data/alpaca-train-10k-instruct.json", metadata={"help": "the output of python -m src.construct"}
+    )
+    model_max_length: int = field(default=1024, metadata={"help": "longer examples lose the start of their prompt"})
+    num_data: int | None = field(default=None, metadata={"help": "use only the first N examples"})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (the paper's: 8)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (the paper's: 16)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (the paper's: 0.05)"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "projections that get adapters"}
+    )
+
+
+def build_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: list[int]) -> torch.Tensor:
+    """Labels that train only the answer: prompt positions and padding get -100."""
+    # input_ids, attention_mask: [B, T], right-padded
+    labels = input_ids.clone()
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)  # [1, T]
+    prompt = positions < torch.tensor(prompt_lengths).unsqueeze(1)  # [B, T]
+    labels[prompt | (attention_mask == 0)] = -100
+    return labels
+
+
+def encode_example(formatter, human: str, answer: str, end_token_id: int, max_length: int) -> dict:
+    """Prompt ids through the inference formatter, then the answer and its end token."""
+    prompt_ids = formatter.encode(human)
+    answer_ids = formatter.tokenizer(answer, add_special_tokens=False).input_ids + [end_token_id]
+    overflow = len(prompt_ids) + len(answer_ids) - max_length
+    if overflow > 0:
+        prompt_ids = prompt_ids[overflow:]
+    return {"input_ids": prompt_ids + answer_ids, "prompt_length": len(prompt_ids)}
+
+
+class AnswerOnlyCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = max(len(example["input_ids"]) for example in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, T]
+        for row, example in enumerate(examples):
+            input_ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
+            attention_mask[row, : len(example["input_ids"])] = 1
+        labels = build_labels(input_ids, attention_mask, [example["prompt_length"] for example in examples])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def load_examples(data_args: DataArguments, formatter, end_token_id: int) -> list[dict]:
+    from .utils import read_json
+
+    records = read_json(data_args.data_path, "instruction-tuning file", " (make it with python -m src.construct)")
+    if data_args.num_data is not None:
+        records = records[: data_args.num_data]
+    examples = []
+    for index, record in enumerate(records):
+        try:
+            human, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        except (KeyError, IndexError, TypeError):
+            raise UserError(f"{data_args.data_path}: record {index} is not a two-turn FastChat conversation") from None
+        examples.append(encode_example(formatter, human, answer, end_token_id, data_args.model_max_length))
+    if not examples:
+        raise UserError(f"{data_args.data_path} holds no examples")
+    return examples
+
+
+def main(argv: list[str] | None = None):
+    from peft import LoraConfig, get_peft_model
+    from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+    from .generate import eos_token_ids_of
+    from .prompts import PromptFormatter, choose_template
+    from .utils import load_model, write_json_atomic
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
+        args=sys.argv[1:] if argv is None else argv
+    )
+    device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
+    model, tokenizer, path = load_model(model_args.model_name_or_path, "cpu", model_args.model_dtype)
+    formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, model_args.conv_template))
+    end_token_id = eos_token_ids_of(model, tokenizer)[0]
+    examples = load_examples(data_args, formatter, end_token_id)
+
+    model.config.use_cache = False  # no KV cache while training
+    lora_config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_args.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    if training_args.local_process_index == 0:
+        model.print_trainable_parameters()
+        print(f"{len(examples)} examples from {data_args.data_path}, template {formatter.template}, on {device}")
+    training_args.remove_unused_columns = False  # the collator needs prompt_length
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=examples,
+        data_collator=AnswerOnlyCollator(tokenizer.pad_token_id),
+    )
+    trainer.train()
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(training_args.output_dir)
+        arguments = {
+            "model": asdict(model_args),
+            "data": asdict(data_args),
+            "lora": asdict(lora_args),
+            "training": json.loads(training_args.to_json_string()),
+            "base_model_path": path,
+            "template": formatter.template,
+        }
+        write_json_atomic(Path(training_args.output_dir) / "length_perception_args.json", arguments)
+        print(f"adapter saved to {training_args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,204 @@
+"""Length perception: answer parsing, the po and seqsch predictors, src.eval and LoRA training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from src import construct, train_lora
+from src import eval as length_eval
+from src.data import load_conversations
+from src.generate import generate_batch
+from src.predictors import PredictorContext, build_predictor, parse_length_answer
+from src.prompts import QUERY_PROMPT, VICUNA_TEMPLATE, PromptFormatter
+
+from .conftest import SMALL_LENGTHS
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ("150", 150),
+        (" 150</s>", 150),
+        ("About 120 tokens", 120),
+        ("120-150", 135),
+        ("Estimated number of tokens: 1,200\nHere is my answer with 3 points", 1200),
+        ("\n\n  80\nThe answer is 5", 80),
+        ("I cannot predict", None),
+        ("I cannot predict\n100", None),  # only the first non-empty line counts
+        ("", None),
+    ],
+)
+def test_length_answer_parsing(answer, expected):
+    assert parse_length_answer(answer) == expected
+
+
+def test_construct_prompt_equals_inference_prompt(tiny_model, small_data, tmp_path):
+    _, tokenizer = tiny_model
+    data, lengths = small_data
+    instruct = construct.main(
+        ["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(tmp_path / "i.json")]
+    )
+    formatter = PromptFormatter(tokenizer, VICUNA_TEMPLATE)
+    for sample, item in zip(load_conversations(data), instruct, strict=True):
+        assert formatter.text(item["conversations"][0]["value"]) == formatter.text(sample.prompt, QUERY_PROMPT)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(folder)
+    return folder
+
+
+def test_seqsch_predicts_once_per_id_and_leaves_adapter_disabled(tiny_model_dir, adapter_dir, small_data):
+    from src.utils import load_model
+
+    model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(adapter_dir))
+    base, _, _ = load_model(str(tiny_model_dir), "cpu", "float32")
+    formatter = PromptFormatter(tokenizer, VICUNA_TEMPLATE)
+    samples = load_conversations(small_data[0])
+    context = PredictorContext(
+        max_length=64, model=model, tokenizer=tokenizer, formatter=formatter, options={"prediction_batch_size": 4}
+    )
+    predictor = build_predictor("seqsch", context)
+    predictions = predictor.predict(samples)
+    assert list(predictions) == list(SMALL_LENGTHS)
+    assert all(1 <= value <= 64 for value in predictions.values())
+    # a random model answers no number: every answer counts as unparsable and gets the max length
+    assert predictor.unparsable == sum(parse_length_answer(text) is None for text in predictor.answers.values())
+    assert all(predictions[k] == 64 for k, text in predictor.answers.items() if parse_length_answer(text) is None)
+    prompt = [formatter.encode(samples[0].prompt)]
+    with_adapter_off = generate_batch(model, tokenizer, prompt, 6, replay_lengths=[6])
+    assert with_adapter_off[0].token_ids == generate_batch(base, tokenizer, prompt, 6, replay_lengths=[6])[0].token_ids
+
+
+def test_seqsch_without_adapter_is_a_clear_error(tiny_model):
+    from src.utils import UserError
+
+    model, tokenizer = tiny_model
+    with pytest.raises(UserError, match="--lora-path"):
+        build_predictor("seqsch", PredictorContext(max_length=8, model=model, tokenizer=tokenizer))
+
+
+def test_length_metrics_by_hand():
+    metrics = length_eval.length_metrics([100, 200, 50], [120, 350, 50])
+    assert metrics["error"] == pytest.approx((20 + 150 + 0) / 3)
+    assert metrics["acc_50"] == pytest.approx(2 / 3)
+    assert metrics["acc_100"] == pytest.approx(2 / 3)
+    assert metrics["bucket_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["kendall_tau"] == pytest.approx(1.0)
+    assert metrics["spearman"] == pytest.approx(1.0)
+
+
+def test_eval_cli_with_the_oracle(small_data, tmp_path):
+    data, lengths = small_data
+    output, plot = tmp_path / "eval.json", tmp_path / "scatter.png"
+    length_eval.main(
+        [
+            "--strategy",
+            "gt",
+            "--data-path",
+            str(data),
+            "--length-path",
+            str(lengths),
+            "--num-data",
+            "5",
+            "--max-length",
+            "8",
+            "--output-json",
+            str(output),
+            "--plot",
+            str(plot),
+        ]
+    )
+    saved = json.loads(output.read_text())
+    for name in (
+        "num_samples",
+        "error",
+        "acc_50",
+        "acc_100",
+        "kendall_tau",
+        "spearman",
+        "bucket_accuracy",
+        "unparsable",
+        "seconds_per_1000",
+    ):
+        assert name in saved
+    assert saved["num_samples"] == 5
+    assert saved["error"] == pytest.approx(2 / 5)  # 'b' (L_max 10) is clamped to the max length 8
+    assert plot.stat().st_size > 0
+
+
+def test_labels_cover_only_the_answer():
+    input_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 2, 2]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])  # pad id 2 is also the end token
+    labels = train_lora.build_labels(input_ids, attention_mask, [3, 2])
+    assert labels.tolist() == [[-100, -100, -100, 8, 9], [-100, -100, 7, 2, -100]]
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_adapter(tiny_model_dir, small_data, tmp_path):
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+    output_dir = tmp_path / "adapter"
+    trainer = train_lora.main(
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--data_path",
+            str(instruct),
+            "--output_dir",
+            str(output_dir),
+            "--max_steps",
+            "12",
+            "--learning_rate",
+            "0.02",
+            "--per_device_train_batch_size",
+            "6",
+            "--logging_steps",
+            "1",
+            "--lora_r",
+            "4",
+            "--use_cpu",
+            "True",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+        ]
+    )
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0] - 0.1  # a random tiny model starts near ln(vocabulary) and learns slowly
+    assert (output_dir / "adapter_config.json").is_file()
+    from src import benchmark
+
+    result = benchmark.main(
+        [
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--data-path",
+            str(data),
+            "--replay-lengths",
+            str(lengths),
+            "--lora-path",
+            str(output_dir),
+            "--strategy",
+            "seqsch",
+            "--max-length",
+            "8",
+            "--batch-size",
+            "2",
+            "--fcr",
+        ]
+    )["results"][0]
+    assert result["strategy"] == "seqsch+fcr" and result["num_samples"] == 6
