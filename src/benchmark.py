@@ -88,6 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prediction-batch-size", type=int, default=128, help="prompts per length-prediction batch (po, seqsch)"
     )
+    parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
     args = parser.parse_args(argv)
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = PredictorContext(
         max_length=args.max_length,
         length_path=args.length_path,
-        options={"prediction_batch_size": args.prediction_batch_size},
+        options={"prediction_batch_size": args.prediction_batch_size, "constant_length": args.constant_length},
     )
     predictors = {}
     for strategy in args.strategy_list:  # predictors without a model fail fast, before the model loads

@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .data import (
-    LENGTH_FIELDS,
-    default_length_path,
-    load_conversations,
-    load_length_file,
-    max_over_temperatures,
-    require_ids,
-)
+from .data import default_length_path, load_conversations, load_max_lengths, require_ids
 from .prompts import QUERY_PROMPT, with_length_prompt
 from .schedule import bucket_of
 from .utils import run_cli, write_json_atomic
@@ -37,13 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_instruct_set(samples, table) -> list[dict]:
+def build_instruct_set(samples, max_lengths: dict[str, int]) -> list[dict]:
     return [
         {
             "id": sample.id,
             "conversations": [
                 {"from": "human", "value": with_length_prompt(sample.prompt, QUERY_PROMPT)},
-                {"from": "gpt", "value": str(bucket_of(max_over_temperatures(table[sample.id])))},
+                {"from": "gpt", "value": str(bucket_of(max_lengths[sample.id]))},
             ],
         }
         for sample in samples
@@ -53,9 +46,9 @@ def build_instruct_set(samples, table) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     samples = load_conversations(args.data_path)
-    table = load_length_file(args.length_path, LENGTH_FIELDS)
-    require_ids(table, [sample.id for sample in samples], args.length_path)
-    instruct = build_instruct_set(samples, table)
+    max_lengths = load_max_lengths(args.length_path)
+    require_ids(max_lengths, [sample.id for sample in samples], args.length_path)
+    instruct = build_instruct_set(samples, max_lengths)
     write_json_atomic(args.output_path, instruct)
     print(f"wrote {len(instruct)} conversations to {args.output_path}")
     return instruct

@@ -9,7 +9,11 @@ from .utils import UserError, read_json
 
 # The four temperatures at which the paper records response lengths (one home for them).
 TEMPERATURES = (0.0, 0.3, 0.5, 0.7)
-LENGTH_FIELDS = tuple(f"L_t{temperature}" for temperature in TEMPERATURES)
+
+
+def length_field(temperature: float) -> str:
+    """The length file's column for a temperature: 0.7 -> L_t0.7."""
+    return f"L_t{temperature}"
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,24 @@ def require_ids(table: dict, ids: list[str], path: str | Path) -> None:
         )
 
 
+def temperature_fields(row: dict) -> list[str]:
+    """The row's length columns, `L_t<temperature>` (the paper records four; a row may hold fewer)."""
+    return [key for key in row if key.startswith("L_t")]
+
+
 def max_over_temperatures(row: dict) -> int:
-    """L_max: the paper's prediction target and the `gt` oracle."""
-    return max(int(row[field]) for field in LENGTH_FIELDS)
+    """L_max: the largest recorded length over the temperatures, the paper's prediction target and `gt` oracle."""
+    return max(int(row[field]) for field in temperature_fields(row))
+
+
+def load_max_lengths(path: str | Path) -> dict[str, int]:
+    """id -> L_max of a length file; every row needs at least one integer L_t<temperature> field."""
+    table = load_length_file(path)
+    for sample_id, row in table.items():
+        fields = temperature_fields(row)
+        if not fields or not all(isinstance(row[f], int) and not isinstance(row[f], bool) for f in fields):
+            raise UserError(f"length file {path}: id {sample_id} has no integer L_t<temperature> fields")
+    return {sample_id: max_over_temperatures(row) for sample_id, row in table.items()}
 
 
 def select_samples(samples: list[Sample], num_data: int | None, seed: int) -> list[Sample]:

@@ -13,14 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .data import (
-    LENGTH_FIELDS,
-    default_length_path,
-    load_conversations,
-    load_length_file,
-    max_over_temperatures,
-    require_ids,
-)
+from .data import default_length_path, load_conversations, load_max_lengths, require_ids
 from .predictors import PREDICTORS, PredictorContext, build_predictor
 from .schedule import bucket_of
 from .utils import Timer, UserError, add_model_arguments, run_cli, write_json_atomic
@@ -38,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-data", type=int, default=1000, help="the first N rows, in file order (the paper's)")
     parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
     parser.add_argument("--prediction-batch-size", type=int, default=128, help="prompts per prediction batch")
+    parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
     parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
     args = parser.parse_args(argv)
@@ -92,12 +86,12 @@ def plot_predictions(path: str, predictions: list[int], targets: list[int], titl
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     samples = load_conversations(args.data_path)[: args.num_data]
-    table = load_length_file(args.length_path, LENGTH_FIELDS)
-    require_ids(table, [sample.id for sample in samples], args.length_path)
+    max_lengths = load_max_lengths(args.length_path)
+    require_ids(max_lengths, [sample.id for sample in samples], args.length_path)
     context = PredictorContext(
         max_length=args.max_length,
         length_path=args.length_path,
-        options={"prediction_batch_size": args.prediction_batch_size},
+        options={"prediction_batch_size": args.prediction_batch_size, "constant_length": args.constant_length},
     )
     device = "cpu"
     if PREDICTORS[args.strategy].needs_model:
@@ -112,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     with Timer(device) as timer:
         predicted = predictor.predict(samples)
     predictions = [predicted[sample.id] for sample in samples]
-    targets = [max_over_temperatures(table[sample.id]) for sample in samples]
+    targets = [max_lengths[sample.id] for sample in samples]
     metrics = length_metrics(predictions, targets)
     metrics["unparsable"] = getattr(predictor, "unparsable", 0)
     metrics["seconds_per_1000"] = timer.seconds / len(samples) * 1000

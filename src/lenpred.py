@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from .data import TEMPERATURES, default_length_path, load_conversations, select_samples
+from .data import TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
 from .utils import UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
 
 
@@ -89,10 +89,6 @@ def append_rows(path: Path, rows: list[dict], header: dict | None) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def length_field(temperature: float) -> str:
-    return f"L_t{temperature}"
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import LENGTH_FIELDS, Sample, load_length_file, max_over_temperatures, require_ids
+from .data import Sample, load_max_lengths, require_ids
 from .prompts import PIA_PROMPT, QUERY_PROMPT
 from .schedule import clamp_prediction
 from .utils import UserError
@@ -54,6 +54,20 @@ class VanillaPredictor(Predictor):
         return {sample.id: self.context.max_length for sample in samples}
 
 
+class ConstantPredictor(Predictor):
+    """A baseline without perception: every sample gets one length (pass the train median of L_max)."""
+
+    name = "constant"
+
+    def __init__(self, context: PredictorContext):
+        super().__init__(context)
+        if context.options.get("constant_length") is None:
+            raise UserError("strategy constant needs --constant-length (for example the train median of L_max)")
+
+    def predict_raw(self, samples):
+        return {sample.id: self.context.options["constant_length"] for sample in samples}
+
+
 class OraclePredictor(Predictor):
     """The oracle upper bound: L_max, the largest recorded length over the four temperatures."""
 
@@ -64,11 +78,11 @@ class OraclePredictor(Predictor):
         super().__init__(context)
         if context.length_path is None:
             raise UserError("strategy gt needs a length file: pass --length-path")
-        self.table = load_length_file(context.length_path, LENGTH_FIELDS)
+        self.table = load_max_lengths(context.length_path)
 
     def predict_raw(self, samples):
         require_ids(self.table, [sample.id for sample in samples], self.context.length_path)
-        return {sample.id: max_over_temperatures(self.table[sample.id]) for sample in samples}
+        return {sample.id: self.table[sample.id] for sample in samples}
 
 
 _NUMBER = re.compile(r"\d[\d,]*")
@@ -154,7 +168,14 @@ class InstructionTunedPredictor(GenerativePredictor):
 
 
 PREDICTORS: dict[str, type[Predictor]] = {
-    cls.name: cls for cls in (VanillaPredictor, OraclePredictor, PerceptionOnlyPredictor, InstructionTunedPredictor)
+    cls.name: cls
+    for cls in (
+        VanillaPredictor,
+        ConstantPredictor,
+        OraclePredictor,
+        PerceptionOnlyPredictor,
+        InstructionTunedPredictor,
+    )
 }
 
 

@@ -137,6 +137,30 @@ def test_eval_cli_with_the_oracle(small_data, tmp_path):
     assert plot.stat().st_size > 0
 
 
+def test_constant_baseline_and_fewer_temperatures(small_data, tmp_path):
+    """A length file with one temperature works: L_max is the largest column present."""
+    data, lengths = small_data
+    rows = [{"id": row["id"], "L_gt": 0, "L_t0.0": row["L_t0.0"]} for row in json.loads(lengths.read_text())]
+    lengths.write_text(json.dumps(rows))
+    metrics = length_eval.main(
+        [
+            "--strategy",
+            "constant",
+            "--constant-length",
+            "4",
+            "--data-path",
+            str(data),
+            "--length-path",
+            str(lengths),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ]
+    )
+    targets = list(SMALL_LENGTHS.values())
+    assert metrics["error"] == pytest.approx(sum(abs(4 - t) for t in targets) / len(targets))
+    assert metrics["kendall_tau"] == 0.0
+
+
 def test_labels_cover_only_the_answer():
     input_ids = torch.tensor([[5, 6, 7, 8, 9], [5, 6, 7, 2, 2]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])  # pad id 2 is also the end token
