@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--prediction-batch-size", type=int, default=128, help="prompts per length-prediction batch (po, seqsch)"
     )
     parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
+    parser.add_argument(
+        "--gt-field", default=None, help="oracle column for gt, e.g. L_t0.0; default L_max over the temperatures"
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
     args = parser.parse_args(argv)
@@ -255,7 +258,11 @@ def main(argv: list[str] | None = None) -> dict:
     context = PredictorContext(
         max_length=args.max_length,
         length_path=args.length_path,
-        options={"prediction_batch_size": args.prediction_batch_size, "constant_length": args.constant_length},
+        options={
+            "prediction_batch_size": args.prediction_batch_size,
+            "constant_length": args.constant_length,
+            "gt_field": args.gt_field,
+        },
     )
     predictors = {}
     for strategy in args.strategy_list:  # predictors without a model fail fast, before the model loads

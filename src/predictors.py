@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import Sample, load_max_lengths, require_ids
+from .data import Sample, load_length_file, load_max_lengths, require_ids
 from .prompts import PIA_PROMPT, QUERY_PROMPT
 from .schedule import clamp_prediction
 from .utils import UserError
@@ -69,7 +69,8 @@ class ConstantPredictor(Predictor):
 
 
 class OraclePredictor(Predictor):
-    """The oracle upper bound: L_max, the largest recorded length over the four temperatures."""
+    """The oracle: L_max, the largest recorded length over the temperatures (the paper's upper bound), or with
+    option `gt_field` one column, e.g. the very lengths being replayed (a perfect predictor)."""
 
     name = "gt"
     uses_length_file = True
@@ -78,7 +79,12 @@ class OraclePredictor(Predictor):
         super().__init__(context)
         if context.length_path is None:
             raise UserError("strategy gt needs a length file: pass --length-path")
-        self.table = load_max_lengths(context.length_path)
+        field_name = context.options.get("gt_field")
+        if field_name is None:
+            self.table = load_max_lengths(context.length_path)
+        else:
+            rows = load_length_file(context.length_path, (field_name,))
+            self.table = {sample_id: row[field_name] for sample_id, row in rows.items()}
 
     def predict_raw(self, samples):
         require_ids(self.table, [sample.id for sample in samples], self.context.length_path)

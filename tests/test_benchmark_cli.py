@@ -180,3 +180,15 @@ def test_finished_strategies_survive_a_later_failure(tiny_model_dir, small_data,
         benchmark.main(base_args(tiny_model_dir, data, lengths, output) + ["--strategies", "vanilla", "gt"])
     saved = json.loads(output.read_text())
     assert [result["strategy"] for result in saved["results"]] == ["vanilla"]
+
+
+def test_oracle_of_one_column(tiny_model_dir, small_data, tmp_path):
+    data, lengths = small_data
+    rows = json.loads(lengths.read_text())
+    for row in rows:
+        row["L_t0.7"] = 1  # L_max stays L_t0.0 here, so make the column choice visible through L_t0.7
+    lengths.write_text(json.dumps(rows))
+    output = tmp_path / "out.json"
+    benchmark.main(base_args(tiny_model_dir, data, lengths, output) + ["--strategy", "gt", "--gt-field", "L_t0.7"])
+    (result,) = json.loads(output.read_text())["results"]
+    assert {sample["prediction"] for sample in result["samples"]} == {1}
