@@ -56,6 +56,16 @@ def tiny_model(tiny_model_dir):
     return model, tokenizer
 
 
+def cli_args(**flags) -> list[str]:
+    """`cli_args(model=path, max_length=8)` -> ["--model", "path", "--max-length", "8"]; True gives a bare flag."""
+    argv = []
+    for name, value in flags.items():
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.append(str(value))
+    return argv
+
+
 # Known lengths for the small hand-checked cases: ids in data order, with lengths that
 # straddle the caps used in the tests.
 SMALL_LENGTHS = {"a": 3, "b": 10, "c": 1, "d": 6, "e": 2, "f": 8}

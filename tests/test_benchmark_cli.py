@@ -12,7 +12,7 @@ import pytest
 from src import benchmark
 from src.utils import run_cli
 
-from .conftest import SMALL_LENGTHS, write_json
+from .conftest import SMALL_LENGTHS, cli_args, write_json
 
 RESULT_FIELDS = {
     "strategy",
@@ -37,24 +37,16 @@ RESULT_FIELDS = {
 
 
 def base_args(tiny_model_dir, data, lengths, output):
-    return [
-        "--model",
-        str(tiny_model_dir),
-        "--device",
-        "cpu",
-        "--data-path",
-        str(data),
-        "--replay-lengths",
-        str(lengths),
-        "--max-length",
-        "8",
-        "--batch-size",
-        "2",
-        "--group-size",
-        "6",
-        "--output-json",
-        str(output),
-    ]
+    return cli_args(
+        model=tiny_model_dir,
+        device="cpu",
+        data_path=data,
+        replay_lengths=lengths,
+        max_length=8,
+        batch_size=2,
+        group_size=6,
+        output_json=output,
+    )
 
 
 def test_benchmark_end_to_end(tiny_model_dir, small_data, tmp_path, capsys):

@@ -9,24 +9,11 @@ import pytest
 from src import lenpred
 from src.utils import UserError
 
-from .conftest import SMALL_LENGTHS
+from .conftest import SMALL_LENGTHS, cli_args
 
 
 def args_for(tiny_model_dir, data, output):
-    return [
-        "--model",
-        str(tiny_model_dir),
-        "--device",
-        "cpu",
-        "--data-path",
-        str(data),
-        "--output-path",
-        str(output),
-        "--max-length",
-        "4",
-        "--batch-size",
-        "4",
-    ]
+    return cli_args(model=tiny_model_dir, device="cpu", data_path=data, output_path=output, max_length=4, batch_size=4)
 
 
 def test_writes_one_row_per_id_in_data_order(tiny_model_dir, small_data, tmp_path):

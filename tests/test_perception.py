@@ -14,7 +14,7 @@ from src.generate import generate_batch
 from src.predictors import PredictorContext, build_predictor, parse_length_answer
 from src.prompts import QUERY_PROMPT, VICUNA_TEMPLATE, PromptFormatter
 
-from .conftest import SMALL_LENGTHS
+from .conftest import SMALL_LENGTHS, cli_args
 
 
 @pytest.mark.parametrize(
@@ -204,25 +204,16 @@ def test_training_lowers_the_loss_and_saves_a_loadable_adapter(tiny_model_dir, s
     assert (output_dir / "adapter_config.json").is_file()
     from src import benchmark
 
-    result = benchmark.main(
-        [
-            "--model",
-            str(tiny_model_dir),
-            "--device",
-            "cpu",
-            "--data-path",
-            str(data),
-            "--replay-lengths",
-            str(lengths),
-            "--lora-path",
-            str(output_dir),
-            "--strategy",
-            "seqsch",
-            "--max-length",
-            "8",
-            "--batch-size",
-            "2",
-            "--fcr",
-        ]
-    )["results"][0]
+    argv = cli_args(
+        model=tiny_model_dir,
+        device="cpu",
+        data_path=data,
+        replay_lengths=lengths,
+        lora_path=output_dir,
+        strategy="seqsch",
+        max_length=8,
+        batch_size=2,
+        fcr=True,
+    )
+    result = benchmark.main(argv)["results"][0]
     assert result["strategy"] == "seqsch+fcr" and result["num_samples"] == 6
