@@ -29,15 +29,16 @@ for name, count in (("train", train_n), ("val", val_n)):
         write_json_atomic(f"{out}/{name}.json", json.load(handle)[:count])
 PY
 
+# Steps whose output exists are skipped, so a stopped run started again goes on where it was.
 step "record SmolLM2's response lengths on the train slice"
-time python -m src.lenpred --model smollm2-135m --data-path "$OUT/train.json" --max-length "$MAX_LENGTH" \
+[ -f "$OUT/train-length.json" ] || time python -m src.lenpred --model smollm2-135m --data-path "$OUT/train.json" --max-length "$MAX_LENGTH" \
   --temperatures $TEMPERATURES
 step "build the instruction-tuning set"
 python -m src.construct --data-path "$OUT/train.json"
 step "train the LoRA adapter"
-time bash train.sh cpu --data_path "$OUT/train-instruct.json" --output_dir "$OUT/adapter" --num_train_epochs "$EPOCHS"
+[ -f "$OUT/adapter/adapter_config.json" ] || time bash train.sh cpu --data_path "$OUT/train-instruct.json" --output_dir "$OUT/adapter" --num_train_epochs "$EPOCHS"
 step "record SmolLM2's response lengths on the val slice"
-time python -m src.lenpred --model smollm2-135m --data-path "$OUT/val.json" --max-length "$MAX_LENGTH" \
+[ -f "$OUT/val-length.json" ] || time python -m src.lenpred --model smollm2-135m --data-path "$OUT/val.json" --max-length "$MAX_LENGTH" \
   --temperatures $TEMPERATURES
 
 MEDIAN=$(python -c "

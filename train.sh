@@ -2,7 +2,7 @@
 # Instruction tuning of the length perception module (LoRA), under accelerate so that several GPUs work.
 #
 #   bash train.sh                 # the paper: Vicuna-7B, 3 epochs, batch 2 x 16 accumulation, lr 2e-5, cosine,
-#                                 # warm-up 0.03, bf16 -> ./ckpts/vicuna-response-length-perception-module
+#                                 # warm-up 0.03 (warmup_steps 0.03: transformers 5 takes a ratio there), bf16 -> ./ckpts/vicuna-response-length-perception-module
 #   bash train.sh cpu             # SmolLM2-135M on CPU with small settings -> ./ckpts/smollm2-length-perception
 #
 # Extra arguments go to src.train_lora (any HfArgumentParser flag), e.g.
@@ -24,7 +24,7 @@ case "$preset" in
       --gradient_accumulation_steps 16 \
       --learning_rate 2e-5 \
       --lr_scheduler_type cosine \
-      --warmup_ratio 0.03 \
+      --warmup_steps 0.03 \
       --weight_decay 0.0 \
       --bf16 True \
       --logging_steps 10 \
@@ -45,7 +45,7 @@ case "$preset" in
       --gradient_accumulation_steps 1 \
       --learning_rate 5e-4 \
       --lr_scheduler_type cosine \
-      --warmup_ratio 0.03 \
+      --warmup_steps 0.03 \
       --logging_steps 5 \
       --save_strategy no \
       --report_to none \

@@ -113,9 +113,12 @@ def main(argv: list[str] | None = None):
     from .utils import load_model, write_json_atomic
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
-    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv
-    )
+    try:
+        model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
+            args=sys.argv[1:] if argv is None else argv
+        )
+    except ValueError as error:  # unknown flags, or values TrainingArguments rejects
+        raise UserError(f"train_lora arguments: {error}") from None
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
     model, tokenizer, path = load_model(model_args.model_name_or_path, "cpu", model_args.model_dtype)
     formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, model_args.conv_template))

@@ -217,3 +217,26 @@ def test_training_lowers_the_loss_and_saves_a_loadable_adapter(tiny_model_dir, s
     )
     result = benchmark.main(argv)["results"][0]
     assert result["strategy"] == "seqsch+fcr" and result["num_samples"] == 6
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu"])
+def test_train_sh_presets_parse(preset):
+    """Every flag train.sh passes is one that src.train_lora accepts."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    script = (Path(__file__).resolve().parents[1] / "train.sh").read_text()
+    block = re.search(rf"\n  {preset}\)\n(.*?)\n    ;;", script, re.S).group(1)
+    command = block[block.index("-m src.train_lora") + len("-m src.train_lora") : block.index('"$@"')]
+    argv = shlex.split(command.replace("\\\n", " "))
+    parser = HfArgumentParser(
+        (train_lora.ModelArguments, train_lora.DataArguments, train_lora.LoraArguments, TrainingArguments)
+    )
+    if preset == "paper":
+        argv = [arg if arg != "--bf16" else "--fp16" for arg in argv]  # parse-only: this CPU has no bf16 training
+        argv[argv.index("--fp16") + 1] = "False"
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    assert parsed[-1].num_train_epochs == 3
