@@ -20,6 +20,7 @@ from .schedule import (
     ScheduleConfig,
     compute_metrics,
     parse_vbs_table,
+    replay_executor,
     run_schedule,
 )
 from .utils import Timer, UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
@@ -92,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--gt-field", default=None, help="oracle column for gt, e.g. L_t0.0; default L_max over the temperatures"
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="no model: every sample ends at its --replay-lengths length; the same scheduler and metrics, in seconds",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
     args = parser.parse_args(argv)
@@ -102,6 +108,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.vbs_table_parsed = parse_vbs_table(args.vbs_table)
     except ValueError as error:
         raise UserError(f"--vbs-table: {error}") from None
+    if args.dry_run and not args.replay_lengths:
+        raise UserError("--dry-run needs --replay-lengths: the lengths stand in for the model")
     texts = args.strategies or [args.strategy]
     args.strategy_list = [parse_strategy(text, args.vbs, args.fcr) for text in texts]
     if args.length_path is None:
@@ -183,6 +191,7 @@ def run_strategy(strategy, args, samples, predictor, run_batch, device) -> dict:
         "max_length": args.max_length,
         "temperature": args.temperature,
         "seed": args.seed,
+        "dry_run": args.dry_run,  # times then measure the scheduler alone, not generation
         "batches": [
             {
                 "group": executed.batch.group,
@@ -216,17 +225,19 @@ def print_result(result: dict) -> None:
         f"Total samples: {result['num_samples']}, Group size: {result['group_size']}, "
         f"Batch size: {result['batch_size']}, Max length: {result['max_length']}"
     )
-    print(
-        f"Time: {result['wall_time_s']:.2f} s (prediction {result['prediction_time_s']:.2f} s, "
-        f"generation {result['generation_time_s']:.2f} s)"
-    )
-    print(f"Throughput: {result['throughput_samples_per_s']:.3f} samples/s")
+    if not result["dry_run"]:
+        print(
+            f"Time: {result['wall_time_s']:.2f} s (prediction {result['prediction_time_s']:.2f} s, "
+            f"generation {result['generation_time_s']:.2f} s)"
+        )
+        print(f"Throughput: {result['throughput_samples_per_s']:.3f} samples/s")
     print(f"Average length: {result['average_length']:.2f} tokens")
     print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
     if result["unparsable_predictions"]:
         print(f"Unparsable predictions: {result['unparsable_predictions']} (given the max length)")
-    print(f"Generated tokens: {result['generated_tokens']} ({result['generated_tokens_per_s']:.1f} tokens/s)")
+    rate = "" if result["dry_run"] else f" ({result['generated_tokens_per_s']:.1f} tokens/s)"
+    print(f"Generated tokens: {result['generated_tokens']}{rate}")
     print()
 
 
@@ -239,10 +250,33 @@ def print_table(results: list[dict]) -> None:
         speedup = (
             f"{result['throughput_samples_per_s'] / baseline['throughput_samples_per_s']:.2f}x" if baseline else "n/a"
         )
+        throughput = f"{result['throughput_samples_per_s']:.3f}"
+        if result["dry_run"]:  # no generation was timed: only the token columns mean anything
+            speedup = throughput = "-"
         print(
-            f"{result['strategy']:<18}{result['throughput_samples_per_s']:>11.3f}{result['average_length']:>12.2f}"
+            f"{result['strategy']:<18}{throughput:>11}{result['average_length']:>12.2f}"
             f"{result['effective_token_ratio'] * 100:>10.2f}%{result['failure_ratio'] * 100:>8.2f}%{speedup:>10}"
         )
+
+
+def prepare_model(args, samples, replay, context):
+    """Load the model, give it to the predictors that need one, and build the generation executor."""
+    from .generate import generate_batch
+    from .prompts import PromptFormatter, choose_template
+    from .utils import load_model
+
+    model, tokenizer, model_path = load_model(args.model, args.device, args.dtype, args.lora_path, args.load_format)
+    device = str(model.device)
+    formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
+    context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
+    prompt_ids = {sample.id: formatter.encode(sample.prompt) for sample in samples}
+    print(
+        f"model: {model_path} on {device} ({next(model.parameters()).dtype}), template {formatter.template}, "
+        f"{len(samples)} samples from {args.data_path}" + (f", replaying {args.replay_field}" if replay else "")
+    )
+    if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
+        generate_batch(model, tokenizer, [prompt_ids[samples[0].id]], 2, args.temperature)
+    return model_path, device, make_run_batch(model, tokenizer, prompt_ids, args.temperature, replay, args.debug)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -266,32 +300,22 @@ def main(argv: list[str] | None = None) -> dict:
     )
     predictors = {}
     for strategy in args.strategy_list:  # predictors without a model fail fast, before the model loads
+        if args.dry_run and PREDICTORS[strategy.predictor].needs_model:
+            raise UserError(f"strategy {strategy.predictor} needs a model and cannot run with --dry-run")
         if strategy.predictor not in predictors and not PREDICTORS[strategy.predictor].needs_model:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
             if PREDICTORS[strategy.predictor].uses_length_file:
                 predictors[strategy.predictor].predict(samples)  # checks every id has a row
 
-    from .prompts import PromptFormatter, choose_template
-    from .utils import load_model
-
-    model, tokenizer, model_path = load_model(args.model, args.device, args.dtype, args.lora_path, args.load_format)
-    device = str(model.device)
-    formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
-    context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
+    if args.dry_run:
+        model_path, device = None, "cpu"
+        run_batch = replay_executor(replay)
+        print(f"dry run: no model, {len(samples)} samples from {args.data_path} end at {args.replay_field}")
+    else:
+        model_path, device, run_batch = prepare_model(args, samples, replay, context)
     for strategy in args.strategy_list:
         if strategy.predictor not in predictors:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
-
-    prompt_ids = {sample.id: formatter.encode(sample.prompt) for sample in samples}
-    run_batch = make_run_batch(model, tokenizer, prompt_ids, args.temperature, replay, args.debug)
-    print(
-        f"model: {model_path} on {device} ({next(model.parameters()).dtype}), template {formatter.template}, "
-        f"{len(samples)} samples from {args.data_path}" + (f", replaying {args.replay_field}" if replay else "")
-    )
-    if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
-        from .generate import generate_batch
-
-        generate_batch(model, tokenizer, [prompt_ids[ids[0]]], 2, args.temperature)
 
     output = {"args": {key: value for key, value in vars(args).items() if key != "strategy_list"}, "results": []}
     output["args"]["strategies"] = [strategy.label for strategy in args.strategy_list]

@@ -184,3 +184,35 @@ def test_oracle_of_one_column(tiny_model_dir, small_data, tmp_path):
     benchmark.main(base_args(tiny_model_dir, data, lengths, output) + ["--strategy", "gt", "--gt-field", "L_t0.7"])
     (result,) = json.loads(output.read_text())["results"]
     assert {sample["prediction"] for sample in result["samples"]} == {1}
+
+
+def test_dry_run_equals_the_engine(tiny_model_dir, small_data, tmp_path):
+    """The model-free dry run goes through the same scheduler and metrics: every token figure is the engine's."""
+    data, lengths = small_data
+    strategies = ["--strategies", "vanilla", "gt", "gt+fcr", "gt+vbs+fcr", "--group-size", "4"]
+    real = benchmark.main(base_args(tiny_model_dir, data, lengths, tmp_path / "real.json") + strategies)
+    dry = benchmark.main(base_args("no-such-model", data, lengths, tmp_path / "dry.json") + strategies + ["--dry-run"])
+    token_fields = (
+        "token_slots",
+        "generated_tokens",
+        "average_length",
+        "effective_token_ratio",
+        "failure_ratio",
+        "truncated_ratio",
+        "num_batches",
+        "samples",
+    )
+    for real_result, dry_result in zip(real["results"], dry["results"], strict=True):
+        assert {k: real_result[k] for k in token_fields} == {k: dry_result[k] for k in token_fields}
+        assert [{k: v for k, v in b.items() if k != "elapsed_s"} for b in real_result["batches"]] == [
+            {k: v for k, v in b.items() if k != "elapsed_s"} for b in dry_result["batches"]
+        ]
+
+
+def test_dry_run_needs_lengths_and_a_model_free_predictor(small_data, capsys):
+    data, lengths = small_data
+    assert "--replay-lengths" in run_and_expect_error(["--data-path", str(data), "--dry-run"], capsys)
+    err = run_and_expect_error(
+        ["--data-path", str(data), "--dry-run", "--replay-lengths", str(lengths), "--strategy", "po"], capsys
+    )
+    assert "needs a model" in err
