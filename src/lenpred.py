@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         eos_token_ids = eos_token_ids_of(model, tokenizer)
         header = None if side_file.is_file() and done else {"run": identity}
         if header is not None and side_file.exists():
-            side_file.unlink()  # only an unreadable header line was there
+            side_file.unlink()  # a header and no finished rows (or half a header): start the file afresh
         with tqdm(total=len(samples), initial=len(done), desc="lenpred", unit="sample") as progress:
             for start in range(0, len(todo), args.batch_size):
                 batch = todo[start : start + args.batch_size]
