@@ -91,7 +91,6 @@ def generate_batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
-        min_new_tokens=None,
         eos_token_id=eos_token_ids,
         pad_token_id=tokenizer.pad_token_id,
         logits_processor=processors,
