@@ -17,15 +17,22 @@ from .schedule import (
     PAPER_VBS_TABLE,
     Batch,
     BatchOutcome,
+    ContinuousRecord,
     ScheduleConfig,
+    admission_order,
+    compute_continuous_metrics,
     compute_metrics,
+    final_batches,
+    latency_metrics,
     parse_vbs_table,
     replay_executor,
     run_schedule,
+    simulate_continuous,
 )
 from .utils import Timer, UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
 
 STRATEGY_MODIFIERS = ("vbs", "fcr")
+CONTINUOUS = "continuous"
 
 
 @dataclass(frozen=True)
@@ -33,16 +40,28 @@ class Strategy:
     predictor: str
     vbs: bool = False
     fcr: bool = False
+    continuous: bool = False  # iteration-level batching; predictor None is FCFS admission
 
     @property
     def label(self) -> str:
+        if self.continuous:
+            return CONTINUOUS if self.predictor == "vanilla" else f"{CONTINUOUS}:{self.predictor}"
         return "+".join([self.predictor] + [name for name in STRATEGY_MODIFIERS if getattr(self, name)])
 
 
 def parse_strategy(text: str, vbs: bool = False, fcr: bool = False) -> Strategy:
     """`gt+vbs+fcr` -> Strategy('gt', True, True); --vbs/--fcr add to every strategy but vanilla,
-    which is the unscheduled baseline by definition."""
-    name, *modifiers = text.strip().split("+")
+    which is the unscheduled baseline by definition. `continuous` is continuous batching in data order
+    (FCFS), `continuous:gt` admits shortest predicted first (any predictor); VBS and FCR do not apply to it."""
+    text = text.strip()
+    if text == CONTINUOUS or text.startswith(CONTINUOUS + ":"):
+        _, _, order_by = text.partition(":")
+        if order_by and order_by not in PREDICTORS:
+            raise UserError(f"unknown predictor {order_by!r} in {text!r}: choose from {', '.join(sorted(PREDICTORS))}")
+        return Strategy(order_by or "vanilla", continuous=True)
+    name, *modifiers = text.split("+")
+    if name == CONTINUOUS:
+        raise UserError(f"{text!r}: VBS and FCR do not apply to continuous batching, which has no batch to cut")
     if name not in PREDICTORS:
         raise UserError(f"unknown strategy {name!r}: choose from {', '.join(sorted(PREDICTORS))}")
     unknown = [modifier for modifier in modifiers if modifier not in STRATEGY_MODIFIERS]
@@ -70,6 +89,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         help="run several in one process on the same samples, e.g. vanilla gt gt+vbs+fcr; overrides --strategy",
+    )
+    parser.add_argument(
+        "--order",
+        choices=("fcfs", "predicted"),
+        default="fcfs",
+        help="admission order of --strategy continuous: data order, or shortest --order-predictor first",
+    )
+    parser.add_argument("--order-predictor", default="gt", help="the predictor of --order predicted")
+    parser.add_argument(
+        "--slots", type=int, default=None, help="continuous batching: most concurrent requests; default --batch-size"
     )
     parser.add_argument("--lora-path", default=None, help="peft LoRA adapter of the length perception module")
     parser.add_argument("--vbs", action="store_true", help="variable batch size by predicted-length bucket")
@@ -110,7 +139,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--vbs-table: {error}") from None
     if args.dry_run and not args.replay_lengths:
         raise UserError("--dry-run needs --replay-lengths: the lengths stand in for the model")
+    if args.slots is None:
+        args.slots = args.batch_size
+    if args.slots < 1:
+        raise UserError("--slots must be at least 1")
     texts = args.strategies or [args.strategy]
+    if args.strategies is None and args.strategy == CONTINUOUS and args.order == "predicted":
+        texts = [f"{CONTINUOUS}:{args.order_predictor}"]
     args.strategy_list = [parse_strategy(text, args.vbs, args.fcr) for text in texts]
     if args.length_path is None:
         args.length_path = default_length_path(args.data_path)
@@ -147,13 +182,66 @@ def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug):
     return run_batch
 
 
-def run_strategy(strategy, args, samples, predictor, run_batch, device) -> dict:
+@dataclass(frozen=True)
+class Executors:
+    """How batches run: `run_batch` for static batches; `run_continuous(order, on_result)` for continuous
+    batching on the engine, None in the dry run (the iteration model stands in for it)."""
+
+    run_batch: object
+    run_continuous: object = None
+
+
+def run_strategy(strategy, args, samples, predictor, executors, device, replay=None) -> dict:
     """Predict, schedule and generate for one strategy; returns its result object."""
     from tqdm import tqdm
 
     set_seed(args.seed)  # sampling runs repeat exactly, whatever ran before
     with Timer(device) as prediction_timer:
         predictions = predictor.predict(samples)
+    ids = [sample.id for sample in samples]
+    with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False) as progress:
+        if strategy.continuous:
+            batches, sample_rows, metrics, seconds = _run_continuous(
+                strategy, args, ids, predictions, executors, device, replay, progress
+            )
+        else:
+            batches, sample_rows, metrics, seconds = _run_static(
+                strategy, args, ids, predictions, executors, device, progress
+            )
+    generation_seconds = seconds.pop(None)
+    wall = prediction_timer.seconds + generation_seconds
+    result = {
+        "strategy": strategy.label,
+        "predictor": strategy.predictor,
+        "vbs": strategy.vbs,
+        "fcr": strategy.fcr,
+        "continuous": strategy.continuous,
+        **metrics,
+        "throughput_samples_per_s": len(ids) / wall,
+        "wall_time_s": wall,
+        "prediction_time_s": prediction_timer.seconds,
+        "generation_time_s": generation_seconds,
+        "unparsable_predictions": getattr(predictor, "unparsable", 0),
+        "generated_tokens_per_s": metrics["generated_tokens"] / generation_seconds,
+        "token_slots_per_s": metrics["token_slots"] / generation_seconds,
+        "batch_size": args.batch_size,
+        "slots": args.slots if strategy.continuous else None,
+        "group_size": args.group_size,
+        "max_length": args.max_length,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "dry_run": args.dry_run,  # times then measure the scheduler alone, not generation
+        "batches": batches,
+        "samples": [
+            {"id": sample_id, "prediction": predictions[sample_id], **sample_rows[sample_id]} for sample_id in ids
+        ],
+    }
+    if not args.dry_run:  # a sample's latency: its finish time since the run (prediction included) began
+        result.update(latency_metrics({key: prediction_timer.seconds + value for key, value in seconds.items()}, "s"))
+    return result
+
+
+def _run_static(strategy, args, ids, predictions, executors, device, progress):
     config = ScheduleConfig(
         batch_size=args.batch_size,
         group_size=args.group_size,
@@ -163,54 +251,58 @@ def run_strategy(strategy, args, samples, predictor, run_batch, device) -> dict:
         fcr=strategy.fcr,
         vbs_table=args.vbs_table_parsed,
     )
-    ids = [sample.id for sample in samples]
-    with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False) as progress:
 
-        def advance(_batch, done):
-            progress.update(done - progress.n)
+    def advance(_batch, done):
+        progress.update(done - progress.n)
 
-        with Timer(device) as generation_timer:
-            record = run_schedule(ids, predictions, config, run_batch, on_batch=advance, clock=time.perf_counter)
-    metrics = compute_metrics(record)
-    wall = prediction_timer.seconds + generation_timer.seconds
-    result = {
-        "strategy": strategy.label,
-        "predictor": strategy.predictor,
-        "vbs": strategy.vbs,
-        "fcr": strategy.fcr,
-        **metrics,
-        "throughput_samples_per_s": len(ids) / wall,
-        "wall_time_s": wall,
-        "prediction_time_s": prediction_timer.seconds,
-        "generation_time_s": generation_timer.seconds,
-        "unparsable_predictions": getattr(predictor, "unparsable", 0),
-        "generated_tokens_per_s": metrics["generated_tokens"] / generation_timer.seconds,
-        "token_slots_per_s": metrics["token_slots"] / generation_timer.seconds,
-        "batch_size": args.batch_size,
-        "group_size": args.group_size,
-        "max_length": args.max_length,
-        "temperature": args.temperature,
-        "seed": args.seed,
-        "dry_run": args.dry_run,  # times then measure the scheduler alone, not generation
-        "batches": [
-            {
-                "group": executed.batch.group,
-                "recompute": executed.batch.recompute,
-                "bucket": executed.batch.bucket,
-                "size": len(executed.batch.ids),
-                "cap": executed.batch.max_new_tokens,
-                "steps": executed.steps,
-                "useful_tokens": executed.useful_tokens,
-                "elapsed_s": executed.elapsed_s,
-            }
-            for executed in record.batches
-        ],
-        "samples": [
-            {"id": sample_id, "prediction": predictions[sample_id], **_sample_fields(result)}
-            for sample_id, result in record.results.items()
-        ],
+    with Timer(device) as generation_timer:
+        record = run_schedule(ids, predictions, config, executors.run_batch, on_batch=advance, clock=time.perf_counter)
+    batches = [
+        {
+            "group": executed.batch.group,
+            "recompute": executed.batch.recompute,
+            "bucket": executed.batch.bucket,
+            "size": len(executed.batch.ids),
+            "cap": executed.batch.max_new_tokens,
+            "steps": executed.steps,
+            "useful_tokens": executed.useful_tokens,
+            "elapsed_s": executed.elapsed_s,
+        }
+        for executed in record.batches
+    ]
+    final = final_batches(record)
+    sample_rows = {sample_id: _sample_fields(result) for sample_id, result in record.results.items()}
+    seconds = {sample_id: executed.elapsed_s for sample_id, (_, executed) in final.items()}
+    seconds[None] = generation_timer.seconds
+    return batches, sample_rows, compute_metrics(record), seconds
+
+
+def _run_continuous(strategy, args, ids, predictions, executors, device, replay, progress):
+    """Continuous batching: on the engine, or in the dry run on the iteration model. The token columns come
+    from the iteration model with the lengths generated (the engine does not report its iterations)."""
+    ordered = admission_order(ids, predictions if strategy.predictor != "vanilla" else None, args.group_size)
+    with Timer(device) as generation_timer:
+        if executors.run_continuous is None:
+            record = simulate_continuous(ordered, replay, args.slots, args.max_length)
+            progress.update(len(ids))
+            seconds = {}
+        else:
+            outcome = executors.run_continuous(ordered, lambda done: progress.update(done - progress.n))
+            modelled = simulate_continuous(ordered, outcome.lengths, args.slots, args.max_length)
+            record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, args.slots)
+            seconds = dict(outcome.finish_seconds)
+    seconds[None] = generation_timer.seconds
+    sample_rows = {
+        sample_id: {
+            "length": record.lengths[sample_id],
+            "finished": record.finished[sample_id],
+            "recomputed": False,
+            "first_cap": args.max_length,
+            "admitted": position,
+        }
+        for position, sample_id in enumerate(ordered)
     }
-    return result
+    return [], sample_rows, compute_continuous_metrics(record), seconds
 
 
 def _sample_fields(result) -> dict:
@@ -234,6 +326,10 @@ def print_result(result: dict) -> None:
     print(f"Average length: {result['average_length']:.2f} tokens")
     print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
+    latency = f"Latency: mean {result['mean_latency_steps']:.0f} steps, p90 {result['p90_latency_steps']:.0f} steps"
+    if not result["dry_run"]:
+        latency += f" (mean {result['mean_latency_s']:.2f} s, p90 {result['p90_latency_s']:.2f} s)"
+    print(latency)
     if result["unparsable_predictions"]:
         print(f"Unparsable predictions: {result['unparsable_predictions']} (given the max length)")
     rate = "" if result["dry_run"] else f" ({result['generated_tokens_per_s']:.1f} tokens/s)"
@@ -242,8 +338,13 @@ def print_result(result: dict) -> None:
 
 
 def print_table(results: list[dict]) -> None:
+    """One line per strategy. Latency is in decode steps in a dry run, in seconds otherwise."""
     baseline = next((result for result in results if result["strategy"] == "vanilla"), None)
-    header = f"{'strategy':<18}{'samples/s':>11}{'avg length':>12}{'effective':>11}{'failure':>9}{'speed-up':>10}"
+    unit = "steps" if results[0]["dry_run"] else "s"
+    header = (
+        f"{'strategy':<20}{'samples/s':>11}{'avg length':>12}{'effective':>11}{'failure':>9}"
+        f"{'latency ' + unit:>15}{'p90 ' + unit:>11}{'speed-up':>10}"
+    )
     print(header)
     print("-" * len(header))
     for result in results:
@@ -254,8 +355,9 @@ def print_table(results: list[dict]) -> None:
         if result["dry_run"]:  # no generation was timed: only the token columns mean anything
             speedup = throughput = "-"
         print(
-            f"{result['strategy']:<18}{throughput:>11}{result['average_length']:>12.2f}"
-            f"{result['effective_token_ratio'] * 100:>10.2f}%{result['failure_ratio'] * 100:>8.2f}%{speedup:>10}"
+            f"{result['strategy']:<20}{throughput:>11}{result['average_length']:>12.2f}"
+            f"{result['effective_token_ratio'] * 100:>10.2f}%{result['failure_ratio'] * 100:>8.2f}%"
+            f"{result[f'mean_latency_{unit}']:>15.1f}{result[f'p90_latency_{unit}']:>11.1f}{speedup:>10}"
         )
 
 
@@ -276,7 +378,25 @@ def prepare_model(args, samples, replay, context):
     )
     if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
         generate_batch(model, tokenizer, [prompt_ids[samples[0].id]], 2, args.temperature)
-    return model_path, device, make_run_batch(model, tokenizer, prompt_ids, args.temperature, replay, args.debug)
+    run_batch = make_run_batch(model, tokenizer, prompt_ids, args.temperature, replay, args.debug)
+
+    def run_continuous(order, on_result):
+        from .continuous import run_continuous as run_on_engine
+
+        return run_on_engine(
+            model,
+            tokenizer,
+            order,
+            prompt_ids,
+            args.max_length,
+            args.slots,
+            args.temperature,
+            replay,
+            on_result,
+            args.seed,
+        )
+
+    return model_path, device, Executors(run_batch, run_continuous)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -309,10 +429,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.dry_run:
         model_path, device = None, "cpu"
-        run_batch = replay_executor(replay)
+        executors = Executors(replay_executor(replay))
         print(f"dry run: no model, {len(samples)} samples from {args.data_path} end at {args.replay_field}")
     else:
-        model_path, device, run_batch = prepare_model(args, samples, replay, context)
+        model_path, device, executors = prepare_model(args, samples, replay, context)
     for strategy in args.strategy_list:
         if strategy.predictor not in predictors:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
@@ -322,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     output["args"]["model_path"] = model_path
     output["args"]["device_resolved"] = device
     for strategy in args.strategy_list:
-        result = run_strategy(strategy, args, samples, predictors[strategy.predictor], run_batch, device)
+        result = run_strategy(strategy, args, samples, predictors[strategy.predictor], executors, device, replay)
         print_result(result)
         output["results"].append(result)
         if args.output_json:  # after each strategy, so finished results survive a later failure

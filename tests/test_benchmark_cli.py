@@ -216,3 +216,34 @@ def test_dry_run_needs_lengths_and_a_model_free_predictor(small_data, capsys):
         ["--data-path", str(data), "--dry-run", "--replay-lengths", str(lengths), "--strategy", "po"], capsys
     )
     assert "needs a model" in err
+
+
+def test_continuous_batching_on_the_engine(tiny_model_dir, small_data, tmp_path):
+    """transformers' continuous batching returns one result per id at its replayed length, and its token
+    columns equal the dry run's iteration model; admission by prediction sorts the queue."""
+    data, lengths = small_data
+    strategies = ["--strategies", "continuous", "continuous:gt", "--slots", "2", "--gt-field", "L_t0.0"]
+    real = benchmark.main(base_args(tiny_model_dir, data, lengths, tmp_path / "real.json") + strategies)
+    dry = benchmark.main(base_args("no-such-model", data, lengths, tmp_path / "dry.json") + strategies + ["--dry-run"])
+    for real_result, dry_result in zip(real["results"], dry["results"], strict=True):
+        lengths_by_id = {sample["id"]: sample["length"] for sample in real_result["samples"]}
+        assert lengths_by_id == {sample_id: min(length, 8) for sample_id, length in SMALL_LENGTHS.items()}
+        for field in ("token_slots", "generated_tokens", "effective_token_ratio", "decode_steps", "samples"):
+            assert real_result[field] == dry_result[field]
+        assert real_result["mean_latency_s"] > 0 and real_result["p90_latency_s"] >= real_result["mean_latency_s"]
+    fcfs, ordered = real["results"]
+    assert [sample["admitted"] for sample in fcfs["samples"]] == list(range(6))
+    # group size 6: the whole queue by prediction; b's 10 is clamped to the max length 8 and ties with f,
+    # and ties keep the data order
+    admitted = {sample["id"]: sample["admitted"] for sample in ordered["samples"]}
+    assert sorted(admitted, key=admitted.get) == ["c", "e", "a", "d", "b", "f"]
+
+
+def test_continuous_strategy_flags(small_data, capsys):
+    data, lengths = small_data
+    common = ["--data-path", str(data), "--dry-run", "--replay-lengths", str(lengths), "--max-length", "8"]
+    output = benchmark.main(common + ["--strategy", "continuous", "--order", "predicted", "--gt-field", "L_t0.0"])
+    assert output["results"][0]["strategy"] == "continuous:gt"
+    capsys.readouterr()
+    assert "do not apply" in run_and_expect_error(common + ["--strategies", "continuous+vbs"], capsys)
+    assert "unknown predictor" in run_and_expect_error(common + ["--strategies", "continuous:nope"], capsys)

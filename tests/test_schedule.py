@@ -9,12 +9,15 @@ import pytest
 from src.schedule import (
     PAPER_VBS_TABLE,
     ScheduleConfig,
+    admission_order,
     bucket_of,
+    compute_continuous_metrics,
     compute_metrics,
     parse_vbs_table,
     plan_first_batches,
     replay_executor,
     run_schedule,
+    simulate_continuous,
 )
 
 from .conftest import SMALL_LENGTHS
@@ -163,6 +166,10 @@ def test_metrics_by_hand_vanilla():
     assert metrics["effective_token_ratio"] == pytest.approx(28 / 44)
     assert metrics["failure_ratio"] == 0
     assert metrics["truncated_ratio"] == pytest.approx(1 / 6)
+    # a and b end after 8 steps, c and d after 14, e and f after 22; p90 by nearest rank is the 6th of 6
+    assert metrics["decode_steps"] == 22
+    assert metrics["mean_latency_steps"] == pytest.approx((8 + 8 + 14 + 14 + 22 + 22) / 6)
+    assert metrics["p90_latency_steps"] == 22
 
 
 def test_metrics_by_hand_fcr_counts_failed_attempts():
@@ -179,6 +186,8 @@ def test_metrics_by_hand_fcr_counts_failed_attempts():
     assert metrics["failure_ratio"] == pytest.approx(1 / 6)
     assert record.results["a"].recomputed and record.results["a"].first_cap == 2
     assert not record.results["b"].recomputed and not record.results["b"].finished
+    # a's latency is its recompute's end (2 + 6 + 8 + 3 steps), not its failed first attempt's
+    assert metrics["mean_latency_steps"] == pytest.approx((19 + 16 + 2 + 8 + 8 + 16) / 6)
 
 
 def test_groups_are_scheduled_independently():
@@ -200,3 +209,38 @@ def test_executor_results_are_checked():
 
     with pytest.raises(RuntimeError):
         run_schedule(["a", "b"], {"a": 1, "b": 1}, config, broken)
+
+
+def test_continuous_batching_by_hand():
+    """Two slots: a freed slot takes the next request in the next iteration."""
+    record = simulate_continuous(list(SMALL_LENGTHS), SMALL_LENGTHS, slots=2, max_length=9)
+    # a 0-3, b 0-9 (capped), c 3-4, d 4-10, e 9-11, f 10-18
+    assert record.finish_steps == {"a": 3, "b": 9, "c": 4, "d": 10, "e": 11, "f": 18}
+    assert record.lengths["b"] == 9 and not record.finished["b"] and record.finished["a"]
+    metrics = compute_continuous_metrics(record)
+    assert metrics["decode_steps"] == 18
+    assert metrics["token_slots"] == 36  # 18 iterations x 2 slots: the idle slot at the end is waste
+    assert metrics["generated_tokens"] == 3 + 9 + 1 + 6 + 2 + 8
+    assert metrics["effective_token_ratio"] == pytest.approx(29 / 36)
+    assert metrics["mean_latency_steps"] == pytest.approx((3 + 9 + 4 + 10 + 11 + 18) / 6)
+    assert metrics["p90_latency_steps"] == 18
+    assert metrics["truncated_ratio"] == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_continuous_batching_beats_static_slots_and_one_slot_wastes_nothing(seed):
+    ids, predictions, actual = random_case(seed)
+    static = compute_metrics(run_schedule(ids, actual, ScheduleConfig(max_length=10_000), replay_executor(actual)))
+    continuous = compute_continuous_metrics(simulate_continuous(ids, actual, slots=16, max_length=10_000))
+    assert continuous["token_slots"] <= static["token_slots"]
+    assert continuous["generated_tokens"] == static["generated_tokens"]
+    serial = compute_continuous_metrics(simulate_continuous(ids, actual, slots=1, max_length=10_000))
+    assert serial["effective_token_ratio"] == 1.0
+
+
+def test_admission_order_sorts_within_groups_only():
+    ids = ["a", "b", "c", "d", "e"]
+    predictions = {"a": 5, "b": 1, "c": 3, "d": 9, "e": 2}
+    assert admission_order(ids, None, 2) == ids
+    assert admission_order(ids, predictions, 2) == ["b", "a", "c", "d", "e"]
+    assert admission_order(ids, predictions, 10) == ["b", "e", "c", "a", "d"]
