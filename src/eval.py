@@ -11,7 +11,6 @@ what scheduling needs; bucket accuracy is the fraction whose 50-token bucket equ
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .data import default_length_path, load_conversations, load_max_lengths, require_ids
 from .predictors import PREDICTORS, PredictorContext, build_predictor
@@ -66,21 +65,16 @@ def length_metrics(predictions: list[int], targets: list[int]) -> dict:
 
 
 def plot_predictions(path: str, predictions: list[int], targets: list[int], title: str) -> None:
-    import matplotlib
+    from .plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 5))
+    figure, axis = pyplot().subplots(figsize=(5, 5))
     axis.scatter(targets, predictions, s=6, alpha=0.4)
     top = max(max(targets), max(predictions))
     axis.plot([0, top], [0, top], color="gray", linewidth=1)
     axis.set_xlabel("L_max (tokens)")
     axis.set_ylabel("predicted length (tokens)")
     axis.set_title(title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
