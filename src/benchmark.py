@@ -30,6 +30,7 @@ from .schedule import (
     simulate_continuous,
 )
 from .utils import Timer, UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
+from .vbs_auto import CANDIDATE_BATCH_SIZES
 
 STRATEGY_MODIFIERS = ("vbs", "fcr")
 CONTINUOUS = "continuous"
@@ -106,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--vbs-table",
         default=",".join(f"{bucket}:{size}" for bucket, size in PAPER_VBS_TABLE.items()),
-        help="bucket:batch_size pairs for VBS (default: the paper's A100 table); other buckets get 16",
+        help="bucket:batch_size pairs for VBS (default: the paper's A100 table; other buckets get 16), or auto: "
+        "calibrate decode steps on the device and pick each bucket's batch size for the shortest estimated time",
     )
     parser.add_argument(
         "--length-path", default=None, help="length file for gt; default: the data path with -length before .json"
@@ -133,10 +135,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_length", "batch_size", "group_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    try:
-        args.vbs_table_parsed = parse_vbs_table(args.vbs_table)
-    except ValueError as error:
-        raise UserError(f"--vbs-table: {error}") from None
+    args.vbs_table_parsed = None  # auto: chosen per strategy from a calibration on the device
+    if args.vbs_table != "auto":
+        try:
+            args.vbs_table_parsed = parse_vbs_table(args.vbs_table)
+        except ValueError as error:
+            raise UserError(f"--vbs-table: {error}") from None
+    elif args.dry_run:
+        raise UserError("--vbs-table auto calibrates on the device and cannot run with --dry-run: pass a table")
     if args.dry_run and not args.replay_lengths:
         raise UserError("--dry-run needs --replay-lengths: the lengths stand in for the model")
     if args.slots is None:
@@ -189,6 +195,8 @@ class Executors:
 
     run_batch: object
     run_continuous: object = None
+    step_costs: object = None  # vbs_auto.StepCosts of the device, for --vbs-table auto
+    mean_prompt_length: float = 0.0
 
 
 def run_strategy(strategy, args, samples, predictor, executors, device, replay=None) -> dict:
@@ -249,8 +257,20 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress):
         sort=strategy.predictor != "vanilla",
         vbs=strategy.vbs,
         fcr=strategy.fcr,
-        vbs_table=args.vbs_table_parsed,
+        vbs_table=args.vbs_table_parsed or PAPER_VBS_TABLE,
     )
+    if strategy.vbs and args.vbs_table_parsed is None:
+        from .vbs_auto import choose_schedule
+
+        config = choose_schedule(ids, predictions, config, executors.step_costs, executors.mean_prompt_length)
+        if config.vbs:
+            chosen = ",".join(f"{bucket}:{size}" for bucket, size in sorted(config.vbs_table.items()))
+            print(
+                f"vbs auto for {strategy.label}: {chosen} "
+                f"(a remainder under max(size // 2, {config.vbs_default_batch_size}) moves up)"
+            )
+        else:
+            print(f"vbs auto for {strategy.label}: no table beats plain sorting, batches of {config.batch_size}")
 
     def advance(_batch, done):
         progress.update(done - progress.n)
@@ -274,7 +294,14 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress):
     sample_rows = {sample_id: _sample_fields(result) for sample_id, result in record.results.items()}
     seconds = {sample_id: executed.elapsed_s for sample_id, (_, executed) in final.items()}
     seconds[None] = generation_timer.seconds
-    return batches, sample_rows, compute_metrics(record), seconds
+    metrics = compute_metrics(record)
+    if config.vbs:
+        metrics["vbs_table"] = {str(bucket): size for bucket, size in sorted(config.vbs_table.items())}
+        metrics["vbs_default_batch_size"] = config.vbs_default_batch_size
+    elif strategy.vbs:  # auto chose plain sorting
+        metrics["vbs_table"] = None
+        metrics["sorted_batch_size"] = config.batch_size
+    return batches, sample_rows, metrics, seconds
 
 
 def _run_continuous(strategy, args, ids, predictions, executors, device, replay, progress):
@@ -396,7 +423,17 @@ def prepare_model(args, samples, replay, context):
             args.seed,
         )
 
-    return model_path, device, Executors(run_batch, run_continuous)
+    step_costs = None
+    mean_prompt_length = sum(len(ids) for ids in prompt_ids.values()) / len(prompt_ids)
+    if args.vbs_table_parsed is None and any(strategy.vbs for strategy in args.strategy_list):
+        from .vbs_auto import describe, timed_calibration
+
+        # a CPU's slot cost is flat well before 64 sequences, and larger prefills there take minutes
+        largest = max(CANDIDATE_BATCH_SIZES) if model.device.type == "cuda" else 64
+        step_costs, seconds = timed_calibration(model, device, largest, round(mean_prompt_length) + args.max_length)
+        args.vbs_calibration = step_costs.to_json() | {"seconds": seconds}
+        print(describe(step_costs, seconds))
+    return model_path, device, Executors(run_batch, run_continuous, step_costs, mean_prompt_length)
 
 
 def main(argv: list[str] | None = None) -> dict:

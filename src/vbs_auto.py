@@ -1,0 +1,198 @@
+"""`--vbs-table auto`: a variable-batch-size table fitted to the device instead of the paper's A100 table.
+
+The paper's table (50:256 ... 300:16) pays off where a decode step costs about the same for 16 or 256
+sequences (a GPU whose steps are bound by reading the weights). On a CPU a token slot costs about the same
+at any batch size, so large short-bucket batches only add padding. A short calibration measures what a
+decode step costs here, and the table is chosen to minimise the estimated time of the schedule.
+
+The calibration is the only part that touches the device; the cost model and the choice are pure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from .schedule import ScheduleConfig, bucket_of, plan_first_batches
+
+# Batch sizes tried, and the longest one allowed: the paper's largest batch.
+CANDIDATE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Prompt tokens of the calibration's short context (about an Alpaca prompt in a chat template).
+CALIBRATION_PROMPT = 64
+# Decode steps timed per point: enough to average out the first step's allocations.
+CALIBRATION_STEPS = 8
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Seconds per decode step: `base[b]` at the short context for batch size b, plus `per_context_token`
+    seconds for each sequence's each further context token (attention reads the whole cache)."""
+
+    base: dict[int, float]
+    per_context_token: float
+    context: int = CALIBRATION_PROMPT
+    largest_batch: int = max(CANDIDATE_BATCH_SIZES)  # the largest size that fitted in memory
+    kv_token_budget: int | None = None  # cache tokens that fit in memory (batch x context); None: no limit
+
+    def seconds(self, batch_size: int, context: float) -> float:
+        sizes = sorted(self.base)
+        if batch_size in self.base:
+            base = self.base[batch_size]
+        elif batch_size > sizes[-1]:  # beyond the measurements: slots cost what the largest measured ones did
+            base = self.base[sizes[-1]] * batch_size / sizes[-1]
+        else:  # linear between the neighbours
+            upper = next(size for size in sizes if size > batch_size)
+            lower = max(size for size in sizes if size < batch_size)
+            weight = (batch_size - lower) / (upper - lower)
+            base = self.base[lower] * (1 - weight) + self.base[upper] * weight
+        return base + self.per_context_token * batch_size * max(0.0, context - self.context)
+
+    def to_json(self) -> dict:
+        return {
+            "base_seconds_per_step": {str(size): value for size, value in self.base.items()},
+            "per_context_token_seconds": self.per_context_token,
+            "context": self.context,
+            "largest_batch": self.largest_batch,
+            "kv_token_budget": self.kv_token_budget,
+        }
+
+    def fits(self, batch_size: int, context: int) -> bool:
+        return self.kv_token_budget is None or batch_size * context <= self.kv_token_budget
+
+
+def estimate_seconds(batches, predictions, prompt_length: float, costs: StepCosts) -> float:
+    """A schedule's decode time if every sample ran exactly to its prediction."""
+    total = 0.0
+    for batch in batches:
+        steps = min(batch.max_new_tokens, max(predictions[sample_id] for sample_id in batch.ids))
+        total += steps * costs.seconds(len(batch.ids), prompt_length + steps / 2)
+    return total
+
+
+def choose_schedule(
+    ids: list[str],
+    predictions: dict[str, int],
+    config: ScheduleConfig,
+    costs: StepCosts,
+    prompt_length: float,
+    candidates: tuple[int, ...] = CANDIDATE_BATCH_SIZES,
+) -> ScheduleConfig:
+    """The schedule with the shortest estimated time: per-bucket batch sizes (and the remainder merge
+    threshold) by coordinate descent over the buckets, or, where no table beats it, plain sorting into
+    equal batches of the best single size (on a CPU, where a slot costs the same at any batch size)."""
+    allowed = [size for size in candidates if size <= costs.largest_batch] or [1]
+    buckets = sorted({bucket_of(prediction) for prediction in predictions.values()})
+    context = round(prompt_length)
+
+    def sizes_for(cap: int) -> list[int]:  # the batch sizes whose cache fits with this cap
+        return [size for size in allowed if costs.fits(size, context + cap)] or [1]
+
+    def estimate(trial: ScheduleConfig) -> float:
+        total = 0.0
+        for group, first in enumerate(range(0, len(ids), config.group_size)):
+            batches = plan_first_batches(ids[first : first + config.group_size], predictions, trial, group)
+            total += estimate_seconds(batches, predictions, prompt_length, costs)
+        return total
+
+    def with_table(table: dict[int, int], default: int) -> ScheduleConfig:
+        return replace(config, vbs=True, vbs_table=dict(table), vbs_default_batch_size=default)
+
+    default = config.vbs_default_batch_size
+    # a bucket's batch may hold samples carried up from below, and FCR may let it run to the max length
+    table = {bucket: min(config.batch_size, sizes_for(config.max_length)[-1]) for bucket in buckets}
+    for _ in range(2):  # a second pass lets early buckets react to the later ones' choices
+        for bucket in buckets:
+            cap = min(bucket, config.max_length) if config.fcr else config.max_length
+            table[bucket] = min(sizes_for(cap), key=lambda size: estimate(with_table({**table, bucket: size}, default)))
+        # the merge threshold: the paper's (a remainder under 16 moves up) or only under half a batch
+        default = min((config.vbs_default_batch_size, 1), key=lambda value: estimate(with_table(table, value)))
+    sorted_plans = [replace(config, vbs=False, batch_size=size) for size in sizes_for(config.max_length)]
+    return min([with_table(table, default), *sorted_plans], key=estimate)
+
+
+def kv_token_budget(model, memory_fraction: float = 0.8) -> int | None:
+    """Cache tokens (summed over a batch) that fit in the device's free memory: 2 (K and V) x layers x
+    KV heads x head size x bytes per element each. None where the model's shape or free memory is unknown."""
+    import torch
+
+    config = model.config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    bytes_per_token = 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+    else:
+        try:
+            import os
+
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return int(free * memory_fraction // bytes_per_token)
+
+
+def calibrate_step_costs(model, device: str, largest_batch: int, longest_context: int) -> StepCosts:
+    """Time decode steps of `model` on random prompts: every candidate batch size up to `largest_batch` at the
+    short context, then one batch size at `longest_context` for the context term. A batch size that runs out
+    of memory ends the sweep (the memory budget)."""
+    import torch
+
+    from .utils import Timer
+
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = model.config.get_text_config().vocab_size
+
+    def step_seconds(batch_size: int, context: int) -> float:
+        # input_ids: [B, context] of ordinary tokens; no EOS can end the run early (min_new_tokens)
+        input_ids = torch.randint(100, vocabulary, (batch_size, context), generator=generator).to(model.device)
+        timings = []
+        for new_tokens in (1, 1 + CALIBRATION_STEPS):
+            with Timer(device) as timer, torch.inference_mode():
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            timings.append(timer.seconds)
+        return max(1e-9, (timings[1] - timings[0]) / CALIBRATION_STEPS)
+
+    step_seconds(1, CALIBRATION_PROMPT)  # warm-up: first-call allocations and kernel selection
+    base: dict[int, float] = {}
+    for batch_size in (size for size in CANDIDATE_BATCH_SIZES if size <= largest_batch):
+        try:
+            base[batch_size] = step_seconds(batch_size, CALIBRATION_PROMPT)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+    if not base:
+        raise RuntimeError("vbs auto: even a batch of one ran out of memory during calibration")
+    probe = min(8, max(base))
+    long_context = max(longest_context, CALIBRATION_PROMPT + 1)
+    try:
+        extra = step_seconds(probe, long_context) - base[probe]
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        extra = 0.0
+    per_token = max(0.0, extra / (probe * (long_context - CALIBRATION_PROMPT)))
+    return StepCosts(base, per_token, CALIBRATION_PROMPT, max(base), kv_token_budget(model))
+
+
+def describe(costs: StepCosts, seconds: float) -> str:
+    slots = ", ".join(f"{size}: {value * 1000 / size:.2f}" for size, value in sorted(costs.base.items()))
+    return (
+        f"vbs auto: calibration {seconds:.1f} s; ms per token slot by batch size {{{slots}}}; "
+        f"+{costs.per_context_token * 1e6:.3f} us per slot per context token"
+    )
+
+
+def timed_calibration(model, device, largest_batch, longest_context) -> tuple[StepCosts, float]:
+    start = time.perf_counter()
+    costs = calibrate_step_costs(model, device, largest_batch, longest_context)
+    return costs, time.perf_counter() - start
