@@ -29,7 +29,7 @@ from .schedule import (
     run_schedule,
     simulate_continuous,
 )
-from .utils import Timer, UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
+from .utils import Timer, UserError, add_model_arguments, resolve_device, run_cli, set_seed, write_json_atomic
 from .vbs_auto import CANDIDATE_BATCH_SIZES
 
 STRATEGY_MODIFIERS = ("vbs", "fcr")
@@ -122,6 +122,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
     parser.add_argument(
+        "--predictor-path", default=None, help="folder of a proxy predictor (python -m src.train_proxy)"
+    )
+    parser.add_argument(
+        "--fcr-quantile",
+        type=float,
+        default=None,
+        help="FCR caps each batch at its members' largest upper-quantile length (e.g. 0.8) instead of the "
+        "prediction; needs a predictor with quantiles (proxy)",
+    )
+    parser.add_argument(
         "--gt-field", default=None, help="oracle column for gt, e.g. L_t0.0; default L_max over the temperatures"
     )
     parser.add_argument(
@@ -204,8 +214,13 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
     from tqdm import tqdm
 
     set_seed(args.seed)  # sampling runs repeat exactly, whatever ran before
+    caps = None
     with Timer(device) as prediction_timer:
         predictions = predictor.predict(samples)
+        if strategy.fcr and args.fcr_quantile is not None:
+            if not hasattr(predictor, "predict_quantile"):
+                raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
+            caps = predictor.predict_quantile(samples, args.fcr_quantile)
     ids = [sample.id for sample in samples]
     with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False) as progress:
         if strategy.continuous:
@@ -214,7 +229,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
             )
         else:
             batches, sample_rows, metrics, seconds = _run_static(
-                strategy, args, ids, predictions, executors, device, progress
+                strategy, args, ids, predictions, executors, device, progress, caps
             )
     generation_seconds = seconds.pop(None)
     wall = prediction_timer.seconds + generation_seconds
@@ -240,8 +255,12 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
         "seed": args.seed,
         "dry_run": args.dry_run,  # times then measure the scheduler alone, not generation
         "batches": batches,
+        "fcr_quantile": args.fcr_quantile if caps is not None else None,
         "samples": [
-            {"id": sample_id, "prediction": predictions[sample_id], **sample_rows[sample_id]} for sample_id in ids
+            {"id": sample_id, "prediction": predictions[sample_id]}
+            | ({"cap": caps[sample_id]} if caps is not None else {})
+            | sample_rows[sample_id]
+            for sample_id in ids
         ],
     }
     if not args.dry_run:  # a sample's latency: its finish time since the run (prediction included) began
@@ -249,7 +268,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
     return result
 
 
-def _run_static(strategy, args, ids, predictions, executors, device, progress):
+def _run_static(strategy, args, ids, predictions, executors, device, progress, caps=None):
     config = ScheduleConfig(
         batch_size=args.batch_size,
         group_size=args.group_size,
@@ -276,7 +295,9 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress):
         progress.update(done - progress.n)
 
     with Timer(device) as generation_timer:
-        record = run_schedule(ids, predictions, config, executors.run_batch, on_batch=advance, clock=time.perf_counter)
+        record = run_schedule(
+            ids, predictions, config, executors.run_batch, on_batch=advance, clock=time.perf_counter, caps=caps
+        )
     batches = [
         {
             "group": executed.batch.group,
@@ -453,6 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
             "prediction_batch_size": args.prediction_batch_size,
             "constant_length": args.constant_length,
             "gt_field": args.gt_field,
+            "predictor_path": args.predictor_path,
+            "predictor_device": resolve_device(args.device),
         },
     )
     predictors = {}

@@ -15,7 +15,7 @@ import argparse
 from .data import default_length_path, load_conversations, load_max_lengths, require_ids
 from .predictors import PREDICTORS, PredictorContext, build_predictor
 from .schedule import bucket_of
-from .utils import Timer, UserError, add_model_arguments, run_cli, write_json_atomic
+from .utils import Timer, UserError, add_model_arguments, resolve_device, run_cli, write_json_atomic
 
 DEFAULT_ADAPTER = "./ckpts/vicuna-response-length-perception-module"
 
@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
     parser.add_argument("--prediction-batch-size", type=int, default=128, help="prompts per prediction batch")
     parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
+    parser.add_argument(
+        "--predictor-path", default=None, help="folder of a proxy predictor (python -m src.train_proxy)"
+    )
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
     parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
     args = parser.parse_args(argv)
@@ -85,9 +88,14 @@ def main(argv: list[str] | None = None) -> dict:
     context = PredictorContext(
         max_length=args.max_length,
         length_path=args.length_path,
-        options={"prediction_batch_size": args.prediction_batch_size, "constant_length": args.constant_length},
+        options={
+            "prediction_batch_size": args.prediction_batch_size,
+            "constant_length": args.constant_length,
+            "predictor_path": args.predictor_path,
+            "predictor_device": resolve_device(args.device),
+        },
     )
-    device = "cpu"
+    device = context.options["predictor_device"] if args.strategy == "proxy" else "cpu"
     if PREDICTORS[args.strategy].needs_model:
         from .prompts import PromptFormatter, choose_template
         from .utils import load_model

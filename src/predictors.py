@@ -173,6 +173,39 @@ class InstructionTunedPredictor(GenerativePredictor):
             self.context.model.disable_adapter_layers()
 
 
+class ProxyPredictor(Predictor):
+    """`proxy`: a small encoder trained on the served model's lengths (python -m src.train_proxy); it reads each
+    prompt once, in batches, and gives the median length and upper quantiles (for FCR caps)."""
+
+    name = "proxy"
+
+    def __init__(self, context: PredictorContext):
+        super().__init__(context)
+        from .proxy import LoadedProxy
+
+        path = context.options.get("predictor_path")
+        if not path:
+            raise UserError("strategy proxy needs --predictor-path: a folder written by python -m src.train_proxy")
+        self.proxy = LoadedProxy(path, context.options.get("predictor_device") or "cpu")
+        self.quantile_rows: dict[str, list[float]] = {}
+
+    def predict_raw(self, samples):
+        batch_size = int(self.context.options.get("prediction_batch_size", 128))
+        rows = self.proxy.predict_quantiles([sample.prompt for sample in samples], batch_size)
+        self.quantile_rows = {sample.id: row for sample, row in zip(samples, rows, strict=True)}
+        return {sample_id: row[0] for sample_id, row in self.quantile_rows.items()}
+
+    def predict_quantile(self, samples: list[Sample], quantile: float) -> dict[str, int]:
+        """Each sample's `quantile` length, clamped; from the last predict() of the same samples."""
+        index = self.proxy.quantile_index(quantile)
+        if any(sample.id not in self.quantile_rows for sample in samples):
+            self.predict_raw(samples)
+        return {
+            sample.id: clamp_prediction(self.quantile_rows[sample.id][index], self.context.max_length)
+            for sample in samples
+        }
+
+
 PREDICTORS: dict[str, type[Predictor]] = {
     cls.name: cls
     for cls in (
@@ -181,6 +214,7 @@ PREDICTORS: dict[str, type[Predictor]] = {
         OraclePredictor,
         PerceptionOnlyPredictor,
         InstructionTunedPredictor,
+        ProxyPredictor,
     )
 }
 

@@ -80,13 +80,18 @@ def _chunks(items: list[str], size: int) -> list[list[str]]:
 
 
 def plan_first_batches(
-    ids: list[str], predictions: Mapping[str, int], config: ScheduleConfig, group: int = 0
+    ids: list[str],
+    predictions: Mapping[str, int],
+    config: ScheduleConfig,
+    group: int = 0,
+    caps: Mapping[str, int] | None = None,
 ) -> list[Batch]:
     """Batches for one group's first attempt.
 
     Sorted (stable) by prediction unless `config.sort` is off; cut into `batch_size` batches, or with VBS
     into per-bucket batches whose sizes follow the table. Under FCR a batch's cap is its largest prediction
-    (its bucket with VBS); without FCR every batch may run to `max_length`.
+    (its bucket with VBS), or, where `caps` gives each sample its own cap (an upper quantile of its
+    length), the largest cap of its members; without FCR every batch may run to `max_length`.
     """
     if not ids:
         return []
@@ -94,7 +99,7 @@ def plan_first_batches(
     batches: list[Batch] = []
     if not config.vbs:
         for members in _chunks(ordered, config.batch_size):
-            cap = max(predictions[sample_id] for sample_id in members) if config.fcr else config.max_length
+            cap = max((caps or predictions)[sample_id] for sample_id in members) if config.fcr else config.max_length
             batches.append(Batch(tuple(members), min(cap, config.max_length), group))
         return batches
 
@@ -111,8 +116,11 @@ def plan_first_batches(
         smallest_kept = max(size // 2, config.vbs_default_batch_size)
         if bucket < largest_prediction and len(pieces[-1]) < smallest_kept:
             carried = pieces.pop()  # too small to run alone: it moves up into the next non-empty bucket
-        cap = min(bucket, config.max_length) if config.fcr else config.max_length
-        batches.extend(Batch(tuple(piece), cap, group, bucket=bucket) for piece in pieces)
+        for piece in pieces:
+            cap = config.max_length
+            if config.fcr:
+                cap = min(bucket if caps is None else max(caps[sample_id] for sample_id in piece), config.max_length)
+            batches.append(Batch(tuple(piece), cap, group, bucket=bucket))
     return batches
 
 
@@ -193,6 +201,7 @@ def run_schedule(
     run_batch: RunBatch,
     on_batch: Callable[[ExecutedBatch, int], None] | None = None,
     clock: Callable[[], float] | None = None,
+    caps: Mapping[str, int] | None = None,
 ) -> RunRecord:
     """Run every group: its first batches, then (FCR) its failures again at max_length.
 
@@ -240,7 +249,7 @@ def run_schedule(
     for group, first in enumerate(range(0, len(ids), config.group_size)):
         group_ids = ids[first : first + config.group_size]
         failed: list[str] = []
-        for batch in plan_first_batches(group_ids, predictions, config, group):
+        for batch in plan_first_batches(group_ids, predictions, config, group, caps):
             failed.extend(execute(batch))
         for batch in plan_recompute(failed, config, group):
             execute(batch)

