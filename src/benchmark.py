@@ -20,6 +20,8 @@ from .schedule import (
     ContinuousRecord,
     ScheduleConfig,
     admission_order,
+    bucket_of,
+    clamp_prediction,
     compute_continuous_metrics,
     compute_metrics,
     final_batches,
@@ -122,6 +124,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
     parser.add_argument(
+        "--bucket-predictions",
+        action="store_true",
+        help="round every prediction up to its 50-token bucket, as the paper's trained predictor answers",
+    )
+    parser.add_argument(
         "--predictor-path", default=None, help="folder of a proxy predictor (python -m src.train_proxy)"
     )
     parser.add_argument(
@@ -217,6 +224,10 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
     caps = None
     with Timer(device) as prediction_timer:
         predictions = predictor.predict(samples)
+        if args.bucket_predictions:
+            predictions = {
+                key: clamp_prediction(bucket_of(value), args.max_length) for key, value in predictions.items()
+            }
         if strategy.fcr and args.fcr_quantile is not None:
             if not hasattr(predictor, "predict_quantile"):
                 raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")

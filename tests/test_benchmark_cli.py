@@ -247,3 +247,10 @@ def test_continuous_strategy_flags(small_data, capsys):
     capsys.readouterr()
     assert "do not apply" in run_and_expect_error(common + ["--strategies", "continuous+vbs"], capsys)
     assert "unknown predictor" in run_and_expect_error(common + ["--strategies", "continuous:nope"], capsys)
+
+
+def test_bucket_predictions_round_up_to_fifty(small_data):
+    data, lengths = small_data
+    common = ["--data-path", str(data), "--dry-run", "--replay-lengths", str(lengths), "--max-length", "60"]
+    output = benchmark.main(common + ["--strategy", "gt", "--gt-field", "L_t0.0", "--bucket-predictions"])
+    assert {sample["prediction"] for sample in output["results"][0]["samples"]} == {50}
