@@ -146,6 +146,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="no model: every sample ends at its --replay-lengths length; the same scheduler and metrics, in seconds",
     )
+    parser.add_argument(
+        "--inject-oom-above",
+        type=int,
+        default=None,
+        help="testing: raise an out-of-memory error for static batches above this size, to exercise the back-off",
+    )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
     args = parser.parse_args(argv)
@@ -175,14 +181,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug):
-    """The executor: one scheduled batch through `generate_batch`."""
-    from .generate import eos_token_ids_of, generate_batch
+def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug, fail_above=None):
+    """The executor: one scheduled batch through `generate_batch`, split in halves on out-of-memory errors
+    (counted in `run_batch.oom_splits`)."""
+    from .generate import eos_token_ids_of, generate_splitting_on_oom
 
     eos_token_ids = eos_token_ids_of(model, tokenizer)
 
+    def count_split():
+        run_batch.oom_splits += 1
+
     def run_batch(batch: Batch) -> BatchOutcome:
-        generated = generate_batch(
+        generated = generate_splitting_on_oom(
             model,
             tokenizer,
             [prompt_ids[sample_id] for sample_id in batch.ids],
@@ -190,6 +200,8 @@ def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug):
             temperature,
             [replay[sample_id] for sample_id in batch.ids] if replay is not None else None,
             eos_token_ids,
+            count_split,
+            fail_above,
         )
         outcome = BatchOutcome(
             {sample_id: sample.length for sample_id, sample in zip(batch.ids, generated, strict=True)},
@@ -202,6 +214,7 @@ def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug):
             print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
         return outcome
 
+    run_batch.oom_splits = 0
     return run_batch
 
 
@@ -233,6 +246,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
                 raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
             caps = predictor.predict_quantile(samples, args.fcr_quantile)
     ids = [sample.id for sample in samples]
+    splits_before = getattr(executors.run_batch, "oom_splits", 0)
     with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False) as progress:
         if strategy.continuous:
             batches, sample_rows, metrics, seconds = _run_continuous(
@@ -256,6 +270,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
         "prediction_time_s": prediction_timer.seconds,
         "generation_time_s": generation_seconds,
         "unparsable_predictions": getattr(predictor, "unparsable", 0),
+        "oom_splits": getattr(executors.run_batch, "oom_splits", 0) - splits_before,
         "generated_tokens_per_s": metrics["generated_tokens"] / generation_seconds,
         "token_slots_per_s": metrics["token_slots"] / generation_seconds,
         "batch_size": args.batch_size,
@@ -437,7 +452,9 @@ def prepare_model(args, samples, replay, context):
     )
     if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
         generate_batch(model, tokenizer, [prompt_ids[samples[0].id]], 2, args.temperature)
-    run_batch = make_run_batch(model, tokenizer, prompt_ids, args.temperature, replay, args.debug)
+    run_batch = make_run_batch(
+        model, tokenizer, prompt_ids, args.temperature, replay, args.debug, args.inject_oom_above
+    )
 
     def run_continuous(order, on_result):
         from .continuous import run_continuous as run_on_engine

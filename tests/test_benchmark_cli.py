@@ -254,3 +254,18 @@ def test_bucket_predictions_round_up_to_fifty(small_data):
     common = ["--data-path", str(data), "--dry-run", "--replay-lengths", str(lengths), "--max-length", "60"]
     output = benchmark.main(common + ["--strategy", "gt", "--gt-field", "L_t0.0", "--bucket-predictions"])
     assert {sample["prediction"] for sample in output["results"][0]["samples"]} == {50}
+
+
+def test_out_of_memory_back_off_changes_no_result(tiny_model_dir, small_data, tmp_path):
+    """A batch that raises the real torch.OutOfMemoryError is split and retried; lengths, texts and every token
+    figure equal the unsplit run's, and the splits are counted."""
+    data, lengths = small_data
+    strategies = ["--strategies", "vanilla", "gt+vbs+fcr", "--vbs-table", "50:4", "--batch-size", "4"]
+    plain = benchmark.main(base_args(tiny_model_dir, data, lengths, tmp_path / "plain.json") + strategies)
+    split = benchmark.main(
+        base_args(tiny_model_dir, data, lengths, tmp_path / "split.json") + strategies + ["--inject-oom-above", "1"]
+    )
+    for plain_result, split_result in zip(plain["results"], split["results"], strict=True):
+        assert plain_result["oom_splits"] == 0 and split_result["oom_splits"] > 0
+        for field in ("samples", "token_slots", "generated_tokens", "effective_token_ratio", "failure_ratio"):
+            assert plain_result[field] == split_result[field]
