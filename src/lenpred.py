@@ -82,7 +82,10 @@ def read_partial(path: Path, identity: dict) -> dict[str, dict]:
 
 def append_rows(path: Path, rows: list[dict], header: dict | None) -> None:
     """Append whole lines and fsync, so a kill loses at most the batch being generated."""
+    cut_short = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with open(path, "a", encoding="utf-8") as handle:
+        if cut_short:  # end a line a kill cut short, so the rows below start on lines of their own
+            handle.write("\n")
         if header is not None:
             handle.write(json.dumps(header) + "\n")
         for row in rows:

@@ -50,3 +50,46 @@ def test_refuses_partial_file_of_other_arguments(tiny_model_dir, small_data, tmp
     lenpred.partial_path(str(output)).write_text(json.dumps({"run": {"max_length": 1}}) + "\n")
     with pytest.raises(UserError, match="other arguments"):
         lenpred.main(args_for(tiny_model_dir, data, output))
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_file(tiny_model_dir, tmp_path):
+    """SIGKILL mid-run, start again with the same arguments: the final file equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from .conftest import write_json
+
+    conversations = [
+        {"id": f"k{index}", "conversations": [{"from": "human", "value": f"Count to {index} in words, please."}]}
+        for index in range(40)
+    ]
+    data = write_json(tmp_path / "many.json", conversations)
+    project = Path(__file__).resolve().parents[1]
+
+    def command(output):
+        flags = cli_args(model=tiny_model_dir, device="cpu", data_path=data, output_path=output, max_length=48)
+        return [sys.executable, "-m", "src.lenpred", *flags, "--batch-size", "2", "--temperatures", "0.0", "0.7"]
+
+    reference = tmp_path / "reference.json"
+    subprocess.run(command(reference), cwd=project, check=True, capture_output=True)
+
+    output = tmp_path / "killed.json"
+    side = lenpred.partial_path(str(output))
+    process = subprocess.Popen(command(output), cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if side.is_file() and side.read_text().count("\n") >= 5:  # the header and a few finished rows
+            break
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    if output.exists():
+        pytest.skip("the run finished before it could be killed")
+    assert process.returncode == -signal.SIGKILL and side.is_file()
+    subprocess.run(command(output), cwd=project, check=True, capture_output=True)
+    assert json.loads(output.read_text()) == json.loads(reference.read_text())
+    assert not side.exists()
