@@ -1,9 +1,10 @@
 """`--vbs-table auto`: a variable-batch-size table fitted to the device instead of the paper's A100 table.
 
 The paper's table (50:256 ... 300:16) pays off where a decode step costs about the same for 16 or 256
-sequences (a GPU whose steps are bound by reading the weights). On a CPU a token slot costs about the same
-at any batch size, so large short-bucket batches only add padding. A short calibration measures what a
-decode step costs here, and the table is chosen to minimise the estimated time of the schedule.
+sequences and memory caps the long buckets (Vicuna-7B on an A100). Elsewhere the curve of step cost
+against batch size and context differs (on a 2-core CPU a slot at 64 rows costs about half of one at
+16, and large batches pad more), so a short calibration measures what a decode step costs here, and the
+table is chosen to minimise the estimated time of the schedule.
 
 The calibration is the only part that touches the device; the cost model and the choice are pure.
 """
