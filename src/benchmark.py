@@ -43,7 +43,7 @@ class Strategy:
     predictor: str
     vbs: bool = False
     fcr: bool = False
-    continuous: bool = False  # iteration-level batching; predictor None is FCFS admission
+    continuous: bool = False  # iteration-level batching; with predictor vanilla, admission in data order
 
     @property
     def label(self) -> str:
@@ -184,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug, fail_above=None):
     """The executor: one scheduled batch through `generate_batch`, split in halves on out-of-memory errors
     (counted in `run_batch.oom_splits`)."""
-    from .generate import eos_token_ids_of, generate_splitting_on_oom
+    from .generate import eos_token_ids_of, generate_batch, generate_splitting_on_oom
 
     eos_token_ids = eos_token_ids_of(model, tokenizer)
 
@@ -193,13 +193,11 @@ def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug, fai
 
     def run_batch(batch: Batch) -> BatchOutcome:
         generated = generate_splitting_on_oom(
-            model,
-            tokenizer,
+            lambda prompts, lengths: generate_batch(
+                model, tokenizer, prompts, batch.max_new_tokens, temperature, lengths, eos_token_ids
+            ),
             [prompt_ids[sample_id] for sample_id in batch.ids],
-            batch.max_new_tokens,
-            temperature,
             [replay[sample_id] for sample_id in batch.ids] if replay is not None else None,
-            eos_token_ids,
             count_split,
             fail_above,
         )
@@ -249,14 +247,13 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
     splits_before = getattr(executors.run_batch, "oom_splits", 0)
     with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False) as progress:
         if strategy.continuous:
-            batches, sample_rows, metrics, seconds = _run_continuous(
+            batches, sample_rows, metrics, seconds, generation_seconds = _run_continuous(
                 strategy, args, ids, predictions, executors, device, replay, progress
             )
         else:
-            batches, sample_rows, metrics, seconds = _run_static(
+            batches, sample_rows, metrics, seconds, generation_seconds = _run_static(
                 strategy, args, ids, predictions, executors, device, progress, caps
             )
-    generation_seconds = seconds.pop(None)
     wall = prediction_timer.seconds + generation_seconds
     result = {
         "strategy": strategy.label,
@@ -340,7 +337,6 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
     final = final_batches(record)
     sample_rows = {sample_id: _sample_fields(result) for sample_id, result in record.results.items()}
     seconds = {sample_id: executed.elapsed_s for sample_id, (_, executed) in final.items()}
-    seconds[None] = generation_timer.seconds
     metrics = compute_metrics(record)
     if config.vbs:
         metrics["vbs_table"] = {str(bucket): size for bucket, size in sorted(config.vbs_table.items())}
@@ -348,7 +344,7 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
     elif strategy.vbs:  # auto chose plain sorting
         metrics["vbs_table"] = None
         metrics["sorted_batch_size"] = config.batch_size
-    return batches, sample_rows, metrics, seconds
+    return batches, sample_rows, metrics, seconds, generation_timer.seconds
 
 
 def _run_continuous(strategy, args, ids, predictions, executors, device, replay, progress):
@@ -365,7 +361,6 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
             modelled = simulate_continuous(ordered, outcome.lengths, args.slots, args.max_length)
             record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, args.slots)
             seconds = dict(outcome.finish_seconds)
-    seconds[None] = generation_timer.seconds
     sample_rows = {
         sample_id: {
             "length": record.lengths[sample_id],
@@ -376,7 +371,7 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
         }
         for position, sample_id in enumerate(ordered)
     }
-    return [], sample_rows, compute_continuous_metrics(record), seconds
+    return [], sample_rows, compute_continuous_metrics(record), seconds, generation_timer.seconds
 
 
 def _sample_fields(result) -> dict:
@@ -477,7 +472,7 @@ def prepare_model(args, samples, replay, context):
     if args.vbs_table_parsed is None and any(strategy.vbs for strategy in args.strategy_list):
         from .vbs_auto import describe, timed_calibration
 
-        # a CPU's slot cost is flat well before 64 sequences, and larger prefills there take minutes
+        # on a CPU the calibration's prefills of more than 64 rows take minutes; larger sizes are extrapolated
         largest = max(CANDIDATE_BATCH_SIZES) if model.device.type == "cuda" else 64
         step_costs, seconds = timed_calibration(model, device, largest, round(mean_prompt_length) + args.max_length)
         args.vbs_calibration = step_costs.to_json() | {"seconds": seconds}

@@ -110,24 +110,17 @@ def generate_batch(
 
 
 def generate_splitting_on_oom(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    replay_lengths: list[int] | None = None,
-    eos_token_ids: list[int] | None = None,
-    on_split=None,
-    fail_above: int | None = None,
+    generate, prompts: list[list[int]], replay_lengths: list[int] | None, on_split=None, fail_above: int | None = None
 ) -> list[GeneratedSample]:
-    """`generate_batch`, but a batch that runs out of device memory (VBS batches reach 256 rows) is split in
-    halves that run one after the other; `on_split()` is called for each split. The same prompts are generated
-    with the same caps and replayed lengths, so greedy and replayed results do not change. `fail_above` raises
-    the real OutOfMemoryError for batches larger than it: a fault-injection switch for tests."""
+    """`generate(prompts, replay_lengths)` (a `generate_batch` with the other arguments bound), but a batch that
+    runs out of device memory (VBS batches reach 256 rows) is split in halves that run one after the other;
+    `on_split()` is called for each split. The same prompts run with the same caps and replayed lengths, so
+    greedy and replayed results do not change. `fail_above` raises the real OutOfMemoryError for batches
+    larger than it: a fault-injection switch for tests."""
     try:
         if fail_above is not None and len(prompts) > fail_above:
             raise torch.OutOfMemoryError(f"injected: a batch of {len(prompts)} rows is over {fail_above}")
-        return generate_batch(model, tokenizer, prompts, max_new_tokens, temperature, replay_lengths, eos_token_ids)
+        return generate(prompts, replay_lengths)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -137,16 +130,7 @@ def generate_splitting_on_oom(
             on_split()
         half = len(prompts) // 2
         results = []
-        for start, end in ((0, half), (half, len(prompts))):
-            results += generate_splitting_on_oom(
-                model,
-                tokenizer,
-                prompts[start:end],
-                max_new_tokens,
-                temperature,
-                replay_lengths[start:end] if replay_lengths is not None else None,
-                eos_token_ids,
-                on_split,
-                fail_above,
-            )
+        for part in (slice(0, half), slice(half, len(prompts))):
+            part_lengths = replay_lengths[part] if replay_lengths is not None else None
+            results += generate_splitting_on_oom(generate, prompts[part], part_lengths, on_split, fail_above)
         return results

@@ -71,17 +71,23 @@ def encode_example(formatter, human: str, answer: str, end_token_id: int, max_le
     return {"input_ids": prompt_ids + answer_ids, "prompt_length": len(prompt_ids)}
 
 
+def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training batches: each row starts at column 0, padding and a zero mask after it."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, T]
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
+
+
 class AnswerOnlyCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
-        width = max(len(example["input_ids"]) for example in examples)
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)  # [B, T]
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, T]
-        for row, example in enumerate(examples):
-            input_ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
-            attention_mask[row, : len(example["input_ids"])] = 1
+        input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
         labels = build_labels(input_ids, attention_mask, [example["prompt_length"] for example in examples])
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

@@ -43,12 +43,9 @@ class PaddingCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
-        width = max(len(example["input_ids"]) for example in examples)
-        input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)  # [B, S]
-        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)  # [B, S]
-        for row, example in enumerate(examples):
-            input_ids[row, : len(example["input_ids"])] = torch.tensor(example["input_ids"])
-            attention_mask[row, : len(example["input_ids"])] = 1
+        from .train_lora import right_pad
+
+        input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
         labels = torch.tensor([example["labels"] for example in examples], dtype=torch.float32)  # [B]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

@@ -6,7 +6,7 @@ import pytest
 
 from src import benchmark
 from src.schedule import PAPER_VBS_TABLE, ScheduleConfig, plan_first_batches
-from src.vbs_auto import StepCosts, choose_schedule, estimate_seconds
+from src.vbs_auto import CANDIDATE_BATCH_SIZES, StepCosts, choose_schedule, estimate_seconds
 
 from .test_benchmark_cli import base_args
 from .test_schedule import random_case
@@ -62,5 +62,9 @@ def test_benchmark_with_auto_table(tiny_model_dir, small_data, tmp_path):
     output = benchmark.main(argv + ["--strategies", "gt+vbs+fcr", "--vbs-table", "auto", "--no-warmup"])
     result = output["results"][0]
     assert result["num_samples"] == 6
-    assert set(result["vbs_table"]) == {"50"} if result["vbs_table"] else result["sorted_batch_size"] >= 1
+    # every prediction of this tiny run lies in the 50 bucket: either a table for it, or plain sorting
+    if result["vbs_table"] is not None:
+        assert set(result["vbs_table"]) == {"50"}
+    else:
+        assert result["sorted_batch_size"] in CANDIDATE_BATCH_SIZES
     assert output["args"]["vbs_calibration"]["base_seconds_per_step"]["1"] > 0
