@@ -7,16 +7,22 @@ Output rows: {id, L_gt, L_t0.0, L_t0.3, L_t0.5, L_t0.7}, one per id, in data ord
 dataset's reference answer with the tokenizer (special tokens included, as upstream); L_tT counts the
 generated tokens up to and including EOS. Finished batches go to `<output>.partial.jsonl` as they finish,
 so an interrupted run started again with the same arguments resumes where it stopped.
+
+Under torchrun or `accelerate launch` with K processes, process r takes batches r, r + K, ... and appends to
+`<output>.partial.rank<r>.jsonl`; a run resumes from every partial file whatever K it ran with, and the main
+process writes the one length file when all are done.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 from pathlib import Path
 
 from .data import TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
+from .distributed import Processes, start_processes
 from .utils import UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
 
 
@@ -40,8 +46,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def partial_path(output_path: str) -> Path:
-    return Path(f"{output_path}.partial.jsonl")
+def partial_path(output_path: str, processes: Processes | None = None) -> Path:
+    """Where this process appends its finished rows: one file per process, so that no two write the same file."""
+    if processes is None or not processes.distributed:
+        return Path(f"{output_path}.partial.jsonl")
+    return Path(f"{output_path}.partial.rank{processes.rank}.jsonl")
+
+
+def partial_paths(output_path: str) -> list[Path]:
+    """Every partial file of this output, whichever number of processes wrote it."""
+    single = Path(f"{output_path}.partial.jsonl")
+    ranked = sorted(single.parent.glob(f"{glob.escape(single.name[: -len('.jsonl')])}.rank*.jsonl"))
+    return [path for path in [single, *ranked] if path.is_file()]
 
 
 def run_identity(args: argparse.Namespace) -> dict:
@@ -58,11 +74,13 @@ def run_identity(args: argparse.Namespace) -> dict:
     }
 
 
-def read_partial(path: Path, identity: dict) -> dict[str, dict]:
-    """Rows finished by an earlier run; a line cut short by a kill is dropped (its batch runs again)."""
+def read_partial(path: Path, identity: dict) -> tuple[dict[str, dict], bool]:
+    """Rows finished by an earlier run, and whether the file starts with its header; a line cut short by a
+    kill is dropped (its batch runs again)."""
     if not path.is_file():
-        return {}
+        return {}, False
     rows = {}
+    has_header = False
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     for number, line in enumerate(lines):
@@ -75,8 +93,17 @@ def read_partial(path: Path, identity: dict) -> dict[str, dict]:
                 raise UserError(
                     f"{path} was written by a run with other arguments; rerun with those, or delete it to start over"
                 )
+            has_header = True
             continue
         rows[str(record["id"])] = record
+    return rows, has_header
+
+
+def read_partials(output_path: str, identity: dict) -> dict[str, dict]:
+    """The finished rows of every partial file of this output."""
+    rows: dict[str, dict] = {}
+    for path in partial_paths(output_path):
+        rows.update(read_partial(path, identity)[0])
     return rows
 
 
@@ -96,53 +123,74 @@ def append_rows(path: Path, rows: list[dict], header: dict | None) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    processes = start_processes(args.device)
+    args.device = processes.device(args.device)
     samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
     identity = run_identity(args)
-    side_file = partial_path(args.output_path)
-    done = read_partial(side_file, identity)
+    done = read_partials(args.output_path, identity)
+    processes.wait()  # every process has read the same partial files before any appends to its own
     todo = [sample for sample in samples if sample.id not in done]
-    if done:
-        print(f"resuming: {len(done)} of {len(samples)} samples already in {side_file}")
+    if done and processes.is_main:
+        print(f"resuming: {len(done)} of {len(samples)} samples already in {args.output_path}.partial*.jsonl")
+    # whole batches are shared out, so a batch holds the same prompts whatever the number of processes
+    batches = processes.share([todo[start : start + args.batch_size] for start in range(0, len(todo), args.batch_size)])
 
-    if todo:
-        from tqdm import tqdm
+    if batches:
+        generate_lengths(args, batches, processes, identity, initial=len(done))
+    processes.wait()
 
-        from .generate import eos_token_ids_of, generate_batch
-        from .prompts import PromptFormatter, choose_template
-        from .utils import load_model
-
-        model, tokenizer, model_path = load_model(args.model, args.device, args.dtype, None, args.load_format)
-        formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
-        eos_token_ids = eos_token_ids_of(model, tokenizer)
-        header = None if side_file.is_file() and done else {"run": identity}
-        if header is not None and side_file.exists():
-            side_file.unlink()  # a header and no finished rows (or half a header): start the file afresh
-        with tqdm(total=len(samples), initial=len(done), desc="lenpred", unit="sample") as progress:
-            for start in range(0, len(todo), args.batch_size):
-                batch = todo[start : start + args.batch_size]
-                prompts = [formatter.encode(sample.prompt) for sample in batch]
-                rows = [
-                    {"id": sample.id, "L_gt": len(tokenizer(sample.reference).input_ids) if sample.reference else 0}
-                    for sample in batch
-                ]
-                for temperature in args.temperatures:
-                    set_seed(args.seed)  # the same batch gets the same draws when a run resumes
-                    generated = generate_batch(
-                        model, tokenizer, prompts, args.max_length, temperature, eos_token_ids=eos_token_ids
-                    )
-                    for row, sample in zip(rows, generated, strict=True):
-                        row[length_field(temperature)] = sample.length
-                append_rows(side_file, rows, header)
-                header = None
-                done.update({row["id"]: row for row in rows})
-                progress.update(len(batch))
-
+    if not processes.is_main:
+        return []
+    done = read_partials(args.output_path, identity)  # the rows every process wrote
+    missing = [sample.id for sample in samples if sample.id not in done]
+    if missing:  # a process stopped without its rows: run again with the same arguments to resume
+        raise RuntimeError(f"{len(missing)} samples have no row in the partial files, e.g. {missing[0]}")
     fields = ["id", "L_gt"] + [length_field(temperature) for temperature in args.temperatures]
     table = [{field: done[sample.id][field] for field in fields} for sample in samples]
     write_json_atomic(args.output_path, table)
-    side_file.unlink(missing_ok=True)
+    for path in partial_paths(args.output_path):
+        path.unlink(missing_ok=True)
     print(f"wrote {len(table)} rows to {args.output_path}")
     return table
+
+
+def generate_lengths(args, batches, processes: Processes, identity: dict, initial: int) -> None:
+    """Generate this process's batches at every temperature, appending each finished batch to its partial file."""
+    from tqdm import tqdm
+
+    from .generate import eos_token_ids_of, generate_batch
+    from .prompts import PromptFormatter, choose_template
+    from .utils import load_model
+
+    model, tokenizer, model_path = load_model(args.model, args.device, args.dtype, None, args.load_format)
+    formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
+    eos_token_ids = eos_token_ids_of(model, tokenizer)
+    side_file = partial_path(args.output_path, processes)
+    _, has_header = read_partial(side_file, identity)
+    header = None if has_header else {"run": identity}
+    if header is not None and side_file.exists():
+        side_file.unlink()  # half a header and nothing else: start the file afresh
+    mine = sum(len(batch) for batch in batches)
+    # one bar: the main process's share (the others' shares are the same size to within a batch)
+    total, start = (mine, 0) if processes.distributed else (initial + mine, initial)
+    description = f"lenpred (process 0 of {processes.count})" if processes.distributed else "lenpred"
+    with tqdm(total=total, initial=start, desc=description, unit="sample", disable=not processes.is_main) as progress:
+        for batch in batches:
+            prompts = [formatter.encode(sample.prompt) for sample in batch]
+            rows = [
+                {"id": sample.id, "L_gt": len(tokenizer(sample.reference).input_ids) if sample.reference else 0}
+                for sample in batch
+            ]
+            for temperature in args.temperatures:
+                set_seed(args.seed)  # the same batch gets the same draws when a run resumes
+                generated = generate_batch(
+                    model, tokenizer, prompts, args.max_length, temperature, eos_token_ids=eos_token_ids
+                )
+                for row, sample in zip(rows, generated, strict=True):
+                    row[length_field(temperature)] = sample.length
+            append_rows(side_file, rows, header)
+            header = None
+            progress.update(len(batch))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +42,10 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     except KeyboardInterrupt:
         print("interrupted: finished outputs were kept, partial ones were not written", file=sys.stderr)
         sys.exit(130)
+    finally:
+        from .distributed import end_processes
+
+        end_processes()
 
 
 # --------------------------------------------------------------------------- JSON files
@@ -216,7 +221,12 @@ def convert_smollm2(target: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(staging)  # another process (of a data-parallel launch) converted it first
     return target
 
 

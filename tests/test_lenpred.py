@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,92 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_file(tiny_model_dir, tmp_
     subprocess.run(command(output), cwd=project, check=True, capture_output=True)
     assert json.loads(output.read_text()) == json.loads(reference.read_text())
     assert not side.exists()
+
+
+def many_prompts(tmp_path, count=40):
+    """Prompts whose reference answers differ in length, so a row given to the wrong id shows in L_gt."""
+    from .conftest import write_json
+
+    conversations = [
+        {
+            "id": f"k{index}",
+            "conversations": [
+                {"from": "human", "value": f"Count to {index} in words, please."},
+                {"from": "gpt", "value": " ".join(["word"] * (index + 1))},
+            ],
+        }
+        for index in range(count)
+    ]
+    return write_json(tmp_path / "many.json", conversations)
+
+
+def test_two_processes_write_the_single_process_file(eos_model_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the same rows, ids and lengths as one process, and no partial files."""
+    import sys
+
+    from .conftest import run_command, torchrun
+
+    data = many_prompts(tmp_path, 24)
+    flags = cli_args(model=eos_model_dir, device="cpu", data_path=data, max_length=16, batch_size=4)
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    run_command([sys.executable, "-m", "src.lenpred", *flags, "--output-path", str(one)])
+    run_command(torchrun("src.lenpred", [*flags, "--output-path", str(two)]))
+    rows = json.loads(one.read_text())
+    assert json.loads(two.read_text()) == rows
+    assert len({row["L_gt"] for row in rows}) == 24 and len({row["L_t0.0"] for row in rows}) > 1
+    assert lenpred.partial_paths(str(two)) == []
+
+
+def test_a_single_process_resumes_from_the_partial_files_of_two(tiny_model_dir, small_data, tmp_path):
+    data, _ = small_data
+    output = tmp_path / "lengths.json"
+    argv = args_for(tiny_model_dir, data, output)
+    header = json.dumps({"run": lenpred.run_identity(lenpred.parse_args(argv))}) + "\n"
+    kept = {
+        "a": {"id": "a", "L_gt": 91, "L_t0.0": 1, "L_t0.3": 2, "L_t0.5": 3, "L_t0.7": 4},
+        "d": {"id": "d", "L_gt": 92, "L_t0.0": 4, "L_t0.3": 3, "L_t0.5": 2, "L_t0.7": 1},
+    }
+    for rank, sample_id in enumerate(kept):
+        Path(f"{output}.partial.rank{rank}.jsonl").write_text(header + json.dumps(kept[sample_id]) + "\n")
+    lenpred.main(argv)
+    rows = {row["id"]: row for row in json.loads(output.read_text())}
+    assert list(rows) == list(SMALL_LENGTHS)
+    assert rows["a"] == kept["a"] and rows["d"] == kept["d"]
+    assert lenpred.partial_paths(str(output)) == []
+
+
+def test_two_processes_killed_with_sigkill_resume_to_the_same_file(eos_model_dir, tmp_path):
+    """SIGKILL the launcher and both workers mid-run, launch again: the file equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import PROJECT, run_command, torchrun
+
+    data = many_prompts(tmp_path)
+    flags = cli_args(model=eos_model_dir, device="cpu", data_path=data, max_length=48, batch_size=2)
+    flags += ["--temperatures", "0.0", "0.7"]
+    reference = tmp_path / "reference.json"
+    run_command([sys.executable, "-m", "src.lenpred", *flags, "--output-path", str(reference)])
+
+    output = tmp_path / "killed.json"
+    command = torchrun("src.lenpred", [*flags, "--output-path", str(output)])
+    process = subprocess.Popen(
+        command, cwd=PROJECT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        written = [path.read_text().count("\n") for path in lenpred.partial_paths(str(output))]
+        if len(written) == 2 and min(written) >= 3:  # both processes have finished a batch or more
+            break
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, as a node failure would
+    process.wait()
+    if output.exists():
+        pytest.skip("the run finished before it could be killed")
+    assert len(lenpred.partial_paths(str(output))) == 2
+    run_command(command)
+    assert json.loads(output.read_text()) == json.loads(reference.read_text())
+    assert lenpred.partial_paths(str(output)) == []
