@@ -3,6 +3,11 @@
     python -m src.benchmark --num-data 1024 --strategy gt --vbs --fcr          # the paper's command
     python -m src.benchmark --model smollm2-135m --data-path data/demo.json \\
         --strategies vanilla gt gt+vbs+fcr                                     # several, one table
+
+Under torchrun or `accelerate launch` with K processes, process r runs groups r, r + K, ... (each group is
+scheduled exactly as in one process) and the main process merges the results: token slots, tokens and failures
+add up, latency comes from every sample's own finish time, and throughput is all samples over the slowest
+process's wall time.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .data import default_length_path, load_conversations, load_length_file, require_ids, select_samples
+from .distributed import Processes, start_processes
 from .predictors import PREDICTORS, PredictorContext, build_predictor
 from .schedule import (
     PAPER_VBS_TABLE,
@@ -227,8 +233,9 @@ class Executors:
     mean_prompt_length: float = 0.0
 
 
-def run_strategy(strategy, args, samples, predictor, executors, device, replay=None) -> dict:
-    """Predict, schedule and generate for one strategy; returns its result object."""
+def run_strategy(strategy, args, samples, predictor, executors, device, replay=None, show=True) -> dict:
+    """Predict, schedule and generate for one strategy; returns its result object. `show` off keeps the
+    progress bar and notes of a process that is not the main one off the terminal."""
     from tqdm import tqdm
 
     set_seed(args.seed)  # sampling runs repeat exactly, whatever ran before
@@ -245,15 +252,18 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
             caps = predictor.predict_quantile(samples, args.fcr_quantile)
     ids = [sample.id for sample in samples]
     splits_before = getattr(executors.run_batch, "oom_splits", 0)
-    with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False) as progress:
+    with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False, disable=not show) as progress:
         if strategy.continuous:
             batches, sample_rows, metrics, seconds, generation_seconds = _run_continuous(
                 strategy, args, ids, predictions, executors, device, replay, progress
             )
         else:
             batches, sample_rows, metrics, seconds, generation_seconds = _run_static(
-                strategy, args, ids, predictions, executors, device, progress, caps
+                strategy, args, ids, predictions, executors, device, progress, caps, show
             )
+    if not args.dry_run:  # a sample's latency: its finish time since the run (prediction included) began
+        for sample_id, value in seconds.items():
+            sample_rows[sample_id]["latency_s"] = prediction_timer.seconds + value
     wall = prediction_timer.seconds + generation_seconds
     result = {
         "strategy": strategy.label,
@@ -277,6 +287,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
         "temperature": args.temperature,
         "seed": args.seed,
         "dry_run": args.dry_run,  # times then measure the scheduler alone, not generation
+        "processes": 1,
         "batches": batches,
         "fcr_quantile": args.fcr_quantile if caps is not None else None,
         "samples": [
@@ -286,12 +297,12 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
             for sample_id in ids
         ],
     }
-    if not args.dry_run:  # a sample's latency: its finish time since the run (prediction included) began
-        result.update(latency_metrics({key: prediction_timer.seconds + value for key, value in seconds.items()}, "s"))
+    if not args.dry_run:
+        result.update(latency_metrics({row["id"]: row["latency_s"] for row in result["samples"]}, "s"))
     return result
 
 
-def _run_static(strategy, args, ids, predictions, executors, device, progress, caps=None):
+def _run_static(strategy, args, ids, predictions, executors, device, progress, caps=None, show=True):
     config = ScheduleConfig(
         batch_size=args.batch_size,
         group_size=args.group_size,
@@ -305,13 +316,13 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
         from .vbs_auto import choose_schedule
 
         config = choose_schedule(ids, predictions, config, executors.step_costs, executors.mean_prompt_length)
-        if config.vbs:
+        if show and config.vbs:
             chosen = ",".join(f"{bucket}:{size}" for bucket, size in sorted(config.vbs_table.items()))
             print(
                 f"vbs auto for {strategy.label}: {chosen} "
                 f"(a remainder under max(size // 2, {config.vbs_default_batch_size}) moves up)"
             )
-        else:
+        elif show:
             print(f"vbs auto for {strategy.label}: no table beats plain sorting, batches of {config.batch_size}")
 
     def advance(_batch, done):
@@ -335,7 +346,10 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
         for executed in record.batches
     ]
     final = final_batches(record)
-    sample_rows = {sample_id: _sample_fields(result) for sample_id, result in record.results.items()}
+    sample_rows = {
+        sample_id: _sample_fields(result) | {"latency_steps": final[sample_id][0]}
+        for sample_id, result in record.results.items()
+    }
     seconds = {sample_id: executed.elapsed_s for sample_id, (_, executed) in final.items()}
     metrics = compute_metrics(record)
     if config.vbs:
@@ -368,6 +382,7 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
             "recomputed": False,
             "first_cap": args.max_length,
             "admitted": position,
+            "latency_steps": record.finish_steps[sample_id],
         }
         for position, sample_id in enumerate(ordered)
     }
@@ -378,6 +393,68 @@ def _sample_fields(result) -> dict:
     fields = asdict(result)
     del fields["id"], fields["text"]
     return fields
+
+
+# Counts that add up over processes; every ratio is recomputed from the sums.
+ADDITIVE_FIELDS = (
+    "num_samples",
+    "num_batches",
+    "decode_steps",
+    "token_slots",
+    "generated_tokens",
+    "recomputed_samples",
+    "oom_splits",
+    "unparsable_predictions",
+)
+# Fields of the schedule that a process may choose for itself (VBS auto sees only its own groups).
+PER_PROCESS_FIELDS = ("vbs_table", "vbs_default_batch_size", "sorted_batch_size")
+
+
+def merge_process_results(results: list[dict], ids: list[str]) -> dict:
+    """One strategy's result from the results of K processes that ran disjoint groups side by side.
+
+    Counts add; ratios are recomputed from them. The processes started together, so the run took as long
+    as its slowest process: throughput is all samples over that wall time, and prediction and generation
+    time are that process's. Latency comes from every sample's own finish time on its process's clock, so
+    it falls as processes are added, as a user's waiting time would. Samples come back in `ids` order.
+    """
+    if len(results) == 1:
+        return results[0]
+    merged = dict(results[0])
+    for name in ADDITIVE_FIELDS:
+        merged[name] = sum(result[name] for result in results)
+    rows = {row["id"]: row | {"process": rank} for rank, result in enumerate(results) for row in result["samples"]}
+    if sorted(rows) != sorted(ids) or sum(len(result["samples"]) for result in results) != len(ids):
+        raise RuntimeError("the processes' samples do not cover every id exactly once")
+    merged["samples"] = [rows[sample_id] for sample_id in ids]
+    # a process numbers its own groups 0, 1, ...; its group g is the run's group g * K + rank (share_groups)
+    merged["batches"] = [
+        batch | {"group": batch["group"] * len(results) + rank, "process": rank}
+        for rank, result in enumerate(results)
+        for batch in result["batches"]
+    ]
+    count, token_slots = merged["num_samples"], merged["token_slots"]
+    merged["average_length"] = token_slots / count
+    merged["effective_token_ratio"] = merged["generated_tokens"] / token_slots if token_slots else 0.0
+    merged["failure_ratio"] = merged["recomputed_samples"] / count
+    merged["truncated_ratio"] = sum(not row["finished"] for row in merged["samples"]) / count
+    slowest = max(results, key=lambda result: result["wall_time_s"])
+    for name in ("wall_time_s", "prediction_time_s", "generation_time_s"):
+        merged[name] = slowest[name]
+    merged["throughput_samples_per_s"] = count / slowest["wall_time_s"]
+    generation_seconds = max(result["generation_time_s"] for result in results)
+    merged["generated_tokens_per_s"] = merged["generated_tokens"] / generation_seconds
+    merged["token_slots_per_s"] = token_slots / generation_seconds
+    for unit in ("steps", "s"):
+        if f"mean_latency_{unit}" in merged:
+            merged.update(latency_metrics({row["id"]: row[f"latency_{unit}"] for row in merged["samples"]}, unit))
+    for name in PER_PROCESS_FIELDS:
+        values = [result.get(name) for result in results]
+        if any(value != values[0] for value in values):
+            merged[name] = values  # one entry per process
+    merged["processes"] = len(results)
+    merged["process_wall_times_s"] = [result["wall_time_s"] for result in results]
+    return merged
 
 
 def print_result(result: dict) -> None:
@@ -430,8 +507,10 @@ def print_table(results: list[dict]) -> None:
         )
 
 
-def prepare_model(args, samples, replay, context):
-    """Load the model, give it to the predictors that need one, and build the generation executor."""
+def prepare_model(args, samples, replay, context, processes=None):
+    """Load the model, give it to the predictors that need one, and build the generation executor.
+    Under several processes each prepares its own samples and the main one calibrates VBS auto for all."""
+    processes = processes or Processes()
     from .generate import generate_batch
     from .prompts import PromptFormatter, choose_template
     from .utils import load_model
@@ -441,10 +520,13 @@ def prepare_model(args, samples, replay, context):
     formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
     context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
     prompt_ids = {sample.id: formatter.encode(sample.prompt) for sample in samples}
-    print(
-        f"model: {model_path} on {device} ({next(model.parameters()).dtype}), template {formatter.template}, "
-        f"{len(samples)} samples from {args.data_path}" + (f", replaying {args.replay_field}" if replay else "")
-    )
+    if processes.is_main:
+        print(
+            f"model: {model_path} on {device} ({next(model.parameters()).dtype}), template {formatter.template}, "
+            f"{len(samples)} samples from {args.data_path}"
+            + (f", replaying {args.replay_field}" if replay else "")
+            + (f" in process 0 of {processes.count}" if processes.distributed else "")
+        )
     if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
         generate_batch(model, tokenizer, [prompt_ids[samples[0].id]], 2, args.temperature)
     run_batch = make_run_batch(
@@ -474,21 +556,38 @@ def prepare_model(args, samples, replay, context):
 
         # on a CPU the calibration's prefills of more than 64 rows take minutes; larger sizes are extrapolated
         largest = max(CANDIDATE_BATCH_SIZES) if model.device.type == "cuda" else 64
-        step_costs, seconds = timed_calibration(model, device, largest, round(mean_prompt_length) + args.max_length)
+        if processes.is_main:  # one calibration, so that every process plans from the same costs
+            step_costs, seconds = timed_calibration(model, device, largest, round(mean_prompt_length) + args.max_length)
+        step_costs, seconds = processes.broadcast((step_costs, seconds) if processes.is_main else None)
         args.vbs_calibration = step_costs.to_json() | {"seconds": seconds}
-        print(describe(step_costs, seconds))
+        if processes.is_main:
+            print(describe(step_costs, seconds))
     return model_path, device, Executors(run_batch, run_continuous, step_costs, mean_prompt_length)
+
+
+def share_groups(samples: list, group_size: int, processes: Processes) -> list:
+    """This process's samples: whole groups, every K-th one, so each group is scheduled as in one process."""
+    groups = [samples[start : start + group_size] for start in range(0, len(samples), group_size)]
+    if len(groups) < processes.count:
+        raise UserError(
+            f"{len(samples)} samples make {len(groups)} group(s) of --group-size {group_size}, fewer than the "
+            f"{processes.count} processes: use a smaller --group-size or fewer processes"
+        )
+    return [sample for group in processes.share(groups) for sample in group]
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
-    ids = [sample.id for sample in samples]
+    processes = start_processes(args.device)
+    args.device = processes.device(args.device)
+    all_samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
+    all_ids = [sample.id for sample in all_samples]
+    samples = share_groups(all_samples, args.group_size, processes)
     replay = None
     if args.replay_lengths:
         table = load_length_file(args.replay_lengths, (args.replay_field,))
-        require_ids(table, ids, args.replay_lengths)
-        replay = {sample_id: int(table[sample_id][args.replay_field]) for sample_id in ids}
+        require_ids(table, all_ids, args.replay_lengths)  # every process checks every id: all fail alike
+        replay = {sample.id: int(table[sample.id][args.replay_field]) for sample in samples}
 
     context = PredictorContext(
         max_length=args.max_length,
@@ -508,14 +607,15 @@ def main(argv: list[str] | None = None) -> dict:
         if strategy.predictor not in predictors and not PREDICTORS[strategy.predictor].needs_model:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
             if PREDICTORS[strategy.predictor].uses_length_file:
-                predictors[strategy.predictor].predict(samples)  # checks every id has a row
+                predictors[strategy.predictor].predict(all_samples)  # checks every id has a row
 
     if args.dry_run:
         model_path, device = None, "cpu"
         executors = Executors(replay_executor(replay))
-        print(f"dry run: no model, {len(samples)} samples from {args.data_path} end at {args.replay_field}")
+        if processes.is_main:
+            print(f"dry run: no model, {len(all_ids)} samples from {args.data_path} end at {args.replay_field}")
     else:
-        model_path, device, executors = prepare_model(args, samples, replay, context)
+        model_path, device, executors = prepare_model(args, samples, replay, context, processes)
     for strategy in args.strategy_list:
         if strategy.predictor not in predictors:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
@@ -524,8 +624,15 @@ def main(argv: list[str] | None = None) -> dict:
     output["args"]["strategies"] = [strategy.label for strategy in args.strategy_list]
     output["args"]["model_path"] = model_path
     output["args"]["device_resolved"] = device
+    output["args"]["processes"] = processes.count
     for strategy in args.strategy_list:
-        result = run_strategy(strategy, args, samples, predictors[strategy.predictor], executors, device, replay)
+        processes.wait()  # the processes start each strategy together, so the slowest one's time is the run's
+        result = run_strategy(
+            strategy, args, samples, predictors[strategy.predictor], executors, device, replay, processes.is_main
+        )
+        result = merge_process_results(processes.gather(result), all_ids)
+        if not processes.is_main:
+            continue
         print_result(result)
         output["results"].append(result)
         if args.output_json:  # after each strategy, so finished results survive a later failure

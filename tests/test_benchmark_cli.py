@@ -186,6 +186,11 @@ def test_oracle_of_one_column(tiny_model_dir, small_data, tmp_path):
     assert {sample["prediction"] for sample in result["samples"]} == {1}
 
 
+def untimed(rows: list[dict]) -> list[dict]:
+    """Sample rows without their finish time in seconds, which only real runs measure."""
+    return [{key: value for key, value in row.items() if key != "latency_s"} for row in rows]
+
+
 def test_dry_run_equals_the_engine(tiny_model_dir, small_data, tmp_path):
     """The model-free dry run goes through the same scheduler and metrics: every token figure is the engine's."""
     data, lengths = small_data
@@ -200,10 +205,11 @@ def test_dry_run_equals_the_engine(tiny_model_dir, small_data, tmp_path):
         "failure_ratio",
         "truncated_ratio",
         "num_batches",
-        "samples",
     )
     for real_result, dry_result in zip(real["results"], dry["results"], strict=True):
         assert {k: real_result[k] for k in token_fields} == {k: dry_result[k] for k in token_fields}
+        # a real run's samples also carry their finish time in seconds
+        assert untimed(real_result["samples"]) == dry_result["samples"]
         assert [{k: v for k, v in b.items() if k != "elapsed_s"} for b in real_result["batches"]] == [
             {k: v for k, v in b.items() if k != "elapsed_s"} for b in dry_result["batches"]
         ]
@@ -228,8 +234,9 @@ def test_continuous_batching_on_the_engine(tiny_model_dir, small_data, tmp_path)
     for real_result, dry_result in zip(real["results"], dry["results"], strict=True):
         lengths_by_id = {sample["id"]: sample["length"] for sample in real_result["samples"]}
         assert lengths_by_id == {sample_id: min(length, 8) for sample_id, length in SMALL_LENGTHS.items()}
-        for field in ("token_slots", "generated_tokens", "effective_token_ratio", "decode_steps", "samples"):
+        for field in ("token_slots", "generated_tokens", "effective_token_ratio", "decode_steps"):
             assert real_result[field] == dry_result[field]
+        assert untimed(real_result["samples"]) == dry_result["samples"]
         assert real_result["mean_latency_s"] > 0 and real_result["p90_latency_s"] >= real_result["mean_latency_s"]
     fcfs, ordered = real["results"]
     assert [sample["admitted"] for sample in fcfs["samples"]] == list(range(6))
@@ -267,5 +274,74 @@ def test_out_of_memory_back_off_changes_no_result(tiny_model_dir, small_data, tm
     )
     for plain_result, split_result in zip(plain["results"], split["results"], strict=True):
         assert plain_result["oom_splits"] == 0 and split_result["oom_splits"] > 0
-        for field in ("samples", "token_slots", "generated_tokens", "effective_token_ratio", "failure_ratio"):
+        for field in ("token_slots", "generated_tokens", "effective_token_ratio", "failure_ratio"):
             assert plain_result[field] == split_result[field]
+        assert untimed(plain_result["samples"]) == untimed(split_result["samples"])
+
+
+def test_two_processes_give_the_single_process_metrics(tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo) runs whole groups on each: every token figure, batch and sample
+    equals one process's; only times and latencies (each process has its own clock) differ."""
+    import random
+
+    from .conftest import run_command, torchrun
+
+    rng = random.Random(1)
+    conversations = [
+        {"id": f"s{index}", "conversations": [{"from": "human", "value": f"Tell me about the number {index}."}]}
+        for index in range(24)
+    ]
+    data = write_json(tmp_path / "data.json", conversations)
+    rows = [{"id": f"s{index}", "L_t0.0": rng.randint(1, 20), "L_t0.3": rng.randint(1, 20)} for index in range(24)]
+    lengths = write_json(tmp_path / "lengths.json", rows)
+    flags = cli_args(
+        model=tiny_model_dir,
+        device="cpu",
+        data_path=data,
+        replay_lengths=lengths,
+        length_path=lengths,
+        max_length=16,
+        batch_size=4,
+        group_size=8,  # 3 groups: process 0 runs groups 0 and 2, process 1 group 1
+        vbs_table="50:8",
+    )
+    # gt predicts L_t0.3 while L_t0.0 is replayed, so FCR caps cut some samples short
+    flags += ["--gt-field", "L_t0.3", "--strategies", "vanilla", "gt+fcr", "gt+vbs+fcr", "continuous"]
+    one = benchmark.main(flags + ["--output-json", str(tmp_path / "one.json")])
+    run_command(torchrun("src.benchmark", flags + ["--output-json", str(tmp_path / "two.json")]))
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["args"]["processes"] == 2
+    one_static, two_static = one["results"][:3], two["results"][:3]
+    assert one_static[1]["recomputed_samples"] > 0  # FCR's recompute path ran on both processes' groups
+    fields = ["num_samples", "num_batches", "decode_steps", "token_slots", "generated_tokens", "average_length"]
+    fields += ["effective_token_ratio", "failure_ratio", "recomputed_samples", "truncated_ratio", "oom_splits"]
+    timed = {"latency_s", "latency_steps", "process", "elapsed_s"}
+    for single, merged in zip(one_static, two_static, strict=True):
+        assert merged["processes"] == 2 and len(merged["process_wall_times_s"]) == 2
+        assert {name: merged[name] for name in fields} == {name: single[name] for name in fields}
+        untimed_rows = [{key: value for key, value in row.items() if key not in timed} for row in merged["samples"]]
+        assert untimed_rows == [
+            {key: value for key, value in row.items() if key not in timed} for row in single["samples"]
+        ]
+        assert {row["process"] for row in merged["samples"]} == {0, 1}
+        batches = sorted(merged["batches"], key=lambda batch: batch["group"])  # stable: each group's order kept
+        untimed_batches = [{key: value for key, value in batch.items() if key not in timed} for batch in batches]
+        assert untimed_batches == [
+            {key: value for key, value in b.items() if key not in timed} for b in single["batches"]
+        ]
+        # latency merges from every sample's own finish time, on its process's clock
+        steps = [row["latency_steps"] for row in merged["samples"]]
+        assert merged["mean_latency_steps"] == pytest.approx(sum(steps) / len(steps))
+        assert merged["throughput_samples_per_s"] == pytest.approx(24 / max(merged["process_wall_times_s"]))
+    # continuous batching: each process has its own slots, so only what was generated must agree
+    assert two["results"][3]["generated_tokens"] == one["results"][3]["generated_tokens"]
+
+
+def test_groups_are_shared_round_robin_and_never_split():
+    from src.distributed import Processes
+
+    samples = list(range(10))
+    shares = [benchmark.share_groups(samples, 3, Processes(rank, 2)) for rank in range(2)]
+    assert shares == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]
+    with pytest.raises(benchmark.UserError, match="fewer than the 4 processes"):
+        benchmark.share_groups(samples, 5, Processes(0, 4))
