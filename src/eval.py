@@ -6,6 +6,9 @@
 Error is mean |prediction - L_max|; Acc-50 and Acc-100 are the fractions within 50 and 100 tokens of L_max
 (upstream's definitions); Kendall's tau and Spearman's rho say how well the predictions rank the samples, which is
 what scheduling needs; bucket accuracy is the fraction whose 50-token bucket equals L_max's.
+
+Under torchrun or `accelerate launch` with K processes, each predicts every K-th prediction batch and the main
+process computes the metrics over all predictions; the cost per 1000 prompts is then the slowest process's time.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from .data import default_length_path, load_conversations, load_max_lengths, require_ids
+from .distributed import start_processes
 from .predictors import PREDICTORS, PredictorContext, build_predictor
 from .schedule import bucket_of
 from .utils import Timer, UserError, add_model_arguments, resolve_device, run_cli, write_json_atomic
@@ -37,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
     parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
     args = parser.parse_args(argv)
+    if args.prediction_batch_size < 1:
+        raise UserError("--prediction-batch-size must be at least 1")
     if args.strategy not in PREDICTORS:
         raise UserError(f"unknown strategy {args.strategy!r}: choose from {', '.join(sorted(PREDICTORS))}")
     if args.strategy == "seqsch" and args.lora_path is None:
@@ -82,6 +88,8 @@ def plot_predictions(path: str, predictions: list[int], targets: list[int], titl
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    processes = start_processes(args.device)
+    args.device = processes.device(args.device)
     samples = load_conversations(args.data_path)[: args.num_data]
     max_lengths = load_max_lengths(args.length_path)
     require_ids(max_lengths, [sample.id for sample in samples], args.length_path)
@@ -105,13 +113,25 @@ def main(argv: list[str] | None = None) -> dict:
         context.formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, args.conv_template))
         device = str(model.device)
     predictor = build_predictor(args.strategy, context)
+    # whole prediction batches are shared out, so each batch holds the same prompts as in one process
+    size = args.prediction_batch_size
+    mine = processes.share([samples[start : start + size] for start in range(0, len(samples), size)])
+    mine = [sample for batch in mine for sample in batch]
+    processes.wait()  # start together: the slowest process's time is the run's
     with Timer(device) as timer:
-        predicted = predictor.predict(samples)
+        predicted = predictor.predict(mine) if mine else {}
+    shares = processes.gather(
+        {"predictions": predicted, "seconds": timer.seconds, "unparsable": getattr(predictor, "unparsable", 0)}
+    )
+    if not processes.is_main:
+        return {}
+    predicted = {key: value for share in shares for key, value in share["predictions"].items()}
     predictions = [predicted[sample.id] for sample in samples]
     targets = [max_lengths[sample.id] for sample in samples]
     metrics = length_metrics(predictions, targets)
-    metrics["unparsable"] = getattr(predictor, "unparsable", 0)
-    metrics["seconds_per_1000"] = timer.seconds / len(samples) * 1000
+    metrics["unparsable"] = sum(share["unparsable"] for share in shares)
+    metrics["seconds_per_1000"] = max(share["seconds"] for share in shares) / len(samples) * 1000
+    metrics["processes"] = processes.count
     print(f"Strategy: {args.strategy}, samples: {metrics['num_samples']} (first rows of {args.data_path})")
     print(f"Error: {metrics['error']:.1f} tokens")
     print(f"Acc-50: {metrics['acc_50'] * 100:.1f} %")

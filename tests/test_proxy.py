@@ -76,6 +76,28 @@ def test_benchmark_dry_run_with_fcr_quantile(trained_proxy, tmp_path):
         assert all(sample["first_cap"] >= caps[sample["id"]] for sample in result["samples"])
 
 
+@needs_encoder
+def test_eval_in_two_processes_equals_one(trained_proxy, tmp_path):
+    """torchrun with 2 CPU processes: each predicts every other batch; the merged predictions and metrics are
+    one process's (only the cost per 1000 prompts is timed)."""
+    from .conftest import run_command, torchrun
+
+    folder, _ = trained_proxy
+    argv = ["--strategy", "proxy", "--predictor-path", str(folder), "--data-path", str(DEMO / "demo.json")]
+    # the briefly trained proxy predicts above 256 tokens for every prompt: no clamp, so predictions differ
+    argv += ["--num-data", "40", "--prediction-batch-size", "8", "--device", "cpu", "--max-length", "100000"]
+    one = length_eval.main(argv + ["--output-json", str(tmp_path / "one.json"), "--plot", str(tmp_path / "one.png")])
+    run_command(
+        torchrun("src.eval", argv + ["--output-json", str(tmp_path / "two.json"), "--plot", str(tmp_path / "two.png")])
+    )
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["processes"] == 2 and (tmp_path / "two.png").is_file()
+    assert two["predictions"] == json.loads((tmp_path / "one.json").read_text())["predictions"]
+    assert len(set(two["predictions"].values())) > 1
+    timed = {"seconds_per_1000", "processes"}
+    assert {key: two[key] for key in one if key not in timed} == {key: one[key] for key in one if key not in timed}
+
+
 def test_quantile_caps_set_the_fcr_cap_of_each_batch():
     ids = ["a", "b", "c", "d"]
     predictions = {"a": 10, "b": 20, "c": 30, "d": 40}
