@@ -4,6 +4,8 @@
 #   bash train.sh                 # the paper: Vicuna-7B, 3 epochs, batch 2 x 16 accumulation, lr 2e-5, cosine,
 #                                 # warm-up 0.03 (warmup_steps 0.03: transformers 5 takes a ratio there), bf16 -> ./ckpts/vicuna-response-length-perception-module
 #   bash train.sh cpu             # SmolLM2-135M on CPU with small settings -> ./ckpts/smollm2-length-perception
+#   PROCESSES=2 bash train.sh cpu # the same, data-parallel over 2 CPU processes (torchrun, gloo); each takes
+#                                 # batches of 8, so add --per_device_train_batch_size 4 to keep the batch of 8
 #
 # Extra arguments go to src.train_lora (any HfArgumentParser flag), e.g.
 #   bash train.sh cpu --data_path data/demo-instruct.json --num_train_epochs 1
@@ -35,8 +37,9 @@ case "$preset" in
   cpu)
     # A 135M model learns a new answer format faster than a 7B one and has no GPU to amortise tiny batches:
     # a larger learning rate, batches of 8 without accumulation, float32.
-    # shellcheck disable=SC2086
-    accelerate launch --cpu ${ACCELERATE_ARGS:---num_processes 1} -m src.train_lora \
+    # `accelerate launch --cpu` starts one process whatever --num_processes says (accelerate 1.15), so CPU
+    # processes come from torchrun, which accelerate's PartialState joins on gloo.
+    torchrun --standalone --nproc_per_node "${PROCESSES:-1}" -m src.train_lora \
       --model_name_or_path smollm2-135m \
       --data_path data/smollm2-train-instruct.json \
       --output_dir ./ckpts/smollm2-length-perception \

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None):
             "training": json.loads(training_args.to_json_string()),
             "base_model_path": path,
             "template": formatter.template,
+            "processes": training_args.world_size,
         }
         write_json_atomic(Path(training_args.output_dir) / "length_perception_args.json", arguments)
         print(f"adapter saved to {training_args.output_dir}")

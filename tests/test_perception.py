@@ -240,3 +240,31 @@ def test_train_sh_presets_parse(preset):
         argv[argv.index("--fp16") + 1] = "False"
     parsed = parser.parse_args_into_dataclasses(args=argv)
     assert parsed[-1].num_train_epochs == 3
+
+
+def test_train_sh_cpu_preset_trains_in_two_processes(tiny_model_dir, small_data, tmp_path):
+    """`PROCESSES=2 bash train.sh cpu` runs data-parallel on gloo and saves one adapter (later flags override
+    the preset's model, data and length of training)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+    output_dir = tmp_path / "adapter"
+    overrides = ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(instruct)]
+    overrides += ["--output_dir", str(output_dir), "--max_steps", "2", "--per_device_train_batch_size", "2"]
+    done = subprocess.run(
+        ["bash", "train.sh", "cpu", *overrides],
+        cwd=Path(__file__).resolve().parents[1],
+        env=os.environ | {"PROCESSES": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((output_dir / "length_perception_args.json").read_text())
+    assert saved["processes"] == 2
+    assert (output_dir / "adapter_model.safetensors").is_file()
