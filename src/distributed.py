@@ -11,6 +11,7 @@ before. Only what merges needs to know about processes lives here; the merging r
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from collections.abc import Sequence
@@ -99,9 +100,23 @@ def start_processes(device: str = "auto") -> Processes:
     return Processes(state.process_index, state.num_processes, state.local_process_index)
 
 
-def end_processes() -> None:
-    """Leave the process group before the interpreter exits: without this, gloo processes sometimes abort
-    at exit ("terminate called without an active exception") and the launcher reports a failure."""
+def end_processes(finished: bool = True) -> None:
+    """Leave the process group before the interpreter exits: without this, about a third of gloo runs abort at
+    exit ("terminate called without an active exception") and the launcher reports a failure. After a run that
+    `finished`, the processes wait for each other, so that none leaves while another still talks to it, and
+    this process then ends with status 0 (it does not return). After an error they only leave the group
+    (the launcher stops the others). Does nothing in a single process."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        if finished:
+            distributed.barrier()
         distributed.destroy_process_group()
+        if finished:
+            # Even after an orderly destroy, about 1 run in 25 still aborted in gloo's C++ teardown at
+            # interpreter exit (torch 2.13), turning a finished run's exit status into a failure. Every output
+            # is written by now: run the Python exit handlers (loggers, trackers), then end the process
+            # without that teardown.
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)

@@ -34,18 +34,22 @@ class UserError(Exception):
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run a CLI's `main`, turning a UserError into one line on stderr and exit status 2."""
+    from .distributed import end_processes
+
     try:
         main(argv)
     except UserError as error:
+        end_processes(finished=False)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        end_processes(finished=False)
         print("interrupted: finished outputs were kept, partial ones were not written", file=sys.stderr)
         sys.exit(130)
-    finally:
-        from .distributed import end_processes
-
-        end_processes()
+    except BaseException:
+        end_processes(finished=False)
+        raise
+    end_processes()
 
 
 # --------------------------------------------------------------------------- JSON files
