@@ -107,6 +107,31 @@ def read_partials(output_path: str, identity: dict) -> dict[str, dict]:
     return rows
 
 
+def lock_output(output_path: str, processes: Processes):
+    """Hold a shared lock on `<output>.lock` for the life of this process, after the main process has checked
+    that no process of an earlier run still holds it. A second run on the same output could otherwise append to
+    the same partial files: torchrun starts its workers in sessions of their own, so they outlive a launcher that
+    was killed. The kernel drops the lock when a process dies, however it dies. Returns the open lock file."""
+    import fcntl
+
+    path = Path(f"{output_path}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")  # noqa: SIM115 - held open until the process exits
+    busy = False
+    if processes.is_main:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy = True
+    if processes.broadcast(busy):
+        raise UserError(
+            f"another src.lenpred run is still writing {output_path} (a worker of an earlier launch may have outlived "
+            f"its launcher): wait for it to end or kill it, then run again"
+        )
+    fcntl.flock(handle, fcntl.LOCK_SH)  # the main process turns its check into the run's shared lock
+    return handle
+
+
 def append_rows(path: Path, rows: list[dict], header: dict | None) -> None:
     """Append whole lines and fsync, so a kill loses at most the batch being generated."""
     cut_short = path.is_file() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
@@ -127,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args.device = processes.device(args.device)
     samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
     identity = run_identity(args)
+    lock = lock_output(args.output_path, processes)
     done = read_partials(args.output_path, identity)
     processes.wait()  # every process has read the same partial files before any appends to its own
     todo = [sample for sample in samples if sample.id not in done]
@@ -150,6 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     write_json_atomic(args.output_path, table)
     for path in partial_paths(args.output_path):
         path.unlink(missing_ok=True)
+    Path(lock.name).unlink(missing_ok=True)  # no process of this run appends any more
+    lock.close()
     print(f"wrote {len(table)} rows to {args.output_path}")
     return table
 

@@ -148,8 +148,37 @@ def test_a_single_process_resumes_from_the_partial_files_of_two(tiny_model_dir, 
     assert lenpred.partial_paths(str(output)) == []
 
 
+def child_pids(parent: int) -> list[int]:
+    """The pids of a process's children, from /proc (Linux)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_a_second_run_on_an_output_still_being_written_is_refused(tiny_model_dir, small_data, tmp_path):
+    """A worker that outlived its killed launcher still holds the output's lock: a new run says so and stops."""
+    import fcntl
+
+    data, _ = small_data
+    output = tmp_path / "lengths.json"
+    with open(f"{output}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)  # as a live process of an earlier run holds it
+        with pytest.raises(UserError, match="still writing"):
+            lenpred.main(args_for(tiny_model_dir, data, output))
+    assert not output.exists()
+    lenpred.main(args_for(tiny_model_dir, data, output))  # once that process is gone, the run goes ahead
+    assert output.exists() and not Path(f"{output}.lock").exists()
+
+
 def test_two_processes_killed_with_sigkill_resume_to_the_same_file(eos_model_dir, tmp_path):
-    """SIGKILL the launcher and both workers mid-run, launch again: the file equals an uninterrupted run's."""
+    """SIGKILL the launcher and both workers mid-run, launch again: the file equals an uninterrupted run's, and
+    the relaunch generated only what was missing."""
     import os
     import signal
     import subprocess
@@ -175,11 +204,18 @@ def test_two_processes_killed_with_sigkill_resume_to_the_same_file(eos_model_dir
         if len(written) == 2 and min(written) >= 3:  # both processes have finished a batch or more
             break
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its workers, as a node failure would
+    workers = child_pids(process.pid)
+    for pid in [process.pid, *workers]:  # the launcher and its workers (each in a session of its own), as a
+        os.kill(pid, signal.SIGKILL)  # machine failure would
     process.wait()
+    assert len(workers) == 2
     if output.exists():
         pytest.skip("the run finished before it could be killed")
     assert len(lenpred.partial_paths(str(output))) == 2
-    run_command(command)
+    identity = lenpred.run_identity(lenpred.parse_args([*flags, "--output-path", str(output)]))
+    kept = len(lenpred.read_partials(str(output), identity))
+    assert 0 < kept < 40
+    relaunch = run_command(command)
+    assert f"resuming: {kept} of 40 samples" in relaunch.stdout
     assert json.loads(output.read_text()) == json.loads(reference.read_text())
     assert lenpred.partial_paths(str(output)) == []
