@@ -454,6 +454,8 @@ def merge_process_results(results: list[dict], ids: list[str]) -> dict:
             merged[name] = values  # one entry per process
     merged["processes"] = len(results)
     merged["process_wall_times_s"] = [result["wall_time_s"] for result in results]
+    # a dry run's only clock: how evenly the groups spread the work over the processes
+    merged["process_decode_steps"] = [result["decode_steps"] for result in results]
     return merged
 
 
@@ -463,6 +465,12 @@ def print_result(result: dict) -> None:
         f"Total samples: {result['num_samples']}, Group size: {result['group_size']}, "
         f"Batch size: {result['batch_size']}, Max length: {result['max_length']}"
     )
+    if result["processes"] > 1:
+        line = "Processes: " + str(result["processes"])
+        line += ", decode steps " + " / ".join(str(steps) for steps in result["process_decode_steps"])
+        if not result["dry_run"]:
+            line += ", wall " + " / ".join(f"{seconds:.2f}" for seconds in result["process_wall_times_s"]) + " s"
+        print(line)
     if not result["dry_run"]:
         print(
             f"Time: {result['wall_time_s']:.2f} s (prediction {result['prediction_time_s']:.2f} s, "

@@ -318,6 +318,7 @@ def test_two_processes_give_the_single_process_metrics(tiny_model_dir, tmp_path)
     timed = {"latency_s", "latency_steps", "process", "elapsed_s"}
     for single, merged in zip(one_static, two_static, strict=True):
         assert merged["processes"] == 2 and len(merged["process_wall_times_s"]) == 2
+        assert sum(merged["process_decode_steps"]) == single["decode_steps"] and min(merged["process_decode_steps"]) > 0
         assert {name: merged[name] for name in fields} == {name: single[name] for name in fields}
         untimed_rows = [{key: value for key, value in row.items() if key not in timed} for row in merged["samples"]]
         assert untimed_rows == [
