@@ -148,19 +148,6 @@ def test_a_single_process_resumes_from_the_partial_files_of_two(tiny_model_dir, 
     assert lenpred.partial_paths(str(output)) == []
 
 
-def child_pids(parent: int) -> list[int]:
-    """The pids of a process's children, from /proc (Linux)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        if int(fields[1]) == parent:
-            children.append(int(stat.parent.name))
-    return children
-
-
 def test_a_second_run_on_an_output_still_being_written_is_refused(tiny_model_dir, small_data, tmp_path):
     """A worker that outlived its killed launcher still holds the output's lock: a new run says so and stops."""
     import fcntl
@@ -184,6 +171,8 @@ def test_two_processes_killed_with_sigkill_resume_to_the_same_file(eos_model_dir
     import subprocess
     import sys
     import time
+
+    from benchmarks.lenpred_resume import child_pids
 
     from .conftest import PROJECT, run_command, torchrun
 
