@@ -35,6 +35,10 @@ case "$preset" in
       "$@"
     ;;
   cpu)
+    if [ -n "${ACCELERATE_ARGS:-}" ]; then
+      echo "error: train.sh cpu launches through torchrun and ignores ACCELERATE_ARGS: set PROCESSES=N instead" >&2
+      exit 2
+    fi
     # A 135M model learns a new answer format faster than a 7B one and has no GPU to amortise tiny batches:
     # a larger learning rate, batches of 8 without accumulation, float32.
     # `accelerate launch --cpu` starts one process whatever --num_processes says (accelerate 1.15), so CPU

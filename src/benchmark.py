@@ -4,8 +4,9 @@
     python -m src.benchmark --model smollm2-135m --data-path data/demo.json \\
         --strategies vanilla gt gt+vbs+fcr                                     # several, one table
 
-Under torchrun or `accelerate launch` with K processes, process r runs groups r, r + K, ... (each group is
-scheduled exactly as in one process) and the main process merges the results: token slots, tokens and failures
+Under torchrun or `accelerate launch` with K processes, process r runs groups r, r + K, ... (given the same
+predictions, each group is scheduled as in one process, except that `--vbs-table auto` plans each process's table
+from its own groups) and the main process merges the results: token slots, tokens and failures
 add up, latency comes from every sample's own finish time, and throughput is all samples over the slowest
 process's wall time.
 """
@@ -406,7 +407,7 @@ ADDITIVE_FIELDS = (
     "oom_splits",
     "unparsable_predictions",
 )
-# Fields of the schedule that a process may choose for itself (VBS auto sees only its own groups).
+# Fields of the schedule that a process may choose for itself (VBS auto plans from its own groups' predictions).
 PER_PROCESS_FIELDS = ("vbs_table", "vbs_default_batch_size", "sorted_batch_size")
 
 
@@ -442,16 +443,15 @@ def merge_process_results(results: list[dict], ids: list[str]) -> dict:
     for name in ("wall_time_s", "prediction_time_s", "generation_time_s"):
         merged[name] = slowest[name]
     merged["throughput_samples_per_s"] = count / slowest["wall_time_s"]
-    generation_seconds = max(result["generation_time_s"] for result in results)
-    merged["generated_tokens_per_s"] = merged["generated_tokens"] / generation_seconds
-    merged["token_slots_per_s"] = token_slots / generation_seconds
+    merged["generated_tokens_per_s"] = merged["generated_tokens"] / slowest["generation_time_s"]
+    merged["token_slots_per_s"] = token_slots / slowest["generation_time_s"]
     for unit in ("steps", "s"):
         if f"mean_latency_{unit}" in merged:
             merged.update(latency_metrics({row["id"]: row[f"latency_{unit}"] for row in merged["samples"]}, unit))
-    for name in PER_PROCESS_FIELDS:
+    for name in PER_PROCESS_FIELDS:  # the main process's choice stays in its field; the others' go beside it
         values = [result.get(name) for result in results]
         if any(value != values[0] for value in values):
-            merged[name] = values  # one entry per process
+            merged[f"process_{name}"] = values
     merged["processes"] = len(results)
     merged["process_wall_times_s"] = [result["wall_time_s"] for result in results]
     # a dry run's only clock: how evenly the groups spread the work over the processes

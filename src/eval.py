@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         context.formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, args.conv_template))
         device = str(model.device)
     predictor = build_predictor(args.strategy, context)
-    # whole prediction batches are shared out, so each batch holds the same prompts as in one process
+    # whole prediction batches are shared out, so the generative predictors (po, seqsch) batch the same prompts as in
+    # one process (the proxy re-batches its share by prompt length)
     size = args.prediction_batch_size
     mine = processes.share([samples[start : start + size] for start in range(0, len(samples), size)])
     mine = [sample for batch in mine for sample in batch]
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["unparsable"] = sum(share["unparsable"] for share in shares)
     metrics["seconds_per_1000"] = max(share["seconds"] for share in shares) / len(samples) * 1000
     metrics["processes"] = processes.count
+    metrics["process_prediction_counts"] = [len(share["predictions"]) for share in shares]
     print(f"Strategy: {args.strategy}, samples: {metrics['num_samples']} (first rows of {args.data_path})")
     print(f"Error: {metrics['error']:.1f} tokens")
     print(f"Acc-50: {metrics['acc_50'] * 100:.1f} %")

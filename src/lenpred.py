@@ -91,7 +91,8 @@ def read_partial(path: Path, identity: dict) -> tuple[dict[str, dict], bool]:
         if number == 0:
             if record.get("run") != identity:
                 raise UserError(
-                    f"{path} was written by a run with other arguments; rerun with those, or delete it to start over"
+                    f"{path} was written by a run with other arguments; rerun with those, or delete "
+                    f"{path.name.split('.partial')[0]}.partial*.jsonl to start over"
                 )
             has_header = True
             continue
@@ -128,7 +129,9 @@ def lock_output(output_path: str, processes: Processes):
             f"another src.lenpred run is still writing {output_path} (a worker of an earlier launch may have outlived "
             f"its launcher): wait for it to end or kill it, then run again"
         )
-    fcntl.flock(handle, fcntl.LOCK_SH)  # the main process turns its check into the run's shared lock
+    # the main process turns its check into the run's shared lock; flock(2) does not promise that this is atomic,
+    # so two runs started within the same instant could both pass, which the check does not try to prevent
+    fcntl.flock(handle, fcntl.LOCK_SH)
     return handle
 
 
@@ -151,8 +154,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
     samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
-    identity = run_identity(args)
     lock = lock_output(args.output_path, processes)
+    try:
+        return record_lengths(args, processes, samples)
+    finally:
+        lock.close()  # the empty lock file stays: removing it would let a new run lock a file nobody checks
+
+
+def record_lengths(args, processes: Processes, samples: list) -> list[dict]:
+    """Resume from the partial files, generate this process's share, and (main process) write the length file."""
+    identity = run_identity(args)
     done = read_partials(args.output_path, identity)
     processes.wait()  # every process has read the same partial files before any appends to its own
     todo = [sample for sample in samples if sample.id not in done]
@@ -169,15 +180,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     done = read_partials(args.output_path, identity)  # the rows every process wrote
     missing = [sample.id for sample in samples if sample.id not in done]
-    if missing:  # a process stopped without its rows: run again with the same arguments to resume
+    if missing:  # an internal check: every process appended its share before the barrier above
         raise RuntimeError(f"{len(missing)} samples have no row in the partial files, e.g. {missing[0]}")
     fields = ["id", "L_gt"] + [length_field(temperature) for temperature in args.temperatures]
     table = [{field: done[sample.id][field] for field in fields} for sample in samples]
     write_json_atomic(args.output_path, table)
     for path in partial_paths(args.output_path):
         path.unlink(missing_ok=True)
-    Path(lock.name).unlink(missing_ok=True)  # no process of this run appends any more
-    lock.close()
     print(f"wrote {len(table)} rows to {args.output_path}")
     return table
 

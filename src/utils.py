@@ -40,7 +40,8 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         main(argv)
     except UserError as error:
         end_processes(finished=False)
-        print(f"error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process meets the same mistake: say it once
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         end_processes(finished=False)

@@ -92,9 +92,10 @@ def test_eval_in_two_processes_equals_one(trained_proxy, tmp_path):
     )
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["processes"] == 2 and (tmp_path / "two.png").is_file()
+    assert two["process_prediction_counts"] == [24, 16]  # batches 0, 2, 4 and 1, 3 of 8 prompts: none twice
     assert two["predictions"] == json.loads((tmp_path / "one.json").read_text())["predictions"]
     assert len(set(two["predictions"].values())) > 1
-    timed = {"seconds_per_1000", "processes"}
+    timed = {"seconds_per_1000", "processes", "process_prediction_counts"}
     assert {key: two[key] for key in one if key not in timed} == {key: one[key] for key in one if key not in timed}
 
 
