@@ -575,13 +575,13 @@ def prepare_model(args, samples, replay, context, processes=None):
 
 def share_groups(samples: list, group_size: int, processes: Processes) -> list:
     """This process's samples: whole groups, every K-th one, so each group is scheduled as in one process."""
-    groups = [samples[start : start + group_size] for start in range(0, len(samples), group_size)]
-    if len(groups) < processes.count:
+    groups = -(-len(samples) // group_size)
+    if groups < processes.count:
         raise UserError(
-            f"{len(samples)} samples make {len(groups)} group(s) of --group-size {group_size}, fewer than the "
+            f"{len(samples)} samples make {groups} group(s) of --group-size {group_size}, fewer than the "
             f"{processes.count} processes: use a smaller --group-size or fewer processes"
         )
-    return [sample for group in processes.share(groups) for sample in group]
+    return [sample for group in processes.share(samples, group_size) for sample in group]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -37,10 +37,12 @@ class Processes:
     def distributed(self) -> bool:
         return self.count > 1
 
-    def share(self, items: Sequence[Item]) -> list[Item]:
-        """Items rank, rank + K, rank + 2K, ...: round-robin, so that K shares of groups of equal cost
-        take about equal time even when the number of items is not a multiple of K."""
-        return list(items[self.rank :: self.count])
+    def share(self, items: Sequence[Item], size: int) -> list[list[Item]]:
+        """Cut `items` into consecutive chunks of `size` (groups, batches) and keep chunks rank, rank + K,
+        rank + 2K, ...: a chunk holds the same items whatever K is, and round robin gives K shares of chunks of
+        equal cost about equal time even when the number of chunks is not a multiple of K."""
+        chunks = [list(items[start : start + size]) for start in range(0, len(items), size)]
+        return chunks[self.rank :: self.count]
 
     def wait(self) -> None:
         """Barrier: every process reaches this line before any goes on."""

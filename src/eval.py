@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = build_predictor(args.strategy, context)
     # whole prediction batches are shared out, so the generative predictors (po, seqsch) batch the same prompts as in
     # one process (the proxy re-batches its share by prompt length)
-    size = args.prediction_batch_size
-    mine = processes.share([samples[start : start + size] for start in range(0, len(samples), size)])
-    mine = [sample for batch in mine for sample in batch]
+    mine = [sample for batch in processes.share(samples, args.prediction_batch_size) for sample in batch]
     processes.wait()  # start together: the slowest process's time is the run's
     with Timer(device) as timer:
         predicted = predictor.predict(mine) if mine else {}

@@ -170,7 +170,7 @@ def record_lengths(args, processes: Processes, samples: list) -> list[dict]:
     if done and processes.is_main:
         print(f"resuming: {len(done)} of {len(samples)} samples already in {args.output_path}.partial*.jsonl")
     # whole batches are shared out, so a batch holds the same prompts whatever the number of processes
-    batches = processes.share([todo[start : start + args.batch_size] for start in range(0, len(todo), args.batch_size)])
+    batches = processes.share(todo, args.batch_size)
 
     if batches:
         generate_lengths(args, batches, processes, identity, initial=len(done))
