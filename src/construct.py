@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .data import default_length_path, load_conversations, load_max_lengths, require_ids
+from .data import default_length_path, json_stem, load_conversations, load_max_lengths, require_ids
 from .prompts import QUERY_PROMPT, with_length_prompt
 from .schedule import bucket_of
 from .utils import run_cli, write_json_atomic
@@ -25,8 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.length_path = args.length_path or default_length_path(args.data_path)
     if args.output_path is None:
-        stem = args.data_path[: -len(".json")] if args.data_path.endswith(".json") else args.data_path
-        args.output_path = f"{stem}-instruct.json"
+        args.output_path = f"{json_stem(args.data_path)}-instruct.json"
     return args
 
 

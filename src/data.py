@@ -23,11 +23,19 @@ class Sample:
     reference: str | None  # the dataset's answer, if any
 
 
+def json_stem(path: str | Path) -> str:
+    """The path without its `.json` or `.json.gz` ending: the base that derived file names extend."""
+    path = str(path)
+    for ending in (".json.gz", ".json"):
+        if path.endswith(ending):
+            return path[: -len(ending)]
+    return path
+
+
 def default_length_path(data_path: str | Path) -> str:
-    """Upstream's convention: `x.json` -> `x-length.json`."""
-    data_path = str(data_path)
-    stem = data_path[: -len(".json")] if data_path.endswith(".json") else data_path
-    return f"{stem}-length.json"
+    """Upstream's convention: `x.json` -> `x-length.json`. Always the plain name, which is what a writer
+    (src.lenpred) writes; readers also find the shipped `x-length.json.gz` under it (utils.resolve_json_path)."""
+    return f"{json_stem(data_path)}-length.json"
 
 
 def load_conversations(path: str | Path) -> list[Sample]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
+import re
+
 import numpy as np
 import pytest
 
@@ -13,11 +18,60 @@ from src.data import (
     select_samples,
 )
 from src.prompts import PIA_PROMPT, VICUNA_TEMPLATE, PromptFormatter, choose_template
-from src.utils import UserError, write_json_atomic
+from src.utils import UserError, read_json, resolve_json_path, write_json_atomic
+
+from .conftest import PAPER_DATA, PROJECT
+
+# The paper's four files as data/README.md records them: name -> (JSON bytes, sha256 of the JSON).
+CHECKSUM_ROW = re.compile(r"^\| `(alpaca-[a-z0-9-]+\.json\.gz)` \| (\d+) \| `([0-9a-f]{64})` \|$", re.M)
+
+
+def recorded_checksums() -> dict[str, tuple[int, str]]:
+    text = (PROJECT / "data" / "README.md").read_text(encoding="utf-8")
+    return {name: (int(size), digest) for name, size, digest in CHECKSUM_ROW.findall(text)}
+
+
+def test_shipped_paper_files_decode_to_the_recorded_json():
+    """Each data/*.json.gz decompresses to exactly the bytes whose size and sha256 data/README.md records."""
+    recorded = recorded_checksums()
+    assert sorted(recorded) == [
+        "alpaca-train-10k-length.json.gz",
+        "alpaca-train-10k.json.gz",
+        "alpaca-val-10k-length.json.gz",
+        "alpaca-val-10k.json.gz",
+    ]
+    assert sorted(path.name for path in PAPER_DATA.glob("alpaca-*.json.gz")) == sorted(recorded)
+    for name, (size, digest) in recorded.items():
+        raw = gzip.decompress((PAPER_DATA / name).read_bytes())
+        assert len(raw) == size, name
+        assert hashlib.sha256(raw).hexdigest() == digest, name
+
+
+def test_plain_names_find_the_compressed_files_and_a_plain_copy_wins(tmp_path):
+    rows = [{"id": "1", "L_t0.0": 5}]
+    compressed = tmp_path / "x-length.json.gz"
+    compressed.write_bytes(gzip.compress(json.dumps(rows).encode()))
+    assert resolve_json_path(tmp_path / "x-length.json") == compressed
+    assert read_json(tmp_path / "x-length.json", "length file") == rows
+    assert read_json(compressed, "length file") == rows
+    (tmp_path / "x-length.json").write_text(json.dumps([{"id": "2", "L_t0.0": 7}]))
+    assert load_length_file(tmp_path / "x-length.json", ("L_t0.0",)) == {"2": {"id": "2", "L_t0.0": 7}}
+
+
+def test_a_cut_gzip_file_is_a_user_error(tmp_path):
+    whole = gzip.compress(json.dumps([{"id": str(i)} for i in range(200)]).encode())
+    (tmp_path / "cut.json.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match=r"cut.json.gz is not a complete gzip file"):
+        read_json(tmp_path / "cut.json", "data file")
+    (tmp_path / "text.json.gz").write_text("[]")
+    with pytest.raises(UserError, match="not a complete gzip file"):
+        read_json(tmp_path / "text.json.gz", "data file")
 
 
 def test_default_length_path_as_upstream():
     assert default_length_path("./data/alpaca-val-10k.json") == "./data/alpaca-val-10k-length.json"
+    # a compressed data file names the plain length file, which is what src.lenpred writes and readers resolve
+    assert default_length_path("data/alpaca-val-10k.json.gz") == "data/alpaca-val-10k-length.json"
 
 
 def test_select_samples_matches_upstream_draw(small_data):
@@ -44,10 +98,10 @@ def test_length_file_fields_checked(tmp_path):
         load_length_file(path, ("L_t0.0",))
 
 
-def test_paper_validation_draw(shared_data):
+def test_paper_validation_draw():
     """The paper's 1024 samples: the vanilla average of the real lengths is the one its tables build on."""
-    samples = load_conversations(shared_data / "alpaca-val-10k.json")
-    table = load_length_file(shared_data / "alpaca-val-10k-length.json", ("L_t0.0",))
+    samples = load_conversations(PAPER_DATA / "alpaca-val-10k.json")
+    table = load_length_file(PAPER_DATA / "alpaca-val-10k-length.json", ("L_t0.0",))
     assert [sample.id for sample in samples] == list(table)
     chosen = select_samples(samples, 1024, 42)
     assert len({sample.id for sample in chosen}) == 1024

@@ -10,8 +10,9 @@ import pytest
 from src import construct, sample
 from src.data import load_conversations
 from src.prompts import QUERY_PROMPT
+from src.utils import read_json
 
-from .conftest import SMALL_LENGTHS
+from .conftest import PAPER_DATA, SMALL_LENGTHS
 
 WITH_INPUT = re.compile(r"^Below.*?### Instruction:\n(.*)\n\n### Input:\n(.*)\n\n### Response:$", re.S)
 NO_INPUT = re.compile(r"^Below is an instruction.*?### Instruction:\n(.*)\n\n### Response:$", re.S)
@@ -27,12 +28,12 @@ def alpaca_record(human: str, output: str) -> dict:
     return {"instruction": match.group(1), "input": "", "output": output}
 
 
-def test_split_reproduces_the_paper_files(shared_data, tmp_path):
-    """An alpaca_data.json-shaped file rebuilt from the 20k shared records (the other 32k are fillers)
+def test_split_reproduces_the_paper_files(tmp_path):
+    """An alpaca_data.json-shaped file rebuilt from the 20k shipped records (the other 32k are fillers)
     gives back both splits exactly: the same ids, and the same human and gpt turns."""
     expected = {}
     for name in ("train", "val"):
-        expected[name] = json.loads((shared_data / f"alpaca-{name}-10k.json").read_text())
+        expected[name] = read_json(PAPER_DATA / f"alpaca-{name}-10k.json", "paper data")
     records = [{"instruction": f"filler {i}", "input": "", "output": ""} for i in range(sample.ALPACA_SIZE)]
     for conversations in expected.values():
         for item in conversations:
@@ -44,7 +45,8 @@ def test_split_reproduces_the_paper_files(shared_data, tmp_path):
     for name in ("train", "val"):
         written = json.loads((tmp_path / "out" / f"alpaca-{name}-10k.json").read_text())
         assert written == expected[name]
-        length_ids = [row["id"] for row in json.loads((shared_data / f"alpaca-{name}-10k-length.json").read_text())]
+        length_rows = read_json(PAPER_DATA / f"alpaca-{name}-10k-length.json", "paper lengths")
+        length_ids = [row["id"] for row in length_rows]
         assert [item["id"] for item in written] == length_ids
 
 
