@@ -45,7 +45,10 @@ def continuous_config(prompt_lengths: list[int], max_length: int, slots: int) ->
     )
 
 
-@torch.inference_mode()
+# no_grad, never inference_mode: the engine's worker thread updates its static tensors outside inference mode,
+# and on CUDA (where its warm-up runs) tensors made under inference mode here made it fail with "Inplace update to
+# inference tensor outside InferenceMode is not allowed". The engine's own steps run under no_grad.
+@torch.no_grad()
 def run_continuous(
     model,
     tokenizer,

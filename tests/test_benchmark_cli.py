@@ -246,6 +246,29 @@ def test_continuous_batching_on_the_engine(tiny_model_dir, small_data, tmp_path)
     assert sorted(admitted, key=admitted.get) == ["c", "e", "a", "d", "b", "f"]
 
 
+def test_continuous_engine_never_starts_under_inference_mode(tiny_model, monkeypatch):
+    """On CUDA the engine's worker thread updates its static tensors outside inference mode, so tensors it made
+    under inference mode crashed it ("Inplace update to inference tensor"); a CPU sees the mode it starts in."""
+    import torch
+
+    from src.continuous import run_continuous
+
+    model, tokenizer = tiny_model
+    modes = []
+    start_engine = model.continuous_batching_context_manager
+
+    def recording(*args, **kwargs):
+        modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        return start_engine(*args, **kwargs)
+
+    monkeypatch.setattr(model, "continuous_batching_context_manager", recording)
+    outcome = run_continuous(
+        model, tokenizer, ["x", "y"], {"x": [1, 500, 600], "y": [1, 700]}, 4, 2, replay={"x": 3, "y": 4}
+    )
+    assert modes == [(False, False)]
+    assert outcome.lengths == {"x": 3, "y": 4}
+
+
 def test_continuous_strategy_flags(small_data, capsys):
     data, lengths = small_data
     common = ["--data-path", str(data), "--dry-run", "--replay-lengths", str(lengths), "--max-length", "8"]
