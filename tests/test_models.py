@@ -75,3 +75,23 @@ def test_lora_adapter_attached_disabled(tiny_model_dir, tmp_path):
         assert torch.allclose(model(ids).logits, plain(ids).logits)  # disabled: generation sees the base model
         model.enable_adapter_layers()
         assert not torch.allclose(model(ids).logits, plain(ids).logits)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mistral_common") is None, reason="mistral-common is not installed")
+def test_vicuna_shape_alias_is_the_paper_architecture_without_weights(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.setattr(utils, "CKPT_DIR", tmp_path)
+    with pytest.raises(utils.UserError, match="add --load-format dummy"):
+        utils.load_model("vicuna-7b-shape", "cpu", "auto")
+    path = utils.resolve_model_path("vicuna-7b-shape")
+    assert path == str(tmp_path / "vicuna-7b-shape")
+    assert not list((tmp_path / "vicuna-7b-shape").glob("*.safetensors"))  # a few MB: config and tokenizer only
+    with torch.device("meta"):  # count the parameters without allocating 13 GB
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    assert sum(parameter.numel() for parameter in model.parameters()) == 6_738_415_616  # LLaMA-7B / Vicuna-7B
+    tokenizer = utils.load_tokenizer(path)
+    assert tokenizer.vocab_size == 32000
+    ids = tokenizer("Name a color.").input_ids
+    assert ids[0] == 1 and tokenizer.eos_token_id == 2
+    assert choose_template(path, tokenizer) == "vicuna_v1.1"
