@@ -38,7 +38,17 @@ from .schedule import (
     run_schedule,
     simulate_continuous,
 )
-from .utils import Timer, UserError, add_model_arguments, resolve_device, run_cli, set_seed, write_json_atomic
+from .utils import (
+    Timer,
+    UserError,
+    add_model_arguments,
+    describe_device,
+    library_versions,
+    resolve_device,
+    run_cli,
+    set_seed,
+    write_json_atomic,
+)
 from .vbs_auto import CANDIDATE_BATCH_SIZES
 
 STRATEGY_MODIFIERS = ("vbs", "fcr")
@@ -632,6 +642,8 @@ def main(argv: list[str] | None = None) -> dict:
     output["args"]["strategies"] = [strategy.label for strategy in args.strategy_list]
     output["args"]["model_path"] = model_path
     output["args"]["device_resolved"] = device
+    output["args"]["device_name"] = None if args.dry_run else describe_device(device)
+    output["args"]["versions"] = library_versions()
     output["args"]["processes"] = processes.count
     for strategy in args.strategy_list:
         processes.wait()  # the processes start each strategy together, so the slowest one's time is the run's

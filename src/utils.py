@@ -182,6 +182,27 @@ def resolve_dtype(name: str, device: str):
     return dtypes[name]
 
 
+def describe_device(device: str) -> str:
+    """What a result was measured on, in words: the GPU's name, or the CPU's core count."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    if device == "cpu":
+        return f"CPU, {os.cpu_count()} cores"
+    return device
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that decide what a measurement means."""
+    import platform
+
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def synchronize(device: str) -> None:
     """Wait for queued kernels; only CUDA queues work asynchronously in this project."""
     if device.startswith("cuda"):
@@ -276,6 +297,7 @@ def convert_smollm2(target: Path) -> Path:
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is for every user
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     try:
@@ -299,6 +321,7 @@ def build_vicuna_shape(target: Path) -> Path:
         raise UserError(f"no tokenizer.model.v1 in {source.parent}: {MISTRAL_COMMON_PIP} --force-reinstall")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is for every user
     shutil.copy(source, staging / "tokenizer.model")
     tokenizer = LlamaTokenizer.from_pretrained(staging, add_bos_token=True)
     if tokenizer.vocab_size != VICUNA_7B_CONFIG["vocab_size"]:

