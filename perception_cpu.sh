@@ -3,12 +3,12 @@
 # record SmolLM2's own response lengths, build the instruction set, train the LoRA adapter, and evaluate it against
 # the constant (train median) and perception-only (po) baselines on the same val rows.
 #
-#   bash perception_cpu.sh                          # data from ../shared/data, outputs in runs/perception-cpu
-#   DATA_DIR=data TRAIN_N=400 bash perception_cpu.sh
+#   bash perception_cpu.sh                          # the paper's data in data/, outputs in runs/perception-cpu
+#   DATA_DIR=elsewhere TRAIN_N=400 bash perception_cpu.sh
 #
 # Settings are environment variables; the defaults keep the run under 45 minutes on 2 cores.
 set -euo pipefail
-DATA_DIR="${DATA_DIR:-../shared/data}"
+DATA_DIR="${DATA_DIR:-data}"
 OUT="${OUT:-runs/perception-cpu}"
 TRAIN_N="${TRAIN_N:-512}"        # first rows of alpaca-train-10k.json
 VAL_N="${VAL_N:-192}"            # first rows of alpaca-val-10k.json (the paper evaluates on the first rows)
@@ -24,12 +24,11 @@ step() { echo; echo "== $1 ($(date +%H:%M:%S))"; }
 
 step "slice the data: first $TRAIN_N train rows, first $VAL_N val rows"
 python - "$DATA_DIR" "$OUT" "$TRAIN_N" "$VAL_N" <<'PY'
-import json, sys
-from src.utils import write_json_atomic
+import sys
+from src.utils import read_json, write_json_atomic
 data_dir, out, train_n, val_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-for name, count in (("train", train_n), ("val", val_n)):
-    with open(f"{data_dir}/alpaca-{name}-10k.json", encoding="utf-8") as handle:
-        write_json_atomic(f"{out}/{name}.json", json.load(handle)[:count])
+for name, count in (("train", train_n), ("val", val_n)):  # plain .json or the shipped .json.gz
+    write_json_atomic(f"{out}/{name}.json", read_json(f"{data_dir}/alpaca-{name}-10k.json", "paper data")[:count])
 PY
 
 # Steps whose output exists are skipped, so a stopped run started again goes on where it was.

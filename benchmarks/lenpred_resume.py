@@ -1,6 +1,6 @@
 """`src.lenpred` in one process and in K, and a K-process run killed with SIGKILL halfway, then launched again.
 
-    python -m benchmarks.lenpred_resume --model smollm2-135m --data-path ../shared/data/alpaca-val-10k.json \\
+    python -m benchmarks.lenpred_resume --model smollm2-135m --data-path data/alpaca-val-10k.json \\
         --num-data 64 --max-length 128 --batch-size 8 --processes 2
 
 Prints the wall time of each run, the rows the killed run had finished, the relaunch's time, and whether the

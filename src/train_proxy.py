@@ -1,8 +1,7 @@
 """Train the `proxy` length predictor: a small encoder that reads a prompt and predicts the served model's L_max.
 
-    python -m src.train_proxy --data_path ../shared/data/alpaca-train-10k.json --output_dir ckpts/proxy-minilm
-    python -m src.eval --strategy proxy --predictor-path ckpts/proxy-minilm \
-        --data-path ../shared/data/alpaca-val-10k.json
+    python -m src.train_proxy --output_dir ckpts/proxy-minilm          # data/alpaca-train-10k.json
+    python -m src.eval --strategy proxy --predictor-path ckpts/proxy-minilm   # data/alpaca-val-10k.json
 
 The target is L_max (the largest length over the recorded temperatures, as the paper) on a log scale, with a
 quantile loss: the median head minimises the mean absolute error, the upper heads give FCR caps. The last

@@ -182,6 +182,20 @@ def resolve_dtype(name: str, device: str):
     return dtypes[name]
 
 
+def cpu_has_bf16_instructions() -> bool | None:
+    """Whether the CPU computes bfloat16 natively (x86: avx512_bf16 or AMX; Arm: bf16), from Linux's
+    /proc/cpuinfo; None where that file does not say."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
+    return None
+
+
 def describe_device(device: str) -> str:
     """What a result was measured on, in words: the GPU's name, or the CPU's core count."""
     if device.startswith("cuda"):
@@ -382,6 +396,11 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     if name_or_path == VICUNA_SHAPE_ALIAS and load_format != "dummy":
         raise UserError(f"--model {VICUNA_SHAPE_ALIAS} has no weights: add --load-format dummy (random weights)")
+    if device == "cpu" and torch_dtype == torch.bfloat16 and cpu_has_bf16_instructions() is False:
+        print(
+            "note: this CPU has no bfloat16 instructions, so bfloat16 runs emulated and slowly: try --dtype float32",
+            file=sys.stderr,
+        )
     path = resolve_model_path(name_or_path)
     hint = (
         "pass --model a folder with config.json, tokenizer and weights, a hub id, "

@@ -145,3 +145,20 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         write_json_atomic(path, {"a": Unserialisable()})
     assert path.read_text().strip() == '{\n    "a": 1\n}'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_clis_find_the_shipped_data_without_path_flags(tmp_path, monkeypatch):
+    """As the paper prints its commands: no --data-path, the defaults name data/*.json and the .json.gz is read."""
+    from src import benchmark, construct, eval
+
+    monkeypatch.chdir(PROJECT)
+    instruct = tmp_path / "instruct.json"
+    written = construct.main(["--output-path", str(instruct)])  # data/alpaca-train-10k.json and its length file
+    assert len(written) == 10000 and written[0]["id"] == "5"  # the first id drawn into train
+    metrics = eval.main(["--strategy", "gt", "--plot", str(tmp_path / "gt.png")])  # first 1000 val rows
+    # the oracle is exact but for the few val rows above 512 tokens (up to 514), clamped to --max-length 512
+    assert metrics["num_samples"] == 1000 and metrics["acc_50"] == 1 and metrics["error"] < 0.1
+    output = benchmark.main(["--dry-run", "--replay-lengths", "data/alpaca-val-10k-length.json", "--num-data", "256"])
+    (vanilla,) = output["results"]
+    assert output["args"]["data_path"] == "./data/alpaca-val-10k.json"
+    assert round(vanilla["average_length"], 2) == 334.69  # the 256-sample draw of README's CPU and GPU tables
