@@ -15,10 +15,11 @@ import time
 
 import torch
 
+from src.cli import add_model_arguments, run_cli
 from src.data import load_conversations, select_samples
 from src.generate import generate_batch, left_pad
-from src.prompts import PromptFormatter, choose_template
-from src.utils import add_model_arguments, load_model, run_cli, synchronize, write_json_atomic
+from src.models import load_model_and_formatter
+from src.utils import synchronize, write_json_atomic
 
 
 def main(argv=None):
@@ -31,9 +32,10 @@ def main(argv=None):
     parser.add_argument("--output-json", default=None, help="write the figures and arguments here")
     args = parser.parse_args(argv)
 
-    model, tokenizer, path = load_model(args.model, args.device, args.dtype, None, args.load_format)
+    model, tokenizer, formatter, path = load_model_and_formatter(
+        args.model, args.device, args.dtype, None, args.load_format, args.conv_template
+    )
     device = str(model.device)
-    formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, args.conv_template))
     samples = select_samples(load_conversations(args.data_path), args.batch_size, 42)
     prompts = [formatter.encode(sample.prompt) for sample in samples]
     # lengths spread up to `steps`, so the engine's replay processor does real work on every step

@@ -17,8 +17,10 @@ import argparse
 import time
 from dataclasses import asdict, dataclass
 
+from .cli import add_model_arguments, run_cli
 from .data import default_length_path, load_conversations, load_length_file, require_ids, select_samples
 from .distributed import Processes, start_processes
+from .metrics import compute_continuous_metrics, compute_metrics, latency_metrics, merge_process_results
 from .predictors import PREDICTORS, PredictorContext, build_predictor
 from .schedule import (
     PAPER_VBS_TABLE,
@@ -29,10 +31,7 @@ from .schedule import (
     admission_order,
     bucket_of,
     clamp_prediction,
-    compute_continuous_metrics,
-    compute_metrics,
     final_batches,
-    latency_metrics,
     parse_vbs_table,
     replay_executor,
     run_schedule,
@@ -41,11 +40,9 @@ from .schedule import (
 from .utils import (
     Timer,
     UserError,
-    add_model_arguments,
     describe_device,
     library_versions,
     resolve_device,
-    run_cli,
     set_seed,
     write_json_atomic,
 )
@@ -406,69 +403,6 @@ def _sample_fields(result) -> dict:
     return fields
 
 
-# Counts that add up over processes; every ratio is recomputed from the sums.
-ADDITIVE_FIELDS = (
-    "num_samples",
-    "num_batches",
-    "decode_steps",
-    "token_slots",
-    "generated_tokens",
-    "recomputed_samples",
-    "oom_splits",
-    "unparsable_predictions",
-)
-# Fields of the schedule that a process may choose for itself (VBS auto plans from its own groups' predictions).
-PER_PROCESS_FIELDS = ("vbs_table", "vbs_default_batch_size", "sorted_batch_size")
-
-
-def merge_process_results(results: list[dict], ids: list[str]) -> dict:
-    """One strategy's result from the results of K processes that ran disjoint groups side by side.
-
-    Counts add; ratios are recomputed from them. The processes started together, so the run took as long
-    as its slowest process: throughput is all samples over that wall time, and prediction and generation
-    time are that process's. Latency comes from every sample's own finish time on its process's clock, so
-    it falls as processes are added, as a user's waiting time would. Samples come back in `ids` order.
-    """
-    if len(results) == 1:
-        return results[0]
-    merged = dict(results[0])
-    for name in ADDITIVE_FIELDS:
-        merged[name] = sum(result[name] for result in results)
-    rows = {row["id"]: row | {"process": rank} for rank, result in enumerate(results) for row in result["samples"]}
-    if sorted(rows) != sorted(ids) or sum(len(result["samples"]) for result in results) != len(ids):
-        raise RuntimeError("the processes' samples do not cover every id exactly once")
-    merged["samples"] = [rows[sample_id] for sample_id in ids]
-    # a process numbers its own groups 0, 1, ...; its group g is the run's group g * K + rank (share_groups)
-    merged["batches"] = [
-        batch | {"group": batch["group"] * len(results) + rank, "process": rank}
-        for rank, result in enumerate(results)
-        for batch in result["batches"]
-    ]
-    count, token_slots = merged["num_samples"], merged["token_slots"]
-    merged["average_length"] = token_slots / count
-    merged["effective_token_ratio"] = merged["generated_tokens"] / token_slots if token_slots else 0.0
-    merged["failure_ratio"] = merged["recomputed_samples"] / count
-    merged["truncated_ratio"] = sum(not row["finished"] for row in merged["samples"]) / count
-    slowest = max(results, key=lambda result: result["wall_time_s"])
-    for name in ("wall_time_s", "prediction_time_s", "generation_time_s"):
-        merged[name] = slowest[name]
-    merged["throughput_samples_per_s"] = count / slowest["wall_time_s"]
-    merged["generated_tokens_per_s"] = merged["generated_tokens"] / slowest["generation_time_s"]
-    merged["token_slots_per_s"] = token_slots / slowest["generation_time_s"]
-    for unit in ("steps", "s"):
-        if f"mean_latency_{unit}" in merged:
-            merged.update(latency_metrics({row["id"]: row[f"latency_{unit}"] for row in merged["samples"]}, unit))
-    for name in PER_PROCESS_FIELDS:  # the main process's choice stays in its field; the others' go beside it
-        values = [result.get(name) for result in results]
-        if any(value != values[0] for value in values):
-            merged[f"process_{name}"] = values
-    merged["processes"] = len(results)
-    merged["process_wall_times_s"] = [result["wall_time_s"] for result in results]
-    # a dry run's only clock: how evenly the groups spread the work over the processes
-    merged["process_decode_steps"] = [result["decode_steps"] for result in results]
-    return merged
-
-
 def print_result(result: dict) -> None:
     print(f"Strategy: {result['strategy']}, VBS: {result['vbs']}, FCR: {result['fcr']}")
     print(
@@ -530,12 +464,12 @@ def prepare_model(args, samples, replay, context, processes=None):
     Under several processes each prepares its own samples and the main one calibrates VBS auto for all."""
     processes = processes or Processes()
     from .generate import generate_batch
-    from .prompts import PromptFormatter, choose_template
-    from .utils import load_model
+    from .models import load_model_and_formatter
 
-    model, tokenizer, model_path = load_model(args.model, args.device, args.dtype, args.lora_path, args.load_format)
+    model, tokenizer, formatter, model_path = load_model_and_formatter(
+        args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template
+    )
     device = str(model.device)
-    formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
     context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
     prompt_ids = {sample.id: formatter.encode(sample.prompt) for sample in samples}
     if processes.is_main:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import run_cli
 from .data import default_length_path, json_stem, load_conversations, load_max_lengths, require_ids
 from .prompts import QUERY_PROMPT, with_length_prompt
 from .schedule import bucket_of
-from .utils import run_cli, write_json_atomic
+from .utils import write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

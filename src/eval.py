@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import add_model_arguments, run_cli
 from .data import default_length_path, load_conversations, load_max_lengths, require_ids
 from .distributed import start_processes
+from .metrics import length_metrics
 from .predictors import PREDICTORS, PredictorContext, build_predictor
-from .schedule import bucket_of
-from .utils import Timer, UserError, add_model_arguments, resolve_device, run_cli, write_json_atomic
+from .utils import Timer, UserError, resolve_device, write_json_atomic
 
 DEFAULT_ADAPTER = "./ckpts/vicuna-response-length-perception-module"
 
@@ -50,27 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.length_path = args.length_path or default_length_path(args.data_path)
     args.plot = args.plot or f"imgs/eval-{args.strategy}.png"
     return args
-
-
-def length_metrics(predictions: list[int], targets: list[int]) -> dict:
-    """The paper's Error, Acc-50 and Acc-100, plus ranking and bucket agreement (accuracies as fractions)."""
-    from scipy.stats import kendalltau, spearmanr
-
-    count = len(targets)
-    errors = [abs(prediction - target) for prediction, target in zip(predictions, targets, strict=True)]
-    constant = len(set(predictions)) < 2  # a rank correlation is undefined for a constant predictor
-    return {
-        "num_samples": count,
-        "error": sum(errors) / count,
-        "acc_50": sum(error <= 50 for error in errors) / count,
-        "acc_100": sum(error <= 100 for error in errors) / count,
-        "kendall_tau": 0.0 if constant else float(kendalltau(predictions, targets).statistic),
-        "spearman": 0.0 if constant else float(spearmanr(predictions, targets).statistic),
-        "bucket_accuracy": sum(
-            bucket_of(prediction) == bucket_of(target) for prediction, target in zip(predictions, targets, strict=True)
-        )
-        / count,
-    }
 
 
 def plot_predictions(path: str, predictions: list[int], targets: list[int], title: str) -> None:
@@ -105,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     device = context.options["predictor_device"] if args.strategy == "proxy" else "cpu"
     if PREDICTORS[args.strategy].needs_model:
-        from .prompts import PromptFormatter, choose_template
-        from .utils import load_model
+        from .models import load_model_and_formatter
 
-        model, tokenizer, path = load_model(args.model, args.device, args.dtype, args.lora_path, args.load_format)
-        context.model, context.tokenizer = model, tokenizer
-        context.formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, args.conv_template))
+        model, tokenizer, formatter, _ = load_model_and_formatter(
+            args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template
+        )
+        context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
         device = str(model.device)
     predictor = build_predictor(args.strategy, context)
     # whole prediction batches are shared out, so the generative predictors (po, seqsch) batch the same prompts as in

@@ -51,6 +51,17 @@ def eos_token_ids_of(model, tokenizer) -> list[int]:
     return [int(token_id) for token_id in ids if token_id is not None]
 
 
+def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training batches: each row starts at column 0, padding and a zero mask after it."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [B, T]
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, T]
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return input_ids, attention_mask
+
+
 def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts end at the same column, so every row's next token is generated at the same position."""
     width = max(len(prompt) for prompt in prompts)

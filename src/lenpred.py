@@ -21,9 +21,10 @@ import json
 import os
 from pathlib import Path
 
+from .cli import add_model_arguments, run_cli
 from .data import TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
 from .distributed import Processes, start_processes
-from .utils import UserError, add_model_arguments, run_cli, set_seed, write_json_atomic
+from .utils import UserError, set_seed, write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,11 +197,11 @@ def generate_lengths(args, batches, processes: Processes, identity: dict, initia
     from tqdm import tqdm
 
     from .generate import eos_token_ids_of, generate_batch
-    from .prompts import PromptFormatter, choose_template
-    from .utils import load_model
+    from .models import load_model_and_formatter
 
-    model, tokenizer, model_path = load_model(args.model, args.device, args.dtype, None, args.load_format)
-    formatter = PromptFormatter(tokenizer, choose_template(model_path, tokenizer, args.conv_template))
+    model, tokenizer, formatter, _ = load_model_and_formatter(
+        args.model, args.device, args.dtype, None, args.load_format, args.conv_template
+    )
     eos_token_ids = eos_token_ids_of(model, tokenizer)
     side_file = partial_path(args.output_path, processes)
     _, has_header = read_partial(side_file, identity)

@@ -12,7 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from .utils import UserError, read_json, run_cli
+from .cli import run_cli
+from .utils import UserError, read_json
 
 USEFUL_COLOR = "#2a9d8f"
 WASTED_COLOR = "#e76f51"

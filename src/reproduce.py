@@ -23,7 +23,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import UserError, read_json, run_cli
+from .cli import run_cli
+from .utils import UserError, read_json
 
 DATA = "data/alpaca-val-10k.json"
 LENGTHS = "data/alpaca-val-10k-length.json"

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import run_cli
 from .prompts import alpaca_human_turn
-from .utils import UserError, read_json, run_cli, write_json_atomic
+from .utils import UserError, read_json, write_json_atomic
 
 ALPACA_SIZE = 52002
 SPLIT_SIZE = 10_000

@@ -8,8 +8,7 @@ identified by id everywhere, so no reordering can send a result to the wrong pro
 from __future__ import annotations
 
 import heapq
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 # Predictions and VBS work in 50-token buckets: the paper found exact lengths too noisy to learn and
@@ -256,23 +255,6 @@ def run_schedule(
     return RunRecord(executed, {sample_id: results[sample_id] for sample_id in ids})
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile: the smallest value with at least `fraction` of the values at or below it."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
-
-
-def latency_metrics(finish: Mapping[str, float], unit: str) -> dict:
-    """Mean and p90 of per-sample finish times, counted from the start of the run (all samples arrive at once)."""
-    values = list(finish.values())
-    return {
-        f"mean_latency_{unit}": sum(values) / len(values) if values else 0.0,
-        f"p90_latency_{unit}": percentile(values, 0.9),
-    }
-
-
 def final_batches(record: RunRecord) -> dict[str, tuple[int, ExecutedBatch]]:
     """For each sample, the batch that gave its final result and the decode steps run up to its end
     (batches run one after another)."""
@@ -284,33 +266,6 @@ def final_batches(record: RunRecord) -> dict[str, tuple[int, ExecutedBatch]]:
             if record.results[sample_id].recomputed == executed.batch.recompute:
                 final[sample_id] = (steps, executed)
     return {sample_id: final[sample_id] for sample_id in record.results}
-
-
-def compute_metrics(record: RunRecord) -> dict:
-    """DESIGN.md's metrics, the one definition used by the engine, the dry run and the tests.
-
-    token slots count every batch run, failed FCR first attempts included; generated tokens count the
-    final results only. Latency in steps is the decode steps run before a sample's result (the dry run's
-    clock: on a memory-bound GPU a step costs about the same at any batch size).
-    """
-    num_samples = len(record.results)
-    token_slots = sum(batch.token_slots for batch in record.batches)
-    generated_tokens = sum(result.length for result in record.results.values())
-    recomputed = sum(result.recomputed for result in record.results.values())
-    truncated = sum(not result.finished for result in record.results.values())
-    return {
-        "num_samples": num_samples,
-        "num_batches": len(record.batches),
-        "decode_steps": sum(batch.steps for batch in record.batches),
-        "token_slots": token_slots,
-        "generated_tokens": generated_tokens,
-        "average_length": token_slots / num_samples if num_samples else 0.0,
-        "effective_token_ratio": generated_tokens / token_slots if token_slots else 0.0,
-        "failure_ratio": recomputed / num_samples if num_samples else 0.0,
-        "recomputed_samples": recomputed,
-        "truncated_ratio": truncated / num_samples if num_samples else 0.0,
-        **latency_metrics({sample_id: steps for sample_id, (steps, _) in final_batches(record).items()}, "steps"),
-    }
 
 
 # --------------------------------------------------------------------------- continuous batching
@@ -352,29 +307,6 @@ def simulate_continuous(order: list[str], lengths: Mapping[str, int], slots: int
         heapq.heappush(free_at, finish[sample_id])
     finished = {sample_id: int(lengths[sample_id]) <= max_length for sample_id in order}
     return ContinuousRecord(list(order), capped, finished, finish, slots)
-
-
-def compute_continuous_metrics(record: ContinuousRecord) -> dict:
-    """The same columns as `compute_metrics`: token slots are iterations x the slot budget, so a slot left
-    empty while the queue runs dry is wasted like a padding slot of a static batch."""
-    num_samples = len(record.lengths)
-    steps = max(record.finish_steps.values(), default=0)
-    token_slots = steps * record.slots
-    generated_tokens = sum(record.lengths.values())
-    truncated = sum(not finished for finished in record.finished.values())
-    return {
-        "num_samples": num_samples,
-        "num_batches": 0,
-        "decode_steps": steps,
-        "token_slots": token_slots,
-        "generated_tokens": generated_tokens,
-        "average_length": token_slots / num_samples if num_samples else 0.0,
-        "effective_token_ratio": generated_tokens / token_slots if token_slots else 0.0,
-        "failure_ratio": 0.0,
-        "recomputed_samples": 0,
-        "truncated_ratio": truncated / num_samples if num_samples else 0.0,
-        **latency_metrics(record.finish_steps, "steps"),
-    }
 
 
 def replay_executor(lengths: Mapping[str, int]) -> RunBatch:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .utils import UserError, run_cli
+from .cli import run_cli
+from .generate import right_pad
+from .utils import UserError
 
 
 @dataclass
@@ -71,17 +73,6 @@ def encode_example(formatter, human: str, answer: str, end_token_id: int, max_le
     return {"input_ids": prompt_ids + answer_ids, "prompt_length": len(prompt_ids)}
 
 
-def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training batches: each row starts at column 0, padding and a zero mask after it."""
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, T]
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    return input_ids, attention_mask
-
-
 class AnswerOnlyCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -115,8 +106,8 @@ def main(argv: list[str] | None = None):
     from transformers import HfArgumentParser, Trainer, TrainingArguments
 
     from .generate import eos_token_ids_of
-    from .prompts import PromptFormatter, choose_template
-    from .utils import load_model, write_json_atomic
+    from .models import load_model_and_formatter
+    from .utils import write_json_atomic
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
     try:
@@ -126,8 +117,9 @@ def main(argv: list[str] | None = None):
     except ValueError as error:  # unknown flags, or values TrainingArguments rejects
         raise UserError(f"train_lora arguments: {error}") from None
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
-    model, tokenizer, path = load_model(model_args.model_name_or_path, "cpu", model_args.model_dtype)
-    formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, model_args.conv_template))
+    model, tokenizer, formatter, path = load_model_and_formatter(
+        model_args.model_name_or_path, "cpu", model_args.model_dtype, conv_template=model_args.conv_template
+    )
     end_token_id = eos_token_ids_of(model, tokenizer)[0]
     examples = load_examples(data_args, formatter, end_token_id)
 

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .utils import UserError, run_cli
+from .cli import run_cli
+from .utils import UserError
 
 
 @dataclass
@@ -42,7 +43,7 @@ class PaddingCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
-        from .train_lora import right_pad
+        from .generate import right_pad
 
         input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
         labels = torch.tensor([example["labels"] for example in examples], dtype=torch.float32)  # [B]
@@ -65,7 +66,7 @@ def load_rows(args: ProxyArguments):
 def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModel, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-    from .eval import length_metrics
+    from .metrics import length_metrics
     from .proxy import LengthProxy, resolve_encoder, save_proxy
     from .schedule import clamp_prediction
 

@@ -64,7 +64,7 @@ def eos_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from src.utils import load_model
+    from src.models import load_model
 
     model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", "float32")
     return model, tokenizer

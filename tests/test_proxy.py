@@ -10,11 +10,11 @@ import pytest
 
 from src import benchmark
 from src import eval as length_eval
+from src.cli import run_cli
 from src.data import load_conversations
 from src.predictors import PredictorContext, build_predictor
 from src.proxy import CONFIG_NAME, HEAD_NAME, LoadedProxy
 from src.schedule import ScheduleConfig, plan_first_batches
-from src.utils import run_cli
 
 DEMO = Path(__file__).resolve().parents[1] / "data"
 

@@ -6,13 +6,12 @@ import random
 
 import pytest
 
+from src.metrics import compute_continuous_metrics, compute_metrics
 from src.schedule import (
     PAPER_VBS_TABLE,
     ScheduleConfig,
     admission_order,
     bucket_of,
-    compute_continuous_metrics,
-    compute_metrics,
     parse_vbs_table,
     plan_first_batches,
     replay_executor,

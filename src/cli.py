@@ -1,0 +1,61 @@
+"""What every command-line entry point shares: `run_cli` (a user's mistake becomes one line and exit status 2)
+and the argument groups of the model and of the length predictors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .distributed import end_processes
+from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS
+from .utils import UserError
+
+
+def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
+    """Run a CLI's `main`, turning a UserError into one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as error:
+        end_processes(finished=False)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every process meets the same mistake: say it once
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        end_processes(finished=False)
+        print("interrupted: finished outputs were kept, partial ones were not written", file=sys.stderr)
+        sys.exit(130)
+    except BaseException:
+        end_processes(finished=False)
+        raise
+    end_processes()
+
+
+def add_model_arguments(parser) -> None:
+    """The flags every CLI that loads a model shares."""
+    parser.add_argument(
+        "--model",
+        default="./ckpts/vicuna-7b",
+        help=f"local folder, hub id, or an offline alias: {SMOLLM2_ALIAS} (the packaged SmolLM2-135M-Instruct) or "
+        f"{VICUNA_SHAPE_ALIAS} (Vicuna-7B's architecture without weights, with --load-format dummy)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights dtype; auto is float16 on CUDA/MPS (as the paper) and float32 on CPU",
+    )
+    parser.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy keeps the architecture and tokenizer but draws random weights (system measurements only)",
+    )
+    parser.add_argument(
+        "--conv-template",
+        default=None,
+        help="fastchat template name, or chat_template for the tokenizer's own; "
+        "default: vicuna_v1.1 for Vicuna models, else the tokenizer's chat template",
+    )

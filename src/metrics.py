@@ -1,0 +1,177 @@
+"""The metrics, one definition each: a static schedule's, continuous batching's, several processes' merged, and
+the length predictors' accuracy.
+
+For one run over N samples (README's "Metrics"): a batch's steps are its longest generated length; token slots are
+steps x batch size over every batch run, failed FCR first attempts included; `average_length` = token slots / N;
+`effective_token_ratio` = generated tokens of the final results / token slots; `failure_ratio` = recomputed
+samples / N; `truncated_ratio` = final results without EOS / N. `token_ratios` is the only place that divides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from .schedule import ContinuousRecord, RunRecord, bucket_of, final_batches
+
+
+def token_ratios(num_samples: int, token_slots: int, generated_tokens: int, recomputed: int, truncated: int) -> dict:
+    """The ratios of every kind of run, from its counts."""
+    return {
+        "average_length": token_slots / num_samples if num_samples else 0.0,
+        "effective_token_ratio": generated_tokens / token_slots if token_slots else 0.0,
+        "failure_ratio": recomputed / num_samples if num_samples else 0.0,
+        "truncated_ratio": truncated / num_samples if num_samples else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least `fraction` of the values at or below it."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(1, math.ceil(fraction * len(ordered))) - 1]
+
+
+def latency_metrics(finish: Mapping[str, float], unit: str) -> dict:
+    """Mean and p90 of per-sample finish times, counted from the start of the run (all samples arrive at once)."""
+    values = list(finish.values())
+    return {
+        f"mean_latency_{unit}": sum(values) / len(values) if values else 0.0,
+        f"p90_latency_{unit}": percentile(values, 0.9),
+    }
+
+
+def compute_metrics(record: RunRecord) -> dict:
+    """A static schedule's metrics, the one definition used by the engine, the dry run and the tests.
+
+    token slots count every batch run, failed FCR first attempts included; generated tokens count the
+    final results only. Latency in steps is the decode steps run before a sample's result (the dry run's
+    clock: on a memory-bound GPU a step costs about the same at any batch size).
+    """
+    num_samples = len(record.results)
+    token_slots = sum(batch.token_slots for batch in record.batches)
+    generated_tokens = sum(result.length for result in record.results.values())
+    recomputed = sum(result.recomputed for result in record.results.values())
+    truncated = sum(not result.finished for result in record.results.values())
+    return {
+        "num_samples": num_samples,
+        "num_batches": len(record.batches),
+        "decode_steps": sum(batch.steps for batch in record.batches),
+        "token_slots": token_slots,
+        "generated_tokens": generated_tokens,
+        "recomputed_samples": recomputed,
+        **token_ratios(num_samples, token_slots, generated_tokens, recomputed, truncated),
+        **latency_metrics({sample_id: steps for sample_id, (steps, _) in final_batches(record).items()}, "steps"),
+    }
+
+
+def compute_continuous_metrics(record: ContinuousRecord) -> dict:
+    """The same columns as `compute_metrics`: token slots are iterations x the slot budget, so a slot left
+    empty while the queue runs dry is wasted like a padding slot of a static batch."""
+    num_samples = len(record.lengths)
+    steps = max(record.finish_steps.values(), default=0)
+    token_slots = steps * record.slots
+    generated_tokens = sum(record.lengths.values())
+    truncated = sum(not finished for finished in record.finished.values())
+    return {
+        "num_samples": num_samples,
+        "num_batches": 0,
+        "decode_steps": steps,
+        "token_slots": token_slots,
+        "generated_tokens": generated_tokens,
+        "recomputed_samples": 0,
+        **token_ratios(num_samples, token_slots, generated_tokens, 0, truncated),
+        **latency_metrics(record.finish_steps, "steps"),
+    }
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+# Counts that add up over processes; every ratio is recomputed from the sums.
+ADDITIVE_FIELDS = (
+    "num_samples",
+    "num_batches",
+    "decode_steps",
+    "token_slots",
+    "generated_tokens",
+    "recomputed_samples",
+    "oom_splits",
+    "unparsable_predictions",
+)
+# Fields of the schedule that a process may choose for itself (VBS auto plans from its own groups' predictions).
+PER_PROCESS_FIELDS = ("vbs_table", "vbs_default_batch_size", "sorted_batch_size")
+
+
+def merge_process_results(results: list[dict], ids: list[str]) -> dict:
+    """One strategy's result from the results of K processes that ran disjoint groups side by side.
+
+    Counts add; ratios are recomputed from them. The processes started together, so the run took as long
+    as its slowest process: throughput is all samples over that wall time, and prediction and generation
+    time are that process's. Latency comes from every sample's own finish time on its process's clock, so
+    it falls as processes are added, as a user's waiting time would. Samples come back in `ids` order.
+    """
+    if len(results) == 1:
+        return results[0]
+    merged = dict(results[0])
+    for name in ADDITIVE_FIELDS:
+        merged[name] = sum(result[name] for result in results)
+    rows = {row["id"]: row | {"process": rank} for rank, result in enumerate(results) for row in result["samples"]}
+    if sorted(rows) != sorted(ids) or sum(len(result["samples"]) for result in results) != len(ids):
+        raise RuntimeError("the processes' samples do not cover every id exactly once")
+    merged["samples"] = [rows[sample_id] for sample_id in ids]
+    # a process numbers its own groups 0, 1, ...; its group g is the run's group g * K + rank (share_groups)
+    merged["batches"] = [
+        batch | {"group": batch["group"] * len(results) + rank, "process": rank}
+        for rank, result in enumerate(results)
+        for batch in result["batches"]
+    ]
+    count, token_slots = merged["num_samples"], merged["token_slots"]
+    truncated = sum(not row["finished"] for row in merged["samples"])
+    merged.update(token_ratios(count, token_slots, merged["generated_tokens"], merged["recomputed_samples"], truncated))
+    slowest = max(results, key=lambda result: result["wall_time_s"])
+    for name in ("wall_time_s", "prediction_time_s", "generation_time_s"):
+        merged[name] = slowest[name]
+    merged["throughput_samples_per_s"] = count / slowest["wall_time_s"]
+    merged["generated_tokens_per_s"] = merged["generated_tokens"] / slowest["generation_time_s"]
+    merged["token_slots_per_s"] = token_slots / slowest["generation_time_s"]
+    for unit in ("steps", "s"):
+        if f"mean_latency_{unit}" in merged:
+            merged.update(latency_metrics({row["id"]: row[f"latency_{unit}"] for row in merged["samples"]}, unit))
+    for name in PER_PROCESS_FIELDS:  # the main process's choice stays in its field; the others' go beside it
+        values = [result.get(name) for result in results]
+        if any(value != values[0] for value in values):
+            merged[f"process_{name}"] = values
+    merged["processes"] = len(results)
+    merged["process_wall_times_s"] = [result["wall_time_s"] for result in results]
+    # a dry run's only clock: how evenly the groups spread the work over the processes
+    merged["process_decode_steps"] = [result["decode_steps"] for result in results]
+    return merged
+
+
+# --------------------------------------------------------------------------- length prediction
+
+
+def length_metrics(predictions: list[int], targets: list[int]) -> dict:
+    """The paper's Error, Acc-50 and Acc-100, plus ranking and bucket agreement (accuracies as fractions)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    count = len(targets)
+    errors = [abs(prediction - target) for prediction, target in zip(predictions, targets, strict=True)]
+    constant = len(set(predictions)) < 2  # a rank correlation is undefined for a constant predictor
+    return {
+        "num_samples": count,
+        "error": sum(errors) / count,
+        "acc_50": sum(error <= 50 for error in errors) / count,
+        "acc_100": sum(error <= 100 for error in errors) / count,
+        "kendall_tau": 0.0 if constant else float(kendalltau(predictions, targets).statistic),
+        "spearman": 0.0 if constant else float(spearmanr(predictions, targets).statistic),
+        "bucket_accuracy": sum(
+            bucket_of(prediction) == bucket_of(target) for prediction, target in zip(predictions, targets, strict=True)
+        )
+        / count,
+    }
