@@ -10,7 +10,7 @@ from typing import Any
 
 from .distributed import end_processes
 from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS
-from .utils import UserError
+from .utils import UserError, resolve_device
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
@@ -58,4 +58,33 @@ def add_model_arguments(parser) -> None:
         default=None,
         help="fastchat template name, or chat_template for the tokenizer's own; "
         "default: vicuna_v1.1 for Vicuna models, else the tokenizer's chat template",
+    )
+
+
+def add_predictor_arguments(parser) -> None:
+    """The flags of the length predictors that src.benchmark and src.eval share."""
+    parser.add_argument(
+        "--prediction-batch-size", type=int, default=128, help="prompts per length-prediction batch (po, seqsch)"
+    )
+    parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
+    parser.add_argument(
+        "--predictor-path", default=None, help="folder of a proxy predictor (python -m src.train_proxy)"
+    )
+
+
+def predictor_context(args):
+    """The PredictorContext of a CLI's parsed flags (`add_predictor_arguments`, --max-length, --length-path,
+    --device, and --gt-field where the CLI has it); the model is attached once it is loaded."""
+    from .predictors import PredictorContext
+
+    return PredictorContext(
+        max_length=args.max_length,
+        length_path=args.length_path,
+        options={
+            "prediction_batch_size": args.prediction_batch_size,
+            "constant_length": args.constant_length,
+            "gt_field": getattr(args, "gt_field", None),
+            "predictor_path": args.predictor_path,
+            "predictor_device": resolve_device(args.device),
+        },
     )

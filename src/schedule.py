@@ -1,7 +1,7 @@
 """Sequence scheduling, as pure Python over lengths: no torch, no model.
 
 The scheduler decides and returns plain data (`Batch`); a runner executes each batch through an injected
-`run_batch` callable and this module turns what came back into the metrics of DESIGN.md. Samples are
+`run_batch` callable and returns a record of what ran, from which src.metrics computes the metrics. Samples are
 identified by id everywhere, so no reordering can send a result to the wrong prompt.
 """
 

@@ -21,13 +21,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .cli import run_cli
+from .data import PAPER_TRAIN_DATA
+from .proxy import DEFAULT_PROXY_PATH
 from .utils import UserError
 
 
 @dataclass
 class ProxyArguments:
     encoder: str = field(default="minilm", metadata={"help": "minilm (packaged all-MiniLM-L6-v2), a folder or hub id"})
-    data_path: str = field(default="data/alpaca-train-10k.json", metadata={"help": "FastChat conversation file"})
+    data_path: str = field(default=PAPER_TRAIN_DATA, metadata={"help": "FastChat conversation file"})
     length_path: str | None = field(default=None, metadata={"help": "its length file; default: data path + -length"})
     num_data: int | None = field(default=None, metadata={"help": "use only the first N rows of the data file"})
     holdout: int = field(default=1000, metadata={"help": "last rows kept out of training, to choose settings on"})
@@ -72,10 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = HfArgumentParser((ProxyArguments, TrainingArguments))
     defaults = {
-        "output_dir": "ckpts/proxy-minilm",
+        "output_dir": DEFAULT_PROXY_PATH,
         "num_train_epochs": 2,
         "per_device_train_batch_size": 32,
-        "learning_rate": 5e-5,
+        "learning_rate": 8e-5,  # the rate of the proxy that README reports
         "lr_scheduler_type": "linear",
         "warmup_steps": 0.05,
         "weight_decay": 0.01,

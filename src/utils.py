@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import sys
 import tempfile
 import time
 import zlib
@@ -33,11 +34,21 @@ def resolve_json_path(path: str | os.PathLike) -> Path:
 
     A plain file beside the shipped `.json.gz` (one a user regenerated, say) therefore takes precedence."""
     path = Path(path)
-    if not path.exists() and path.name.endswith(".json"):
-        compressed = path.with_name(path.name + GZIP_SUFFIX)
-        if compressed.is_file():
-            return compressed
+    if not path.name.endswith(".json"):
+        return path
+    compressed = path.with_name(path.name + GZIP_SUFFIX)
+    if not path.exists():
+        return compressed if compressed.is_file() else path
+    if compressed.is_file() and str(path) not in _SHADOWS_NOTED:  # say it once: a partial copy would mislead quietly
+        _SHADOWS_NOTED.add(str(path))
+        print(
+            f"note: reading {path}, not the {compressed.name} beside it (delete {path.name} to read that)",
+            file=sys.stderr,
+        )
     return path
+
+
+_SHADOWS_NOTED: set[str] = set()
 
 
 def open_text(path: str | os.PathLike):
@@ -61,17 +72,19 @@ def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
     except UnicodeDecodeError:
         raise UserError(f"{what} {path} is not UTF-8 text") from None
     except (gzip.BadGzipFile, EOFError, zlib.error):
-        raise UserError(f"{what} {path} is not a complete gzip file: download or decompress it again") from None
+        raise UserError(f"{what} {path} is not a complete gzip file: make or download it again") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write through a temporary file in the same folder, then rename: readers never see half a file.
+    A name ending in `.gz` gets gzip-compressed text (no time stamp inside: the same text, the same bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            data = text.encode("utf-8")
+            stream.write(gzip.compress(data, mtime=0) if path.name.endswith(GZIP_SUFFIX) else data)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)

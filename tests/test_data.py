@@ -47,7 +47,7 @@ def test_shipped_paper_files_decode_to_the_recorded_json():
         assert hashlib.sha256(raw).hexdigest() == digest, name
 
 
-def test_plain_names_find_the_compressed_files_and_a_plain_copy_wins(tmp_path):
+def test_plain_names_find_the_compressed_files_and_a_plain_copy_wins(tmp_path, capsys):
     rows = [{"id": "1", "L_t0.0": 5}]
     compressed = tmp_path / "x-length.json.gz"
     compressed.write_bytes(gzip.compress(json.dumps(rows).encode()))
@@ -55,7 +55,20 @@ def test_plain_names_find_the_compressed_files_and_a_plain_copy_wins(tmp_path):
     assert read_json(tmp_path / "x-length.json", "length file") == rows
     assert read_json(compressed, "length file") == rows
     (tmp_path / "x-length.json").write_text(json.dumps([{"id": "2", "L_t0.0": 7}]))
+    capsys.readouterr()
     assert load_length_file(tmp_path / "x-length.json", ("L_t0.0",)) == {"2": {"id": "2", "L_t0.0": 7}}
+    assert load_length_file(tmp_path / "x-length.json", ("L_t0.0",)) == {"2": {"id": "2", "L_t0.0": 7}}
+    # a partial copy beside the shipped file would change what is measured: said once, on stderr
+    assert capsys.readouterr().err.count("not the x-length.json.gz beside it") == 1
+
+
+def test_a_gz_name_is_written_compressed_and_reads_back(tmp_path):
+    rows = [{"id": "1", "L_t0.0": 5}]
+    write_json_atomic(tmp_path / "out.json.gz", rows)
+    write_json_atomic(tmp_path / "again.json.gz", rows)
+    assert json.loads(gzip.decompress((tmp_path / "out.json.gz").read_bytes())) == rows
+    assert (tmp_path / "out.json.gz").read_bytes() == (tmp_path / "again.json.gz").read_bytes()  # no time stamp
+    assert read_json(tmp_path / "out.json", "length file") == rows
 
 
 def test_a_cut_gzip_file_is_a_user_error(tmp_path):
@@ -160,5 +173,5 @@ def test_clis_find_the_shipped_data_without_path_flags(tmp_path, monkeypatch):
     assert metrics["num_samples"] == 1000 and metrics["acc_50"] == 1 and metrics["error"] < 0.1
     output = benchmark.main(["--dry-run", "--replay-lengths", "data/alpaca-val-10k-length.json", "--num-data", "256"])
     (vanilla,) = output["results"]
-    assert output["args"]["data_path"] == "./data/alpaca-val-10k.json"
+    assert output["args"]["data_path"] == "data/alpaca-val-10k.json"
     assert round(vanilla["average_length"], 2) == 334.69  # the 256-sample draw of README's CPU and GPU tables

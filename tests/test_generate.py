@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.benchmark import make_run_batch
 from src.generate import generate_batch
 from src.metrics import compute_metrics
 from src.prompts import VICUNA_TEMPLATE, PromptFormatter
 from src.schedule import ScheduleConfig, replay_executor, run_schedule
+from src.strategies import make_run_batch
 
 from .conftest import SMALL_LENGTHS
 

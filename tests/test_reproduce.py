@@ -52,12 +52,14 @@ def test_side_by_side_cells_by_hand():
         }
     }
     lines = reproduce.side_by_side_table(outputs).splitlines()
-    assert lines[0] == "| strategy | paper: A100, Vicuna-7B (1024) | NVIDIA H200, Vicuna-7B shape (256 samples) |"
+    assert lines[0] == (
+        "| strategy | the paper: A100, Vicuna-7B, 1024 samples | GPU: NVIDIA H200, Vicuna-7B shape, 256 samples |"
+    )
     assert lines[2] == "| vanilla (no scheduling) | 1.39 (1.00x), 370.84, 33.9 % | 1.50 (1.00x), 334.69, 36.0 % |"
     # 2.4 / 1.5 = 1.60; the paper's 2.69 / 1.39 = 1.94
     assert lines[3] == "| oracle lengths + VBS + FCR | 2.69 (1.94x), 196.34, 61.6 % | 2.40 (1.60x), 187.32, 64.3 % |"
     assert lines[4].endswith("| 2.30 (1.65x), 215.06, 47.2 % | not run |")
-    assert lines[5] == "| continuous batching, FCFS | - | not run |"
+    assert lines[5] == "| continuous batching, FCFS, 16 slots | - | not run |"
 
 
 def test_a_model_part_runs_the_benchmark_and_draws(tiny_model_dir, small_data, tmp_path, monkeypatch, capsys):
@@ -75,9 +77,13 @@ def test_a_model_part_runs_the_benchmark_and_draws(tiny_model_dir, small_data, t
     assert "| strategy | samples/s | average length |" in out and "| CPU, tiny (6 samples) |" in out
 
 
-def test_bad_parts(capsys, monkeypatch):
+def test_bad_parts(capsys, monkeypatch, tmp_path):
     with pytest.raises(UserError, match="unknown part 'tpu'"):
         reproduce.main(["tpu"])
+    with pytest.raises(UserError, match="--quick shortens part cpu"):
+        reproduce.main(["dry", "--quick"])
+    assert reproduce.main(["--table-only", *paths(tmp_path)]) == {}
+    assert "no results in" in capsys.readouterr().out
     monkeypatch.setattr(reproduce, "cuda_present", lambda: False)
     with pytest.raises(UserError, match="part gpu needs a CUDA GPU"):
         reproduce.main(["gpu"])

@@ -1,0 +1,289 @@
+"""Strategies: the grammar of `--strategies` (`gt+vbs+fcr`, `continuous:proxy`) and how one strategy runs, from
+predictions to a result: static batches through the scheduler (src.schedule) and an injected batch executor, or
+continuous batching through the engine's queue (or its iteration model in a dry run).
+
+Adding a strategy modifier means a field of `Strategy`, its parsing here, and its use in `_run_static`; adding a
+predictor needs nothing here (src.predictors' registry).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from .distributed import Processes
+from .metrics import compute_continuous_metrics, compute_metrics, latency_metrics
+from .predictors import PREDICTORS
+from .schedule import (
+    PAPER_VBS_TABLE,
+    Batch,
+    BatchOutcome,
+    ContinuousRecord,
+    ScheduleConfig,
+    admission_order,
+    bucket_of,
+    clamp_prediction,
+    final_batches,
+    run_schedule,
+    simulate_continuous,
+)
+from .utils import Timer, UserError, set_seed
+
+STRATEGY_MODIFIERS = ("vbs", "fcr")
+CONTINUOUS = "continuous"
+
+
+@dataclass(frozen=True)
+class Strategy:
+    predictor: str
+    vbs: bool = False
+    fcr: bool = False
+    continuous: bool = False  # iteration-level batching; with predictor vanilla, admission in data order
+
+    @property
+    def label(self) -> str:
+        if self.continuous:
+            return CONTINUOUS if self.predictor == "vanilla" else f"{CONTINUOUS}:{self.predictor}"
+        return "+".join([self.predictor] + [name for name in STRATEGY_MODIFIERS if getattr(self, name)])
+
+
+def parse_strategy(text: str, vbs: bool = False, fcr: bool = False) -> Strategy:
+    """`gt+vbs+fcr` -> Strategy('gt', True, True); --vbs/--fcr add to every strategy but vanilla,
+    which is the unscheduled baseline by definition. `continuous` is continuous batching in data order
+    (FCFS), `continuous:gt` admits shortest predicted first (any predictor); VBS and FCR do not apply to it."""
+    text = text.strip()
+    if text == CONTINUOUS or text.startswith(CONTINUOUS + ":"):
+        _, _, order_by = text.partition(":")
+        if order_by and order_by not in PREDICTORS:
+            raise UserError(f"unknown predictor {order_by!r} in {text!r}: choose from {', '.join(sorted(PREDICTORS))}")
+        return Strategy(order_by or "vanilla", continuous=True)
+    name, *modifiers = text.split("+")
+    if name == CONTINUOUS:
+        raise UserError(f"{text!r}: VBS and FCR do not apply to continuous batching, which has no batch to cut")
+    if name not in PREDICTORS:
+        raise UserError(f"unknown strategy {name!r}: choose from {', '.join(sorted(PREDICTORS))}")
+    unknown = [modifier for modifier in modifiers if modifier not in STRATEGY_MODIFIERS]
+    if unknown:
+        raise UserError(f"unknown strategy modifier {unknown[0]!r} in {text!r}: use +vbs and/or +fcr")
+    if name == "vanilla":
+        return Strategy("vanilla")
+    return Strategy(name, vbs or "vbs" in modifiers, fcr or "fcr" in modifiers)
+
+
+def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug, fail_above=None):
+    """The executor: one scheduled batch through `generate_batch`, split in halves on out-of-memory errors
+    (counted in `run_batch.oom_splits`)."""
+    from .generate import eos_token_ids_of, generate_batch, generate_splitting_on_oom
+
+    eos_token_ids = eos_token_ids_of(model, tokenizer)
+
+    def count_split():
+        run_batch.oom_splits += 1
+
+    def run_batch(batch: Batch) -> BatchOutcome:
+        generated = generate_splitting_on_oom(
+            lambda prompts, lengths: generate_batch(
+                model, tokenizer, prompts, batch.max_new_tokens, temperature, lengths, eos_token_ids
+            ),
+            [prompt_ids[sample_id] for sample_id in batch.ids],
+            [replay[sample_id] for sample_id in batch.ids] if replay is not None else None,
+            count_split,
+            fail_above,
+        )
+        outcome = BatchOutcome(
+            {sample_id: sample.length for sample_id, sample in zip(batch.ids, generated, strict=True)},
+            {sample_id: sample.finished for sample_id, sample in zip(batch.ids, generated, strict=True)},
+            {sample_id: sample.text for sample_id, sample in zip(batch.ids, generated, strict=True)},
+        )
+        if debug:
+            kind = "recompute" if batch.recompute else "first"
+            steps = max(outcome.lengths.values())
+            print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
+        return outcome
+
+    run_batch.oom_splits = 0
+    return run_batch
+
+
+@dataclass(frozen=True)
+class Executors:
+    """How batches run: `run_batch` for static batches; `run_continuous(order, on_result)` for continuous
+    batching on the engine, None in the dry run (the iteration model stands in for it)."""
+
+    run_batch: object
+    run_continuous: object = None
+    step_costs: object = None  # vbs_auto.StepCosts of the device, for --vbs-table auto
+    mean_prompt_length: float = 0.0
+
+
+def run_strategy(strategy, args, samples, predictor, executors, device, replay=None, show=True) -> dict:
+    """Predict, schedule and generate for one strategy; returns its result object. `show` off keeps the
+    progress bar and notes of a process that is not the main one off the terminal."""
+    from tqdm import tqdm
+
+    set_seed(args.seed)  # sampling runs repeat exactly, whatever ran before
+    caps = None
+    with Timer(device) as prediction_timer:
+        predictions = predictor.predict(samples)
+        if args.bucket_predictions:
+            predictions = {
+                key: clamp_prediction(bucket_of(value), args.max_length) for key, value in predictions.items()
+            }
+        if strategy.fcr and args.fcr_quantile is not None:
+            if not hasattr(predictor, "predict_quantile"):
+                raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
+            caps = predictor.predict_quantile(samples, args.fcr_quantile)
+    ids = [sample.id for sample in samples]
+    splits_before = getattr(executors.run_batch, "oom_splits", 0)
+    with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False, disable=not show) as progress:
+        if strategy.continuous:
+            batches, sample_rows, metrics, seconds, generation_seconds = _run_continuous(
+                strategy, args, ids, predictions, executors, device, replay, progress
+            )
+        else:
+            batches, sample_rows, metrics, seconds, generation_seconds = _run_static(
+                strategy, args, ids, predictions, executors, device, progress, caps, show
+            )
+    if not args.dry_run:  # a sample's latency: its finish time since the run (prediction included) began
+        for sample_id, value in seconds.items():
+            sample_rows[sample_id]["latency_s"] = prediction_timer.seconds + value
+    wall = prediction_timer.seconds + generation_seconds
+    result = {
+        "strategy": strategy.label,
+        "predictor": strategy.predictor,
+        "vbs": strategy.vbs,
+        "fcr": strategy.fcr,
+        "continuous": strategy.continuous,
+        **metrics,
+        "throughput_samples_per_s": len(ids) / wall,
+        "wall_time_s": wall,
+        "prediction_time_s": prediction_timer.seconds,
+        "generation_time_s": generation_seconds,
+        "unparsable_predictions": getattr(predictor, "unparsable", 0),
+        "oom_splits": getattr(executors.run_batch, "oom_splits", 0) - splits_before,
+        "generated_tokens_per_s": metrics["generated_tokens"] / generation_seconds,
+        "token_slots_per_s": metrics["token_slots"] / generation_seconds,
+        "batch_size": args.batch_size,
+        "slots": args.slots if strategy.continuous else None,
+        "group_size": args.group_size,
+        "max_length": args.max_length,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "dry_run": args.dry_run,  # times then measure the scheduler alone, not generation
+        "processes": 1,
+        "batches": batches,
+        "fcr_quantile": args.fcr_quantile if caps is not None else None,
+        "samples": [
+            {"id": sample_id, "prediction": predictions[sample_id]}
+            | ({"cap": caps[sample_id]} if caps is not None else {})
+            | sample_rows[sample_id]
+            for sample_id in ids
+        ],
+    }
+    if not args.dry_run:
+        result.update(latency_metrics({row["id"]: row["latency_s"] for row in result["samples"]}, "s"))
+    return result
+
+
+def _run_static(strategy, args, ids, predictions, executors, device, progress, caps=None, show=True):
+    config = ScheduleConfig(
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        max_length=args.max_length,
+        sort=strategy.predictor != "vanilla",
+        vbs=strategy.vbs,
+        fcr=strategy.fcr,
+        vbs_table=args.vbs_table_parsed or PAPER_VBS_TABLE,
+    )
+    if strategy.vbs and args.vbs_table_parsed is None:
+        from .vbs_auto import choose_schedule
+
+        config = choose_schedule(ids, predictions, config, executors.step_costs, executors.mean_prompt_length)
+        if show and config.vbs:
+            chosen = ",".join(f"{bucket}:{size}" for bucket, size in sorted(config.vbs_table.items()))
+            print(
+                f"vbs auto for {strategy.label}: {chosen} "
+                f"(a remainder under max(size // 2, {config.vbs_default_batch_size}) moves up)"
+            )
+        elif show:
+            print(f"vbs auto for {strategy.label}: no table beats plain sorting, batches of {config.batch_size}")
+
+    def advance(_batch, done):
+        progress.update(done - progress.n)
+
+    with Timer(device) as generation_timer:
+        record = run_schedule(
+            ids, predictions, config, executors.run_batch, on_batch=advance, clock=time.perf_counter, caps=caps
+        )
+    batches = [
+        {
+            "group": executed.batch.group,
+            "recompute": executed.batch.recompute,
+            "bucket": executed.batch.bucket,
+            "size": len(executed.batch.ids),
+            "cap": executed.batch.max_new_tokens,
+            "steps": executed.steps,
+            "useful_tokens": executed.useful_tokens,
+            "elapsed_s": executed.elapsed_s,
+        }
+        for executed in record.batches
+    ]
+    final = final_batches(record)
+    sample_rows = {
+        sample_id: _sample_fields(result) | {"latency_steps": final[sample_id][0]}
+        for sample_id, result in record.results.items()
+    }
+    seconds = {sample_id: executed.elapsed_s for sample_id, (_, executed) in final.items()}
+    metrics = compute_metrics(record)
+    if config.vbs:
+        metrics["vbs_table"] = {str(bucket): size for bucket, size in sorted(config.vbs_table.items())}
+        metrics["vbs_default_batch_size"] = config.vbs_default_batch_size
+    elif strategy.vbs:  # auto chose plain sorting
+        metrics["vbs_table"] = None
+        metrics["sorted_batch_size"] = config.batch_size
+    return batches, sample_rows, metrics, seconds, generation_timer.seconds
+
+
+def _run_continuous(strategy, args, ids, predictions, executors, device, replay, progress):
+    """Continuous batching: on the engine, or in the dry run on the iteration model. The token columns come
+    from the iteration model with the lengths generated (the engine does not report its iterations)."""
+    ordered = admission_order(ids, predictions if strategy.predictor != "vanilla" else None, args.group_size)
+    with Timer(device) as generation_timer:
+        if executors.run_continuous is None:
+            record = simulate_continuous(ordered, replay, args.slots, args.max_length)
+            progress.update(len(ids))
+            seconds = {}
+        else:
+            outcome = executors.run_continuous(ordered, lambda done: progress.update(done - progress.n))
+            modelled = simulate_continuous(ordered, outcome.lengths, args.slots, args.max_length)
+            record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, args.slots)
+            seconds = dict(outcome.finish_seconds)
+    sample_rows = {
+        sample_id: {
+            "length": record.lengths[sample_id],
+            "finished": record.finished[sample_id],
+            "recomputed": False,
+            "first_cap": args.max_length,
+            "admitted": position,
+            "latency_steps": record.finish_steps[sample_id],
+        }
+        for position, sample_id in enumerate(ordered)
+    }
+    return [], sample_rows, compute_continuous_metrics(record), seconds, generation_timer.seconds
+
+
+def _sample_fields(result) -> dict:
+    fields = asdict(result)
+    del fields["id"], fields["text"]
+    return fields
+
+
+def share_groups(samples: list, group_size: int, processes: Processes) -> list:
+    """This process's samples: whole groups, every K-th one, so each group is scheduled as in one process."""
+    groups = -(-len(samples) // group_size)
+    if groups < processes.count:
+        raise UserError(
+            f"{len(samples)} samples make {groups} group(s) of --group-size {group_size}, fewer than the "
+            f"{processes.count} processes: use a smaller --group-size or fewer processes"
+        )
+    return [sample for group in processes.share(samples, group_size) for sample in group]
