@@ -25,7 +25,7 @@ from .schedule import (
     parse_vbs_table,
     replay_executor,
 )
-from .strategies import CONTINUOUS, Executors, make_run_batch, parse_strategy, run_strategy, share_groups
+from .strategies import CONTINUOUS, Executors, StaticBatchExecutor, parse_strategy, run_strategy, share_groups
 from .utils import (
     UserError,
     describe_device,
@@ -195,14 +195,15 @@ def prepare_model(args, samples, replay, context, processes=None):
     """Load the model, give it to the predictors that need one, and build the generation executor.
     Under several processes each prepares its own samples and the main one calibrates VBS auto for all."""
     processes = processes or Processes()
-    from .generate import generate_batch
+    from .engine import build_engine
     from .models import load_model_and_formatter
 
     model, tokenizer, formatter, model_path = load_model_and_formatter(
         args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template
     )
     device = str(model.device)
-    context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
+    engine = build_engine(args.engine, model, tokenizer)
+    context.model, context.tokenizer, context.formatter, context.engine = model, tokenizer, formatter, engine
     prompt_ids = {sample.id: formatter.encode(sample.prompt) for sample in samples}
     if processes.is_main:
         print(
@@ -212,25 +213,12 @@ def prepare_model(args, samples, replay, context, processes=None):
             + (f" in process 0 of {processes.count}" if processes.distributed else "")
         )
     if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
-        generate_batch(model, tokenizer, [prompt_ids[samples[0].id]], 2, args.temperature)
-    run_batch = make_run_batch(
-        model, tokenizer, prompt_ids, args.temperature, replay, args.debug, args.inject_oom_above
-    )
+        engine.generate([prompt_ids[samples[0].id]], 2, args.temperature)
+    run_batch = StaticBatchExecutor(engine, prompt_ids, args.temperature, replay, args.debug, args.inject_oom_above)
 
     def run_continuous(order, on_result):
-        from .continuous import run_continuous as run_on_engine
-
-        return run_on_engine(
-            model,
-            tokenizer,
-            order,
-            prompt_ids,
-            args.max_length,
-            args.slots,
-            args.temperature,
-            replay,
-            on_result,
-            args.seed,
+        return engine.run_queue(
+            order, prompt_ids, args.max_length, args.slots, args.temperature, replay, on_result, args.seed
         )
 
     step_costs = None
@@ -241,7 +229,7 @@ def prepare_model(args, samples, replay, context, processes=None):
         # on a CPU the calibration's prefills of more than 64 rows take minutes; larger sizes are extrapolated
         largest = max(CANDIDATE_BATCH_SIZES) if model.device.type == "cuda" else 64
         if processes.is_main:  # one calibration, so that every process plans from the same costs
-            step_costs, seconds = timed_calibration(model, device, largest, round(mean_prompt_length) + args.max_length)
+            step_costs, seconds = timed_calibration(engine, largest, round(mean_prompt_length) + args.max_length)
         step_costs, seconds = processes.broadcast((step_costs, seconds) if processes.is_main else None)
         args.vbs_calibration = step_costs.to_json() | {"seconds": seconds}
         if processes.is_main:

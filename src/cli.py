@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .distributed import end_processes
+from .engine import DEFAULT_ENGINE, ENGINES
 from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS
 from .utils import UserError, resolve_device
 
@@ -52,6 +53,12 @@ def add_model_arguments(parser) -> None:
         default="auto",
         choices=["auto", "dummy"],
         help="dummy keeps the architecture and tokenizer but draws random weights (system measurements only)",
+    )
+    parser.add_argument(
+        "--engine",
+        default=DEFAULT_ENGINE,
+        choices=sorted(ENGINES),
+        help="how the model runs (src/engine.py): transformers = eager generate and its continuous batching",
     )
     parser.add_argument(
         "--conv-template",

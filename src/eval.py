@@ -60,12 +60,14 @@ def main(argv: list[str] | None = None) -> dict:
     context = predictor_context(args)
     device = context.options["predictor_device"] if args.strategy == "proxy" else "cpu"
     if PREDICTORS[args.strategy].needs_model:
+        from .engine import build_engine
         from .models import load_model_and_formatter
 
         model, tokenizer, formatter, _ = load_model_and_formatter(
             args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template
         )
         context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
+        context.engine = build_engine(args.engine, model, tokenizer)
         device = str(model.device)
     predictor = build_predictor(args.strategy, context)
     # whole prediction batches are shared out, so the generative predictors (po, seqsch) batch the same prompts as in

@@ -196,13 +196,13 @@ def generate_lengths(args, batches, processes: Processes, identity: dict, initia
     """Generate this process's batches at every temperature, appending each finished batch to its partial file."""
     from tqdm import tqdm
 
-    from .generate import eos_token_ids_of, generate_batch
+    from .engine import build_engine
     from .models import load_model_and_formatter
 
     model, tokenizer, formatter, _ = load_model_and_formatter(
         args.model, args.device, args.dtype, None, args.load_format, args.conv_template
     )
-    eos_token_ids = eos_token_ids_of(model, tokenizer)
+    engine = build_engine(args.engine, model, tokenizer)
     side_file = partial_path(args.output_path, processes)
     _, has_header = read_partial(side_file, identity)
     header = None if has_header else {"run": identity}
@@ -221,9 +221,7 @@ def generate_lengths(args, batches, processes: Processes, identity: dict, initia
             ]
             for temperature in args.temperatures:
                 set_seed(args.seed)  # the same batch gets the same draws when a run resumes
-                generated = generate_batch(
-                    model, tokenizer, prompts, args.max_length, temperature, eos_token_ids=eos_token_ids
-                )
+                generated = engine.generate(prompts, args.max_length, temperature)
                 for row, sample in zip(rows, generated, strict=True):
                     row[length_field(temperature)] = sample.length
             append_rows(side_file, rows, header)

@@ -26,6 +26,7 @@ class PredictorContext:
     model: Any = None
     tokenizer: Any = None
     formatter: Any = None
+    engine: Any = None  # src.engine.Engine over `model`; made on first use when a caller set only the model
     options: dict = field(default_factory=dict)
 
 
@@ -123,16 +124,18 @@ class GenerativePredictor(Predictor):
         yield
 
     def predict_raw(self, samples):
-        from .generate import generate_batch
+        from .engine import DEFAULT_ENGINE, build_engine
 
         context = self.context
+        if context.engine is None:
+            context.engine = build_engine(DEFAULT_ENGINE, context.model, context.tokenizer)
         batch_size = int(context.options.get("prediction_batch_size", 128))
         predictions, self.unparsable, self.answers = {}, 0, {}
         with self.prediction_mode():
             for start in range(0, len(samples), batch_size):
                 batch = samples[start : start + batch_size]
                 prompts = [context.formatter.encode(sample.prompt, self.suffix) for sample in batch]
-                generated = generate_batch(context.model, context.tokenizer, prompts, self.max_new_tokens, 0.0)
+                generated = context.engine.generate(prompts, self.max_new_tokens, 0.0)
                 for sample, output in zip(batch, generated, strict=True):
                     value = parse_length_answer(output.text)
                     self.answers[sample.id] = output.text

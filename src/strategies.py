@@ -70,45 +70,45 @@ def parse_strategy(text: str, vbs: bool = False, fcr: bool = False) -> Strategy:
     return Strategy(name, vbs or "vbs" in modifiers, fcr or "fcr" in modifiers)
 
 
-def make_run_batch(model, tokenizer, prompt_ids, temperature, replay, debug, fail_above=None):
-    """The executor: one scheduled batch through `generate_batch`, split in halves on out-of-memory errors
-    (counted in `run_batch.oom_splits`)."""
-    from .generate import eos_token_ids_of, generate_batch, generate_splitting_on_oom
+class StaticBatchExecutor:
+    """The executor of static batches: one scheduled batch through the engine, split in halves on out-of-memory
+    errors, counted in `oom_splits`."""
 
-    eos_token_ids = eos_token_ids_of(model, tokenizer)
+    def __init__(self, engine, prompt_ids, temperature, replay, debug=False, fail_above=None):
+        self.engine, self.prompt_ids, self.temperature, self.replay = engine, prompt_ids, temperature, replay
+        self.debug, self.fail_above = debug, fail_above
+        self.oom_splits = 0
 
-    def count_split():
-        run_batch.oom_splits += 1
+    def count_split(self) -> None:
+        self.oom_splits += 1
 
-    def run_batch(batch: Batch) -> BatchOutcome:
+    def __call__(self, batch: Batch) -> BatchOutcome:
+        from .generate import generate_splitting_on_oom
+
         generated = generate_splitting_on_oom(
-            lambda prompts, lengths: generate_batch(
-                model, tokenizer, prompts, batch.max_new_tokens, temperature, lengths, eos_token_ids
-            ),
-            [prompt_ids[sample_id] for sample_id in batch.ids],
-            [replay[sample_id] for sample_id in batch.ids] if replay is not None else None,
-            count_split,
-            fail_above,
+            lambda prompts, lengths: self.engine.generate(prompts, batch.max_new_tokens, self.temperature, lengths),
+            [self.prompt_ids[sample_id] for sample_id in batch.ids],
+            [self.replay[sample_id] for sample_id in batch.ids] if self.replay is not None else None,
+            self.count_split,
+            self.fail_above,
         )
         outcome = BatchOutcome(
             {sample_id: sample.length for sample_id, sample in zip(batch.ids, generated, strict=True)},
             {sample_id: sample.finished for sample_id, sample in zip(batch.ids, generated, strict=True)},
             {sample_id: sample.text for sample_id, sample in zip(batch.ids, generated, strict=True)},
         )
-        if debug:
+        if self.debug:
             kind = "recompute" if batch.recompute else "first"
             steps = max(outcome.lengths.values())
             print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
         return outcome
 
-    run_batch.oom_splits = 0
-    return run_batch
-
 
 @dataclass(frozen=True)
 class Executors:
-    """How batches run: `run_batch` for static batches; `run_continuous(order, on_result)` for continuous
-    batching on the engine, None in the dry run (the iteration model stands in for it)."""
+    """How batches run: `run_batch` for static batches (a StaticBatchExecutor, or the dry run's replay); and
+    `run_continuous(order, on_result)` for continuous batching on the engine, None in the dry run (the iteration
+    model stands in for it)."""
 
     run_batch: object
     run_continuous: object = None

@@ -20,8 +20,6 @@ from .schedule import ScheduleConfig, bucket_of, plan_first_batches
 CANDIDATE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # Prompt tokens of the calibration's short context (about an Alpaca prompt in a chat template).
 CALIBRATION_PROMPT = 64
-# Decode steps timed per point: enough to average out the first step's allocations.
-CALIBRATION_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -136,34 +134,13 @@ def kv_token_budget(model, memory_fraction: float = 0.8) -> int | None:
     return int(free * memory_fraction // bytes_per_token)
 
 
-def calibrate_step_costs(model, device: str, largest_batch: int, longest_context: int) -> StepCosts:
-    """Time decode steps of `model` on random prompts: every candidate batch size up to `largest_batch` at the
-    short context, then one batch size at `longest_context` for the context term. A batch size that runs out
+def calibrate_step_costs(engine, largest_batch: int, longest_context: int) -> StepCosts:
+    """Time decode steps through the engine on random prompts: every candidate batch size up to `largest_batch` at
+    the short context, then one batch size at `longest_context` for the context term. A batch size that runs out
     of memory ends the sweep (the memory budget)."""
     import torch
 
-    from .utils import Timer
-
-    generator = torch.Generator().manual_seed(0)
-    vocabulary = model.config.get_text_config().vocab_size
-
-    def step_seconds(batch_size: int, context: int) -> float:
-        # input_ids: [B, context] of ordinary tokens; no EOS can end the run early (min_new_tokens)
-        input_ids = torch.randint(100, vocabulary, (batch_size, context), generator=generator).to(model.device)
-        timings = []
-        for new_tokens in (1, 1 + CALIBRATION_STEPS):
-            with Timer(device) as timer, torch.inference_mode():
-                model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            timings.append(timer.seconds)
-        return max(1e-9, (timings[1] - timings[0]) / CALIBRATION_STEPS)
-
+    step_seconds = engine.decode_step_seconds
     step_seconds(1, CALIBRATION_PROMPT)  # warm-up: first-call allocations and kernel selection
     base: dict[int, float] = {}
     for batch_size in (size for size in CANDIDATE_BATCH_SIZES if size <= largest_batch):
@@ -182,7 +159,7 @@ def calibrate_step_costs(model, device: str, largest_batch: int, longest_context
         torch.cuda.empty_cache()
         extra = 0.0
     per_token = max(0.0, extra / (probe * (long_context - CALIBRATION_PROMPT)))
-    return StepCosts(base, per_token, CALIBRATION_PROMPT, max(base), kv_token_budget(model))
+    return StepCosts(base, per_token, CALIBRATION_PROMPT, max(base), kv_token_budget(engine.model))
 
 
 def describe(costs: StepCosts, seconds: float) -> str:
@@ -193,7 +170,7 @@ def describe(costs: StepCosts, seconds: float) -> str:
     )
 
 
-def timed_calibration(model, device, largest_batch, longest_context) -> tuple[StepCosts, float]:
+def timed_calibration(engine, largest_batch, longest_context) -> tuple[StepCosts, float]:
     start = time.perf_counter()
-    costs = calibrate_step_costs(model, device, largest_batch, longest_context)
+    costs = calibrate_step_costs(engine, largest_batch, longest_context)
     return costs, time.perf_counter() - start

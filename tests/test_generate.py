@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from src.engine import build_engine
 from src.generate import generate_batch
 from src.metrics import compute_metrics
 from src.prompts import VICUNA_TEMPLATE, PromptFormatter
 from src.schedule import ScheduleConfig, replay_executor, run_schedule
-from src.strategies import make_run_batch
+from src.strategies import StaticBatchExecutor
 
 from .conftest import SMALL_LENGTHS
 
@@ -77,8 +78,10 @@ def test_engine_metrics_equal_the_replay_executor(tiny_model, config):
     model, tokenizer = tiny_model
     ids = list(SMALL_LENGTHS)
     predictions = {"a": 2, "b": 8, "c": 1, "d": 6, "e": 2, "f": 8}
-    engine = make_run_batch(model, tokenizer, encode_all(tokenizer, ids), 0.0, SMALL_LENGTHS, debug=False)
-    real = run_schedule(ids, predictions, config, engine)
+    executor = StaticBatchExecutor(
+        build_engine("transformers", model, tokenizer), encode_all(tokenizer, ids), 0.0, SMALL_LENGTHS
+    )
+    real = run_schedule(ids, predictions, config, executor)
     dry = run_schedule(ids, predictions, config, replay_executor(SMALL_LENGTHS))
     assert compute_metrics(real) == compute_metrics(dry)
     assert [batch.batch for batch in real.batches] == [batch.batch for batch in dry.batches]
@@ -92,11 +95,13 @@ def test_fcr_recomputes_exactly_the_failures_on_the_model(tiny_model):
     ids = list(SMALL_LENGTHS)
     predictions = {"a": 2, "b": 8, "c": 1, "d": 6, "e": 2, "f": 8}
     seen = []
-    engine = make_run_batch(model, tokenizer, encode_all(tokenizer, ids), 0.0, SMALL_LENGTHS, debug=False)
+    executor = StaticBatchExecutor(
+        build_engine("transformers", model, tokenizer), encode_all(tokenizer, ids), 0.0, SMALL_LENGTHS
+    )
 
     def recording(batch):
         seen.append((batch.ids, batch.max_new_tokens, batch.recompute))
-        return engine(batch)
+        return executor(batch)
 
     record = run_schedule(ids, predictions, ScheduleConfig(batch_size=2, max_length=12, fcr=True), recording)
     # a (3 > 2) and b (10 > 8) fail their caps; both run again at 12, a first as its batch ran first
