@@ -221,7 +221,7 @@ def prepare_model(args, samples, replay, context, processes=None):
             order, prompt_ids, args.max_length, args.slots, args.temperature, replay, on_result, args.seed
         )
 
-    step_costs = None
+    step_costs, calibration = None, None
     mean_prompt_length = sum(len(ids) for ids in prompt_ids.values()) / len(prompt_ids)
     if args.vbs_table_parsed is None and any(strategy.vbs for strategy in args.strategy_list):
         from .vbs_auto import describe, timed_calibration
@@ -231,10 +231,10 @@ def prepare_model(args, samples, replay, context, processes=None):
         if processes.is_main:  # one calibration, so that every process plans from the same costs
             step_costs, seconds = timed_calibration(engine, largest, round(mean_prompt_length) + args.max_length)
         step_costs, seconds = processes.broadcast((step_costs, seconds) if processes.is_main else None)
-        args.vbs_calibration = step_costs.to_json() | {"seconds": seconds}
+        calibration = step_costs.to_json() | {"seconds": seconds}
         if processes.is_main:
             print(describe(step_costs, seconds))
-    return model_path, device, Executors(run_batch, run_continuous, step_costs, mean_prompt_length)
+    return model_path, device, Executors(run_batch, run_continuous, step_costs, mean_prompt_length, calibration)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     output = {"args": {key: value for key, value in vars(args).items() if key != "strategy_list"}, "results": []}
     output["args"]["strategies"] = [strategy.label for strategy in args.strategy_list]
     output["args"]["model_path"] = model_path
+    if executors.calibration is not None:  # what --vbs-table auto measured, beside the arguments as before
+        output["args"]["vbs_calibration"] = executors.calibration
     output["args"]["device_resolved"] = device
     output["args"]["device_name"] = None if args.dry_run else describe_device(device)
     output["args"]["versions"] = library_versions()

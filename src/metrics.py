@@ -11,8 +11,62 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TypedDict
 
 from .schedule import ContinuousRecord, RunRecord, bucket_of, final_batches
+
+
+class TokenMetrics(TypedDict):
+    """What one run's token accounting gives, static or continuous (the dry run's whole clock)."""
+
+    num_samples: int
+    num_batches: int  # 0 under continuous batching
+    decode_steps: int  # batch steps summed; iterations under continuous batching
+    token_slots: int
+    generated_tokens: int
+    recomputed_samples: int
+    average_length: float
+    effective_token_ratio: float
+    failure_ratio: float
+    truncated_ratio: float
+    mean_latency_steps: float
+    p90_latency_steps: float
+
+
+class StrategyResult(TokenMetrics, total=False):
+    """One strategy's result: the JSON's `results[i]`, which the printout, src.plots and src.reproduce read."""
+
+    strategy: str  # its label, e.g. gt+vbs+fcr or continuous:proxy
+    predictor: str
+    vbs: bool
+    fcr: bool
+    continuous: bool
+    throughput_samples_per_s: float  # N / (prediction + generation time); K processes: N / the slowest one's
+    wall_time_s: float
+    prediction_time_s: float
+    generation_time_s: float
+    generated_tokens_per_s: float
+    token_slots_per_s: float
+    mean_latency_s: float  # real runs only
+    p90_latency_s: float
+    unparsable_predictions: int
+    oom_splits: int
+    batch_size: int
+    slots: int | None  # continuous batching's budget, None for static strategies
+    group_size: int
+    max_length: int
+    temperature: float
+    seed: int
+    dry_run: bool
+    processes: int
+    fcr_quantile: float | None
+    vbs_table: dict | None  # VBS strategies: the table used (bucket -> batch size)
+    vbs_default_batch_size: int
+    sorted_batch_size: int
+    batches: list[dict]  # each run batch: group, recompute, bucket, size, cap, steps, useful_tokens, elapsed_s
+    samples: list[dict]  # each sample by id: prediction, length, finished, recomputed, first_cap, latency_*
+    process_wall_times_s: list[float]  # several processes only
+    process_decode_steps: list[int]
 
 
 def token_ratios(num_samples: int, token_slots: int, generated_tokens: int, recomputed: int, truncated: int) -> dict:
@@ -45,7 +99,7 @@ def latency_metrics(finish: Mapping[str, float], unit: str) -> dict:
     }
 
 
-def compute_metrics(record: RunRecord) -> dict:
+def compute_metrics(record: RunRecord) -> TokenMetrics:
     """A static schedule's metrics, the one definition used by the engine, the dry run and the tests.
 
     token slots count every batch run, failed FCR first attempts included; generated tokens count the
@@ -69,7 +123,7 @@ def compute_metrics(record: RunRecord) -> dict:
     }
 
 
-def compute_continuous_metrics(record: ContinuousRecord) -> dict:
+def compute_continuous_metrics(record: ContinuousRecord) -> TokenMetrics:
     """The same columns as `compute_metrics`: token slots are iterations x the slot budget, so a slot left
     empty while the queue runs dry is wasted like a padding slot of a static batch."""
     num_samples = len(record.lengths)
@@ -107,7 +161,7 @@ ADDITIVE_FIELDS = (
 PER_PROCESS_FIELDS = ("vbs_table", "vbs_default_batch_size", "sorted_batch_size")
 
 
-def merge_process_results(results: list[dict], ids: list[str]) -> dict:
+def merge_process_results(results: list[StrategyResult], ids: list[str]) -> StrategyResult:
     """One strategy's result from the results of K processes that ran disjoint groups side by side.
 
     Counts add; ratios are recomputed from them. The processes started together, so the run took as long

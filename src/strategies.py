@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .distributed import Processes
-from .metrics import compute_continuous_metrics, compute_metrics, latency_metrics
+from .metrics import StrategyResult, compute_continuous_metrics, compute_metrics, latency_metrics
 from .predictors import PREDICTORS
 from .schedule import (
     PAPER_VBS_TABLE,
@@ -114,9 +114,10 @@ class Executors:
     run_continuous: object = None
     step_costs: object = None  # vbs_auto.StepCosts of the device, for --vbs-table auto
     mean_prompt_length: float = 0.0
+    calibration: dict | None = None  # the step costs and the calibration's seconds, as the JSON records them
 
 
-def run_strategy(strategy, args, samples, predictor, executors, device, replay=None, show=True) -> dict:
+def run_strategy(strategy, args, samples, predictor, executors, device, replay=None, show=True) -> StrategyResult:
     """Predict, schedule and generate for one strategy; returns its result object. `show` off keeps the
     progress bar and notes of a process that is not the main one off the terminal."""
     from tqdm import tqdm
