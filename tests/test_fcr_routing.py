@@ -1,0 +1,37 @@
+"""FCR on a real model: every id gets back the answer to its own prompt, whatever batches and recomputes it went
+through. Upstream recomputed failures with the wrong prompts (positions of the sorted order indexed the unsorted
+prompts); replayed lengths cannot see that, because they are looked up by id, so this test compares what greedy
+decoding wrote for each prompt."""
+
+from __future__ import annotations
+
+from src.engine import build_engine
+from src.models import load_model_and_formatter
+from src.schedule import Batch, ScheduleConfig, run_schedule
+from src.strategies import StaticBatchExecutor
+
+PROMPTS = {
+    "a": "Name a color.",
+    "b": "Write a long story about a dragon who learns to bake bread in a small village.",
+    "c": "What is 2 + 2?",
+    "d": "List three rivers of Europe and say where each one begins and ends.",
+    "e": "Say hello.",
+    "f": "Explain why the sky is blue to a child, in a few sentences.",
+}
+
+
+def test_fcr_returns_each_id_the_answer_to_its_own_prompt(eos_model_dir):
+    model, tokenizer, formatter, _ = load_model_and_formatter(str(eos_model_dir), "cpu", "float32")
+    engine = build_engine("transformers", model, tokenizer)
+    prompt_ids = {sample_id: formatter.encode(text) for sample_id, text in PROMPTS.items()}
+    executor = StaticBatchExecutor(engine, prompt_ids, temperature=0.0, replay=None)
+    alone = {sample_id: executor(Batch((sample_id,), 24, group=0)) for sample_id in PROMPTS}
+    answers = {sample_id: (result.lengths[sample_id], result.texts[sample_id]) for sample_id, result in alone.items()}
+    assert len({text for _, text in answers.values()}) > 1  # the prompts get different answers: routing is visible
+
+    # predictions that sort the ids away from data order and cap every first batch below its answers' lengths,
+    # so that every sample fails, is collected, and is recomputed in a batch of its own order
+    predictions = {"a": 3, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
+    record = run_schedule(list(PROMPTS), predictions, ScheduleConfig(batch_size=2, max_length=24, fcr=True), executor)
+    assert any(result.recomputed for result in record.results.values())
+    assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
