@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_model_arguments, add_predictor_arguments, predictor_context, run_cli
+from .cli import (
+    MAX_SEED,
+    add_model_arguments,
+    add_predictor_arguments,
+    check_output_file,
+    check_range,
+    predictor_context,
+    run_cli,
+)
 from .data import PAPER_VAL_DATA, default_length_path, load_conversations, load_length_file, require_ids, select_samples
 from .distributed import Processes, start_processes
 from .metrics import merge_process_results
@@ -109,9 +117,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
     args = parser.parse_args(argv)
-    for name in ("max_length", "batch_size", "group_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for flag, value in (
+        ("--max-length", args.max_length),
+        ("--batch-size", args.batch_size),
+        ("--group-size", args.group_size),
+        ("--num-data", args.num_data),
+        ("--slots", args.slots),
+        ("--prediction-batch-size", args.prediction_batch_size),
+        ("--constant-length", args.constant_length),
+        ("--inject-oom-above", args.inject_oom_above),
+    ):
+        check_range(flag, value, 1)
+    check_range("--seed", args.seed, 0, MAX_SEED)
+    check_range("--temperature", args.temperature, 0)
+    check_range("--fcr-quantile", args.fcr_quantile, 0, 1, open_low=True, open_high=True)
+    check_output_file("--output-json", args.output_json)
     args.vbs_table_parsed = None  # auto: chosen per strategy from a calibration on the device
     if args.vbs_table != "auto":
         try:
@@ -124,12 +144,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--dry-run needs --replay-lengths: the lengths stand in for the model")
     if args.slots is None:
         args.slots = args.batch_size
-    if args.slots < 1:
-        raise UserError("--slots must be at least 1")
     texts = args.strategies or [args.strategy]
     if args.strategies is None and args.strategy == CONTINUOUS and args.order == "predicted":
         texts = [f"{CONTINUOUS}:{args.order_predictor}"]
     args.strategy_list = [parse_strategy(text, args.vbs, args.fcr) for text in texts]
+    if args.fcr_quantile is not None:  # before the first strategy runs and writes its result
+        for strategy in args.strategy_list:
+            if strategy.fcr and not hasattr(PREDICTORS[strategy.predictor], "predict_quantile"):
+                raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
     if args.length_path is None:
         args.length_path = default_length_path(args.data_path)
     return args

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from .distributed import end_processes
@@ -95,3 +96,64 @@ def predictor_context(args):
             "predictor_device": resolve_device(args.device),
         },
     )
+
+
+# --------------------------------------------------------------------------- checks before any work
+
+# numpy's seed range (the sample draw seeds numpy)
+MAX_SEED = 2**32 - 1
+
+
+def check_range(flag: str, value, low=None, high=None, *, open_low: bool = False, open_high: bool = False) -> None:
+    """A numeric flag outside its range is one line naming the flag and the range; None (not given) passes."""
+    if value is None:
+        return
+    too_low = low is not None and (value <= low if open_low else value < low)
+    too_high = high is not None and (value >= high if open_high else value > high)
+    if too_low or too_high:
+        left = "" if low is None else f"{'above' if open_low else 'at least'} {low}"
+        right = "" if high is None else f"{'below' if open_high else 'at most'} {high}"
+        raise UserError(f"{flag} must be {' and '.join(part for part in (left, right) if part)}, got {value}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def _check_can_create(flag: str, path: Path) -> None:
+    """The folders above `path` exist or can be made, and the nearest existing one is a writable folder."""
+    existing = _nearest_existing(path.parent if path.parent != Path("") else Path("."))
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, so no folder can be made there; choose another path")
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path}: {existing} cannot be written; choose a folder you can write to")
+
+
+def check_output_file(flag: str, path) -> None:
+    """Before any work: the file that `flag` names can be written (not a folder, in a folder that exists or can
+    be made, writable). Nothing is created."""
+    if path is None:
+        return
+    text, path = str(path), Path(path)
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        raise UserError(f"{flag} {path} is a folder: name a file, e.g. {path / 'result.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} cannot be written; choose another file")
+    _check_can_create(flag, path)
+
+
+def check_output_dir(flag: str, path) -> None:
+    """Before any work: the folder that `flag` names is a folder, or can be made, and can be written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file: name a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path} cannot be written; choose a folder you can write to")
+        return
+    _check_can_create(flag, path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import run_cli
+from .cli import check_output_file, run_cli
 from .data import PAPER_TRAIN_DATA, default_length_path, json_stem, load_conversations, load_max_lengths, require_ids
 from .prompts import QUERY_PROMPT, with_length_prompt
 from .schedule import bucket_of
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.length_path = args.length_path or default_length_path(args.data_path)
     if args.output_path is None:
         args.output_path = f"{json_stem(args.data_path)}-instruct.json"
+    check_output_file("--output-path", args.output_path)
     return args
 
 

@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_model_arguments, add_predictor_arguments, predictor_context, run_cli
+from .cli import (
+    add_model_arguments,
+    add_predictor_arguments,
+    check_output_file,
+    check_range,
+    predictor_context,
+    run_cli,
+)
 from .data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths, require_ids
 from .distributed import start_processes
 from .figures import plot_predictions
@@ -39,14 +46,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
     parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
     args = parser.parse_args(argv)
-    if args.prediction_batch_size < 1:
-        raise UserError("--prediction-batch-size must be at least 1")
+    for flag, value in (
+        ("--num-data", args.num_data),
+        ("--max-length", args.max_length),
+        ("--prediction-batch-size", args.prediction_batch_size),
+        ("--constant-length", args.constant_length),
+    ):
+        check_range(flag, value, 1)
+    check_output_file("--output-json", args.output_json)
     if args.strategy not in PREDICTORS:
         raise UserError(f"unknown strategy {args.strategy!r}: choose from {', '.join(sorted(PREDICTORS))}")
     if args.strategy == "seqsch" and args.lora_path is None:
         args.lora_path = DEFAULT_ADAPTER
     args.length_path = args.length_path or default_length_path(args.data_path)
     args.plot = args.plot or f"imgs/eval-{args.strategy}.png"
+    check_output_file("--plot", args.plot)
     return args
 
 

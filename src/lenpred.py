@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import add_model_arguments, run_cli
+from .cli import MAX_SEED, add_model_arguments, check_output_file, check_range, run_cli
 from .data import PAPER_TRAIN_DATA, TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
 from .distributed import Processes, start_processes
 from .utils import UserError, set_seed, write_json_atomic
@@ -40,10 +40,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--temperatures", type=float, nargs="+", default=list(TEMPERATURES), help="one length column per temperature"
     )
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.max_length < 1:
-        raise UserError("--batch-size and --max-length must be at least 1")
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-length", args.max_length),
+        ("--num-data", args.num_data),
+    ):
+        check_range(flag, value, 1)
+    check_range("--seed", args.seed, 0, MAX_SEED)
+    for temperature in args.temperatures:
+        check_range("--temperatures", temperature, 0)
     if args.output_path is None:
         args.output_path = default_length_path(args.data_path)
+    check_output_file("--output-path", args.output_path)
     return args
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import run_cli
+from .cli import check_output_dir, run_cli
 from .figures import plot_batches, plot_strategies
 from .utils import UserError, read_json
 
@@ -21,7 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="imgs", help="where the PNG files go")
     parser.add_argument("--prefix", default="benchmark", help="file names start with this")
     parser.add_argument("--scheduled", default=None, help="the strategy set against vanilla in the batch plot")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_output_dir("--output-dir", args.output_dir)
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

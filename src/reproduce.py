@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import run_cli
+from .cli import check_output_dir, run_cli
 from .data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, default_length_path
 from .proxy import DEFAULT_PROXY_PATH
 from .utils import UserError, cpu_has_bf16_instructions, read_json
@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [part for part in args.parts if part not in ("proxy", "dry", "cpu", "gpu", "all")]
     if unknown:
         raise UserError(f"unknown part {unknown[0]!r}: use proxy, dry, cpu, gpu or all")
+    check_output_dir("--runs-dir", args.runs_dir)
+    check_output_dir("--images-dir", args.images_dir)
     return args
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import run_cli
+from .cli import MAX_SEED, check_output_dir, check_range, run_cli
 from .prompts import alpaca_human_turn
 from .utils import UserError, read_json, write_json_atomic
 
@@ -30,7 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="data", help="where alpaca-{train,val}-10k.json go")
     parser.add_argument("--seed", type=int, default=42, help="seed of the draw (the paper's: 42)")
     parser.add_argument("--split-size", type=int, default=SPLIT_SIZE, help="samples per split (the paper's: 10000)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_range("--seed", args.seed, 0, MAX_SEED)
+    check_range("--split-size", args.split_size, 1)
+    check_output_dir("--output-dir", args.output_dir)
+    return args
 
 
 def load_alpaca(source: str | None) -> list[dict]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import run_cli
+from .cli import check_output_dir, run_cli
 from .generate import right_pad
 from .utils import UserError
 
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None):
         )
     except ValueError as error:  # unknown flags, or values TrainingArguments rejects
         raise UserError(f"train_lora arguments: {error}") from None
+    check_output_dir("--output_dir", training_args.output_dir)
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
     model, tokenizer, formatter, path = load_model_and_formatter(
         model_args.model_name_or_path, "cpu", model_args.model_dtype, conv_template=model_args.conv_template

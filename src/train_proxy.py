@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cli import run_cli
+from .cli import check_output_dir, check_range, run_cli
 from .data import PAPER_TRAIN_DATA
 from .proxy import DEFAULT_PROXY_PATH
 from .utils import UserError
@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"train_proxy arguments: {error}") from None
     if not args.quantiles or args.quantiles[0] != 0.5 or sorted(args.quantiles) != args.quantiles:
         raise UserError("--quantiles must start at 0.5 and increase, e.g. 0.5 0.7 0.9")
+    check_range("--quantiles", args.quantiles[-1], high=1, open_high=True)
+    check_range("--holdout", args.holdout, 0)
+    check_range("--max_tokens", args.max_tokens, 1)
+    check_range("--num_data", args.num_data, 1)
+    check_output_dir("--output_dir", training_args.output_dir)
     samples, max_lengths = load_rows(args)
     if len(samples) <= args.holdout:
         raise UserError(f"{args.data_path}: {len(samples)} rows leave none to train on with --holdout {args.holdout}")
