@@ -66,6 +66,11 @@ def plot_strategies(results: list[dict], path: str | Path) -> Path:
     return save_figure(figure, path)
 
 
+def batch_slots(batch: dict) -> int:
+    """A batch row's token slots; results written before out-of-memory splits were charged lack the field."""
+    return batch.get("token_slots", batch["steps"] * batch["size"])
+
+
 def plot_batches(results: list[dict], path: str | Path, scheduled: str | None = None) -> Path:
     """Token slots of each batch, in run order: the useful part (generated tokens) and the padding. One panel for
     vanilla and one for a scheduled strategy (default: the static one with the best effective token ratio)."""
@@ -81,13 +86,13 @@ def plot_batches(results: list[dict], path: str | Path, scheduled: str | None = 
     if scheduled not in by_label:
         raise UserError(f"no static result {scheduled!r} in the input: choose from {', '.join(by_label)}")
     chosen = [by_label["vanilla"], by_label[scheduled]]
-    top = max(batch["steps"] * batch["size"] for result in chosen for batch in result["batches"])
+    top = max(batch_slots(batch) for result in chosen for batch in result["batches"])
     figure, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharey=True)
     for axis, result in zip(axes, chosen, strict=True):
         batches = result["batches"]
         positions = range(len(batches))
         useful = [batch["useful_tokens"] for batch in batches]
-        wasted = [batch["steps"] * batch["size"] - batch["useful_tokens"] for batch in batches]
+        wasted = [batch_slots(batch) - batch["useful_tokens"] for batch in batches]
         axis.bar(positions, useful, width=1.0, color=USEFUL_COLOR, label="generated tokens")
         axis.bar(positions, wasted, width=1.0, bottom=useful, color=WASTED_COLOR, label="padding slots")
         recomputed = [index for index, batch in enumerate(batches) if batch["recompute"]]

@@ -141,6 +141,9 @@ class BatchOutcome:
     lengths: Mapping[str, int]  # generated tokens up to and including EOS, at most the batch's cap
     finished: Mapping[str, bool]  # emitted EOS within the cap
     texts: Mapping[str, str] = field(default_factory=dict)
+    # The sub-batches that really ran, in order, when the executor had to split the batch (out of memory);
+    # None: it ran whole.
+    parts: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,15 +153,22 @@ class ExecutedBatch:
     finished: Mapping[str, bool]
     texts: Mapping[str, str] = field(default_factory=dict)
     elapsed_s: float | None = None  # seconds since the run started, when the batch ended
+    parts: tuple[tuple[str, ...], ...] | None = None  # see BatchOutcome
+
+    @property
+    def runs(self) -> tuple[tuple[str, ...], ...]:
+        """The batches that really ran: the planned one, or the pieces an out-of-memory split cut it into."""
+        return self.parts or (self.batch.ids,)
 
     @property
     def steps(self) -> int:
-        """The batch runs until its longest member stops."""
-        return max(self.lengths.values())
+        """Each run goes until its longest member stops; split pieces run one after another."""
+        return sum(max(self.lengths[sample_id] for sample_id in run) for run in self.runs)
 
     @property
     def token_slots(self) -> int:
-        return self.steps * len(self.batch.ids)
+        """Slots as executed: each run's steps times its rows."""
+        return sum(max(self.lengths[sample_id] for sample_id in run) * len(run) for run in self.runs)
 
     @property
     def useful_tokens(self) -> int:
@@ -224,6 +234,7 @@ def run_schedule(
             {sample_id: bool(outcome.finished[sample_id]) for sample_id in batch.ids},
             dict(outcome.texts),
             clock() - start if clock else None,
+            outcome.parts,
         )
         executed.append(done)
         failed_here = []

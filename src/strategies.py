@@ -85,17 +85,29 @@ class StaticBatchExecutor:
     def __call__(self, batch: Batch) -> BatchOutcome:
         from .generate import generate_splitting_on_oom
 
+        run_sizes = []  # the rows of each generate call that completed, in order
+
+        def generate(prompts, lengths):
+            samples = self.engine.generate(prompts, batch.max_new_tokens, self.temperature, lengths)
+            run_sizes.append(len(prompts))
+            return samples
+
         generated = generate_splitting_on_oom(
-            lambda prompts, lengths: self.engine.generate(prompts, batch.max_new_tokens, self.temperature, lengths),
+            generate,
             [self.prompt_ids[sample_id] for sample_id in batch.ids],
             [self.replay[sample_id] for sample_id in batch.ids] if self.replay is not None else None,
             self.count_split,
             self.fail_above,
         )
+        parts, start = [], 0
+        for size in run_sizes:
+            parts.append(batch.ids[start : start + size])
+            start += size
         outcome = BatchOutcome(
             {sample_id: sample.length for sample_id, sample in zip(batch.ids, generated, strict=True)},
             {sample_id: sample.finished for sample_id, sample in zip(batch.ids, generated, strict=True)},
             {sample_id: sample.text for sample_id, sample in zip(batch.ids, generated, strict=True)},
+            tuple(parts) if len(parts) > 1 else None,
         )
         if self.debug:
             kind = "recompute" if batch.recompute else "first"
@@ -224,6 +236,7 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
             "size": len(executed.batch.ids),
             "cap": executed.batch.max_new_tokens,
             "steps": executed.steps,
+            "token_slots": executed.token_slots,  # steps x size, unless an out-of-memory split ran it in pieces
             "useful_tokens": executed.useful_tokens,
             "elapsed_s": executed.elapsed_s,
         }

@@ -243,3 +243,13 @@ def test_admission_order_sorts_within_groups_only():
     assert admission_order(ids, None, 2) == ids
     assert admission_order(ids, predictions, 2) == ["b", "a", "c", "d", "e"]
     assert admission_order(ids, predictions, 10) == ["b", "e", "c", "a", "d"]
+
+
+def test_a_batch_split_for_memory_is_charged_as_its_pieces_ran():
+    from src.schedule import Batch, ExecutedBatch
+
+    lengths, batch = {"a": 2, "b": 8, "c": 3}, Batch(("a", "b", "c"), 8, 0)
+    whole = ExecutedBatch(batch, lengths, dict.fromkeys(lengths, True))
+    split = ExecutedBatch(batch, lengths, dict.fromkeys(lengths, True), parts=(("a",), ("b", "c")))
+    assert (whole.steps, whole.token_slots) == (8, 24)  # 8 steps of 3 rows
+    assert (split.steps, split.token_slots) == (2 + 8, 2 * 1 + 8 * 2)  # a alone for 2 steps, then b and c for 8
