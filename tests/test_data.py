@@ -7,7 +7,6 @@ import hashlib
 import json
 import re
 
-import numpy as np
 import pytest
 
 from src.data import (
@@ -89,9 +88,8 @@ def test_default_length_path_as_upstream():
 
 def test_select_samples_matches_upstream_draw(small_data):
     samples = load_conversations(small_data[0])
-    np.random.seed(7)
-    expected = [samples[i].id for i in np.random.permutation(len(samples))[:4]]
-    assert [sample.id for sample in select_samples(samples, 4, 7)] == expected
+    # np.random.seed(7); np.random.permutation(6) begins 3, 5, 0, 2 (upstream's draw)
+    assert [sample.id for sample in select_samples(samples, 4, 7)] == ["d", "f", "a", "c"]
     assert [sample.id for sample in select_samples(samples, None, 7)] == [sample.id for sample in samples]
 
 

@@ -73,12 +73,42 @@ def test_seqsch_predicts_once_per_id_and_leaves_adapter_disabled(tiny_model_dir,
     predictions = predictor.predict(samples)
     assert list(predictions) == list(SMALL_LENGTHS)
     assert all(1 <= value <= 64 for value in predictions.values())
-    # a random model answers no number: every answer counts as unparsable and gets the max length
-    assert predictor.unparsable == sum(parse_length_answer(text) is None for text in predictor.answers.values())
-    assert all(predictions[k] == 64 for k, text in predictor.answers.items() if parse_length_answer(text) is None)
+    # what an unparsable answer becomes is checked with scripted answers below
     prompt = [formatter.encode(samples[0].prompt)]
     with_adapter_off = generate_batch(model, tokenizer, prompt, 6, replay_lengths=[6])
     assert with_adapter_off[0].token_ids == generate_batch(base, tokenizer, prompt, 6, replay_lengths=[6])[0].token_ids
+
+
+class ScriptedEngine:
+    """An engine whose answers are written out here, so the expected predictions are known by hand."""
+
+    def __init__(self, answers: list[str]):
+        self.answers = list(answers)
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, replay_lengths=None):
+        from src.generate import GeneratedSample
+
+        batch, self.answers = self.answers[: len(prompts)], self.answers[len(prompts) :]
+        return [GeneratedSample(len(text.split()), True, text, []) for text in batch]
+
+
+def test_unparsable_answers_get_the_max_length_and_are_counted(tiny_model, small_data):
+    """Upstream crashed on an answer without a number; here it is counted and the sample may run to the max."""
+    model, tokenizer = tiny_model
+    answers = ["About 120 tokens", "I cannot say", "120-150", "", "7", "Many, many tokens"]
+    context = PredictorContext(
+        max_length=100,
+        model=model,
+        tokenizer=tokenizer,
+        formatter=PromptFormatter(tokenizer, VICUNA_TEMPLATE),
+        engine=ScriptedEngine(answers),
+        options={"prediction_batch_size": 4},
+    )
+    predictor = build_predictor("po", context)
+    predictions = predictor.predict(load_conversations(small_data[0]))
+    # 120 and 135 are clamped to the max length 100; three answers hold no number
+    assert predictions == {"a": 100, "b": 100, "c": 100, "d": 100, "e": 7, "f": 100}
+    assert predictor.unparsable == 3
 
 
 def test_seqsch_without_adapter_is_a_clear_error(tiny_model):

@@ -6,7 +6,7 @@ import pytest
 
 from src import benchmark
 from src.schedule import PAPER_VBS_TABLE, ScheduleConfig, plan_first_batches
-from src.vbs_auto import CANDIDATE_BATCH_SIZES, StepCosts, choose_schedule, estimate_seconds
+from src.vbs_auto import StepCosts, choose_schedule, estimate_seconds
 
 from .test_benchmark_cli import base_args
 from .test_schedule import random_case
@@ -41,11 +41,20 @@ def test_chosen_schedule_is_never_estimated_slower_than_paper_or_plain_sorting(c
     chosen = choose_schedule(ids, predictions, config, costs, 64)
     paper = ScheduleConfig(fcr=True, vbs=True, vbs_table=PAPER_VBS_TABLE)
     assert estimate(ids, predictions, chosen, costs) <= estimate(ids, predictions, paper, costs)
-    assert estimate(ids, predictions, chosen, costs) <= estimate(ids, predictions, config, costs)
     sizes = chosen.vbs_table.values() if chosen.vbs else [chosen.batch_size]
     assert max(sizes) <= costs.largest_batch and chosen.fcr
     if chosen.vbs:  # every bucket's batches fit in memory
         assert all(costs.fits(size, 64 + bucket) for bucket, size in chosen.vbs_table.items())
+
+
+def test_the_cheapest_schedule_by_hand():
+    """A step costs 1 s for one row and 2 s for two: two rows of 10 and 20 steps cost 10 + 20 = 30 s one at a time,
+    20 x 2 = 40 s together, so each 50-token bucket gets batches of one."""
+    costs = StepCosts({1: 1.0, 2: 2.0}, 0.0)
+    predictions = {"a": 10, "b": 20}
+    chosen = choose_schedule(["a", "b"], predictions, ScheduleConfig(fcr=True, batch_size=2), costs, 64)
+    assert chosen.vbs and chosen.vbs_table == {50: 1}
+    assert estimate(["a", "b"], predictions, chosen, costs) == pytest.approx(30.0)
 
 
 def test_flat_step_cost_gives_the_paper_shape():
@@ -61,10 +70,18 @@ def test_benchmark_with_auto_table(tiny_model_dir, small_data, tmp_path):
     argv = base_args(tiny_model_dir, data, lengths, tmp_path / "auto.json")
     output = benchmark.main(argv + ["--strategies", "gt+vbs+fcr", "--vbs-table", "auto", "--no-warmup"])
     result = output["results"][0]
-    assert result["num_samples"] == 6
-    # every prediction of this tiny run lies in the 50 bucket: either a table for it, or plain sorting
-    if result["vbs_table"] is not None:
-        assert set(result["vbs_table"]) == {"50"}
-    else:
-        assert result["sorted_batch_size"] in CANDIDATE_BATCH_SIZES
+    assert result["num_samples"] == 6 and result["generated_tokens"] == 28
     assert output["args"]["vbs_calibration"]["base_seconds_per_step"]["1"] > 0
+
+
+def test_benchmark_plans_from_the_calibrated_costs(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    """With GPU-like costs (flat in the batch size, a cache of 256 x 114 tokens) every prediction of the tiny run
+    lies in the 50 bucket and one batch of all six is cheapest: 8 steps x 6 rows."""
+    import src.vbs_auto
+
+    monkeypatch.setattr(src.vbs_auto, "timed_calibration", lambda *args: (GPU_LIKE, 0.0))
+    data, lengths = small_data
+    argv = base_args(tiny_model_dir, data, lengths, tmp_path / "auto.json")
+    output = benchmark.main(argv + ["--strategies", "gt+vbs+fcr", "--vbs-table", "auto", "--no-warmup"])
+    result = output["results"][0]
+    assert result["vbs_table"] == {"50": 8} and result["token_slots"] == 48
