@@ -32,6 +32,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
     results = output.get("results") if isinstance(output, dict) else None
     if not results or not all(isinstance(result, dict) and "strategy" in result for result in results):
         raise UserError(f"{args.input} holds no benchmark results: pass a file written by src.benchmark --output-json")
+    for result in results:  # what the figures read; a result from another tool or an older version may lack some
+        unit = "steps" if result.get("dry_run") else "s"
+        needed = ["dry_run", "effective_token_ratio", "batches", f"mean_latency_{unit}", f"p90_latency_{unit}"]
+        needed += [] if result.get("dry_run") else ["throughput_samples_per_s"]
+        missing = [name for name in needed if name not in result]
+        if missing:
+            raise UserError(
+                f"{args.input}: result {result['strategy']!r} lacks {', '.join(missing)}; "
+                "run src.benchmark --output-json again to make a complete file"
+            )
     written = [plot_strategies(results, Path(args.output_dir) / f"{args.prefix}-strategies.png")]
     if any(result["strategy"] == "vanilla" and result["batches"] for result in results):
         written.append(plot_batches(results, Path(args.output_dir) / f"{args.prefix}-batches.png", args.scheduled))

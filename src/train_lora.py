@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import check_output_dir, run_cli
+from .cli import check_output_dir, check_range, run_cli
 from .generate import right_pad
 from .utils import UserError
 
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None):
     except ValueError as error:  # unknown flags, or values TrainingArguments rejects
         raise UserError(f"train_lora arguments: {error}") from None
     check_output_dir("--output_dir", training_args.output_dir)
+    check_range("--lora_r", lora_args.lora_r, 1)
+    check_range("--lora_alpha", lora_args.lora_alpha, 0, open_low=True)
+    check_range("--lora_dropout", lora_args.lora_dropout, 0, 1, open_high=True)
+    check_range("--model_max_length", data_args.model_max_length, 1)
+    check_range("--num_data", data_args.num_data, 1)
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
     model, tokenizer, formatter, path = load_model_and_formatter(
         model_args.model_name_or_path, "cpu", model_args.model_dtype, conv_template=model_args.conv_template

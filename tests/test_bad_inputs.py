@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from src import benchmark, construct, lenpred, plots, reproduce, sample, train_proxy
+from src import benchmark, construct, lenpred, plots, reproduce, sample, train_lora, train_proxy
 from src import eval as length_eval
 from src.cli import run_cli
 
@@ -59,6 +59,9 @@ CASES = [
     (construct, "{data} --length-path {tmp}/missing-length.json", "length file not found"),
     (plots, "--input {tmp}/missing.json", "benchmark output not found"),
     (plots, "--input {tmp}/small.json", "holds no benchmark results"),
+    (plots, "--input {tmp}/lacking.json", "result 'vanilla' lacks effective_token_ratio"),
+    (train_lora, "--data_path {tmp}/small.json --output_dir {tmp}/out --lora_r 0", "--lora_r must be at least 1"),
+    (train_lora, "--data_path {tmp}/small.json --output_dir {tmp}/out --lora_dropout 1", "--lora_dropout"),
     (reproduce, "tpu", "unknown part 'tpu'"),
 ]
 
@@ -76,6 +79,8 @@ def workspace(small_data, tmp_path):
     (tmp_path / "other-length.json").write_text(json.dumps(rows))
     (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}] * 30))
     (tmp_path / "result.json").write_text(json.dumps({"results": []}))
+    lacking = {"results": [{"strategy": "vanilla", "dry_run": True, "batches": [], "mean_latency_steps": 1.0}]}
+    (tmp_path / "lacking.json").write_text(json.dumps(lacking))
     return tmp_path
 
 
