@@ -33,7 +33,15 @@ from .schedule import (
     parse_vbs_table,
     replay_executor,
 )
-from .strategies import CONTINUOUS, Executors, StaticBatchExecutor, parse_strategy, run_strategy, share_groups
+from .strategies import (
+    CONTINUOUS,
+    Executors,
+    StaticBatchExecutor,
+    parse_strategy,
+    require_quantiles,
+    run_strategy,
+    share_groups,
+)
 from .utils import (
     UserError,
     describe_device,
@@ -150,8 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.strategy_list = [parse_strategy(text, args.vbs, args.fcr) for text in texts]
     if args.fcr_quantile is not None:  # before the first strategy runs and writes its result
         for strategy in args.strategy_list:
-            if strategy.fcr and not hasattr(PREDICTORS[strategy.predictor], "predict_quantile"):
-                raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
+            require_quantiles(strategy)
     if args.length_path is None:
         args.length_path = default_length_path(args.data_path)
     return args

@@ -98,16 +98,22 @@ def convert_smollm2(target: Path) -> Path:
     return target
 
 
+def llama_tokenizer_file() -> Path:
+    """The 32000-token LLaMA-style sentencepiece model that mistral-common ships (found without importing it)."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the LLaMA tokenizer file comes from mistral-common: {MISTRAL_COMMON_PIP}")
+    source = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    if not source.is_file():
+        raise UserError(f"no tokenizer.model.v1 in {source.parent}: {MISTRAL_COMMON_PIP} --force-reinstall")
+    return source
+
+
 def build_vicuna_shape(target: Path) -> Path:
     """Write the folder of `--model vicuna-7b-shape`: Vicuna-7B's config and a LLaMA-style tokenizer, no weights."""
     from transformers import LlamaConfig, LlamaTokenizer
 
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"--model {VICUNA_SHAPE_ALIAS} takes its tokenizer from mistral-common: {MISTRAL_COMMON_PIP}")
-    source = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
-    if not source.is_file():
-        raise UserError(f"no tokenizer.model.v1 in {source.parent}: {MISTRAL_COMMON_PIP} --force-reinstall")
+    source = llama_tokenizer_file()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     os.chmod(staging, 0o755)  # mkdtemp makes it private; a model folder is for every user

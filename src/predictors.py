@@ -26,7 +26,7 @@ class PredictorContext:
     model: Any = None
     tokenizer: Any = None
     formatter: Any = None
-    engine: Any = None  # src.engine.Engine over `model`; made on first use when a caller set only the model
+    engine: Any = None  # src.engine.Engine over `model`: what the generative predictors (po, seqsch) run on
     options: dict = field(default_factory=dict)
 
 
@@ -124,11 +124,7 @@ class GenerativePredictor(Predictor):
         yield
 
     def predict_raw(self, samples):
-        from .engine import DEFAULT_ENGINE, build_engine
-
         context = self.context
-        if context.engine is None:
-            context.engine = build_engine(DEFAULT_ENGINE, context.model, context.tokenizer)
         batch_size = int(context.options.get("prediction_batch_size", 128))
         predictions, self.unparsable, self.answers = {}, 0, {}
         with self.prediction_mode():

@@ -116,6 +116,12 @@ class StaticBatchExecutor:
         return outcome
 
 
+def require_quantiles(strategy: Strategy) -> None:
+    """`--fcr-quantile` caps FCR batches at an upper quantile, which only predictors with quantiles give."""
+    if strategy.fcr and not hasattr(PREDICTORS[strategy.predictor], "predict_quantile"):
+        raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
+
+
 @dataclass(frozen=True)
 class Executors:
     """How batches run: `run_batch` for static batches (a StaticBatchExecutor, or the dry run's replay); and
@@ -143,8 +149,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
                 key: clamp_prediction(bucket_of(value), args.max_length) for key, value in predictions.items()
             }
         if strategy.fcr and args.fcr_quantile is not None:
-            if not hasattr(predictor, "predict_quantile"):
-                raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
+            require_quantiles(strategy)
             caps = predictor.predict_quantile(samples, args.fcr_quantile)
     ids = [sample.id for sample in samples]
     splits_before = getattr(executors.run_batch, "oom_splits", 0)

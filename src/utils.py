@@ -27,6 +27,8 @@ class UserError(Exception):
 
 # The paper's data ships gzip-compressed (data/*.json.gz); every JSON path may name either form.
 GZIP_SUFFIX = ".gz"
+# plain files already reported as shadowing a .gz copy, so that each is reported once per process
+_SHADOWS_NOTED: set[str] = set()
 
 
 def resolve_json_path(path: str | os.PathLike) -> Path:
@@ -46,9 +48,6 @@ def resolve_json_path(path: str | os.PathLike) -> Path:
             file=sys.stderr,
         )
     return path
-
-
-_SHADOWS_NOTED: set[str] = set()
 
 
 def open_text(path: str | os.PathLike):

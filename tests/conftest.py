@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -20,12 +19,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer LLaMA with random weights and the real LLaMA sentencepiece vocabulary (from mistral-common)."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None:
-        pytest.skip("mistral-common (the LLaMA tokenizer file) is not installed: pip install --no-deps mistral-common")
+    from src.models import llama_tokenizer_file
+
     folder = tmp_path_factory.mktemp("tiny-llama")
-    source = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
-    shutil.copy(source, folder / "tokenizer.model")
+    shutil.copy(llama_tokenizer_file(), folder / "tokenizer.model")
     tokenizer = LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
     config = LlamaConfig(
         vocab_size=tokenizer.vocab_size,

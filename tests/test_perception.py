@@ -10,6 +10,7 @@ import torch
 from src import construct, train_lora
 from src import eval as length_eval
 from src.data import load_conversations
+from src.engine import build_engine
 from src.generate import generate_batch
 from src.metrics import length_metrics
 from src.predictors import PredictorContext, build_predictor, parse_length_answer
@@ -67,7 +68,12 @@ def test_seqsch_predicts_once_per_id_and_leaves_adapter_disabled(tiny_model_dir,
     formatter = PromptFormatter(tokenizer, VICUNA_TEMPLATE)
     samples = load_conversations(small_data[0])
     context = PredictorContext(
-        max_length=64, model=model, tokenizer=tokenizer, formatter=formatter, options={"prediction_batch_size": 4}
+        max_length=64,
+        model=model,
+        tokenizer=tokenizer,
+        formatter=formatter,
+        engine=build_engine("transformers", model, tokenizer),
+        options={"prediction_batch_size": 4},
     )
     predictor = build_predictor("seqsch", context)
     predictions = predictor.predict(samples)
