@@ -2,9 +2,10 @@
 
     python -m benchmarks.engine_overhead --model smollm2-135m --steps 128
 
-Both sides decode the same batch of prompts for exactly `--steps` steps: the engine through
-`generate_batch` with replayed lengths (the longest row ends at `--steps`), the bare call through
-`model.generate(min_new_tokens=max_new_tokens=steps)`. Prints token slots per second for each and the ratio.
+Both sides decode the same batch of prompts for exactly `--steps` steps: the engine (`--engine`, auto: eager on a
+CPU) through its `generate` with replayed lengths (the longest row ends at `--steps`) and its step clock, the bare
+call through `model.generate(min_new_tokens=max_new_tokens=steps)`. Prints token slots per second for each and the
+ratio.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 
 from src.cli import add_model_arguments, run_cli
 from src.data import load_conversations, select_samples
-from src.generate import generate_batch, left_pad
+from src.engine import build_engine
+from src.generate import left_pad
 from src.models import load_model_and_formatter
 from src.utils import synchronize, write_json_atomic
 
@@ -41,8 +43,10 @@ def main(argv=None):
     # lengths spread up to `steps`, so the engine's replay processor does real work on every step
     replay = [args.steps - (index * args.steps) // (2 * len(prompts)) for index in range(len(prompts))]
 
+    chosen = build_engine(args.engine, model, tokenizer)
+
     def engine():
-        generate_batch(model, tokenizer, prompts, args.steps, 0.0, replay)
+        chosen.generate(prompts, args.steps, 0.0, replay)
 
     def bare():
         input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, model.device)  # [B, S]
@@ -73,7 +77,7 @@ def main(argv=None):
     bare_rate = slots / statistics.median(bare_times)
     print(f"batch: {len(prompts)} prompts x {args.steps} steps on {device}")
     print(f"bare model.generate: {bare_rate:.1f} token slots/s (median of {args.repeats})")
-    print(f"engine generate_batch: {engine_rate:.1f} token slots/s (median of {args.repeats})")
+    print(f"engine {chosen.name}: {engine_rate:.1f} token slots/s (median of {args.repeats})")
     print(f"engine / bare: {engine_rate / bare_rate:.3f}x")
     if args.output_json:
         write_json_atomic(

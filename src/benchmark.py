@@ -34,9 +34,11 @@ from .schedule import (
     replay_executor,
 )
 from .strategies import (
+    AUTO_SLOTS,
     CONTINUOUS,
     Executors,
     StaticBatchExecutor,
+    equal_memory_slots,
     parse_strategy,
     require_quantiles,
     run_strategy,
@@ -49,6 +51,15 @@ from .utils import (
     write_json_atomic,
 )
 from .vbs_auto import CANDIDATE_BATCH_SIZES
+
+
+def slots_value(text: str) -> int | str:
+    if text == AUTO_SLOTS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of slots or {AUTO_SLOTS}, got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--order-predictor", default="gt", help="the predictor of --order predicted")
     parser.add_argument(
-        "--slots", type=int, default=None, help="continuous batching: most concurrent requests; default --batch-size"
+        "--slots",
+        type=slots_value,
+        default=None,
+        help="continuous batching: most concurrent requests; default --batch-size; auto: as many as the KV-cache "
+        "memory of the largest static batch that ran before it in this command holds (equal memory)",
     )
     parser.add_argument("--lora-path", default=None, help="peft LoRA adapter of the length perception module")
     parser.add_argument("--vbs", action="store_true", help="variable batch size by predicted-length bucket")
@@ -130,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--batch-size", args.batch_size),
         ("--group-size", args.group_size),
         ("--num-data", args.num_data),
-        ("--slots", args.slots),
+        ("--slots", None if args.slots == AUTO_SLOTS else args.slots),
         ("--prediction-batch-size", args.prediction_batch_size),
         ("--constant-length", args.constant_length),
         ("--inject-oom-above", args.inject_oom_above),
@@ -182,6 +197,8 @@ def print_result(result: dict) -> None:
             f"generation {result['generation_time_s']:.2f} s)"
         )
         print(f"Throughput: {result['throughput_samples_per_s']:.3f} samples/s")
+        if result.get("engine_warmup_s"):
+            print(f"Engine warm-up: {result['engine_warmup_s']:.2f} s (compiling new shapes; not in the time above)")
     print(f"Average length: {result['average_length']:.2f} tokens")
     print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
@@ -243,11 +260,13 @@ def prepare_model(args, samples, replay, context, processes=None):
         )
     if not args.no_warmup:  # the first call pays one-off costs (allocator, kernels) that no strategy should carry
         engine.generate([prompt_ids[samples[0].id]], 2, args.temperature)
+        if engine.warmup_seconds and processes.is_main:
+            print(f"engine {engine.name}: first compilation {engine.warmup_seconds:.1f} s, before any strategy")
     run_batch = StaticBatchExecutor(engine, prompt_ids, args.temperature, replay, args.debug, args.inject_oom_above)
 
-    def run_continuous(order, on_result):
+    def run_continuous(order, slots, on_result):
         return engine.run_queue(
-            order, prompt_ids, args.max_length, args.slots, args.temperature, replay, on_result, args.seed
+            order, prompt_ids, args.max_length, slots, args.temperature, replay, on_result, args.seed
         )
 
     step_costs, calibration = None, None
@@ -263,7 +282,12 @@ def prepare_model(args, samples, replay, context, processes=None):
         calibration = step_costs.to_json() | {"seconds": seconds}
         if processes.is_main:
             print(describe(step_costs, seconds))
-    return model_path, device, Executors(run_batch, run_continuous, step_costs, mean_prompt_length, calibration)
+    prompt_lengths = {sample_id: len(ids) for sample_id, ids in prompt_ids.items()}
+    return (
+        model_path,
+        device,
+        Executors(run_batch, run_continuous, step_costs, mean_prompt_length, calibration, prompt_lengths),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -305,14 +329,22 @@ def main(argv: list[str] | None = None) -> dict:
     output["args"]["model_path"] = model_path
     if executors.calibration is not None:  # what --vbs-table auto measured, beside the arguments as before
         output["args"]["vbs_calibration"] = executors.calibration
+    longest_prompt = max(executors.prompt_lengths.values()) if executors.prompt_lengths else 0
+    output["args"]["longest_prompt_tokens"] = longest_prompt  # None known in the dry run: 0
     output["args"]["device_resolved"] = device
+    output["args"]["engine_resolved"] = executors.run_batch.engine.name if not args.dry_run else None
     output["args"]["device_name"] = None if args.dry_run else describe_device(device)
     output["args"]["versions"] = library_versions()
     output["args"]["processes"] = processes.count
     for strategy in args.strategy_list:
         processes.wait()  # the processes start each strategy together, so the slowest one's time is the run's
+        slots = args.slots
+        if strategy.continuous and args.slots == AUTO_SLOTS:
+            slots = equal_memory_slots(output["results"], longest_prompt, args.max_length, args.batch_size)
+            if processes.is_main:
+                print(f"slots auto for {strategy.label}: {slots} (the KV cache of the largest static batch before it)")
         result = run_strategy(
-            strategy, args, samples, predictors[strategy.predictor], executors, device, replay, processes.is_main
+            strategy, args, samples, predictors[strategy.predictor], executors, device, replay, processes.is_main, slots
         )
         result = merge_process_results(processes.gather(result), all_ids)
         if not processes.is_main:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .distributed import end_processes
-from .engine import DEFAULT_ENGINE, ENGINES
+from .engine import AUTO_ENGINE, DEFAULT_ENGINE, ENGINES
 from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS
 from .utils import UserError, resolve_device
 
@@ -58,8 +58,9 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--engine",
         default=DEFAULT_ENGINE,
-        choices=sorted(ENGINES),
-        help="how the model runs (src/engine.py): transformers = eager generate and its continuous batching",
+        choices=[AUTO_ENGINE, *sorted(ENGINES)],
+        help="how the model runs (src/engine.py): transformers = eager generate and its continuous batching; compiled "
+        "= a static KV cache and torch.compile (CUDA graphs on a GPU); auto = compiled on CUDA, transformers elsewhere",
     )
     parser.add_argument(
         "--conv-template",

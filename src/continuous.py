@@ -29,6 +29,7 @@ class ContinuousOutcome:
     finished: dict[str, bool]  # ended by EOS (or at its replayed length) within max_length
     texts: dict[str, str]
     finish_seconds: dict[str, float]  # since the first request was queued
+    warmup_s: float = 0.0  # setting the engine up (its cache, and CUDA graphs on a GPU) before the first request
 
 
 def continuous_config(prompt_lengths: list[int], max_length: int, slots: int) -> ContinuousBatchingConfig:
@@ -78,6 +79,7 @@ def run_continuous(
     if seed is not None:
         config.seed = seed
     results = {}
+    setup_start = time.perf_counter()
     with model.continuous_batching_context_manager(
         generation_config=generation_config,
         continuous_batching_config=config,
@@ -86,6 +88,7 @@ def run_continuous(
         warmup=model.device.type == "cuda",  # warm-up captures CUDA graphs; elsewhere it only costs time
     ) as manager:
         start = time.perf_counter()
+        warmup = start - setup_start
         for sample_id in order:
             if replay is not None:
                 manager.add_request(
@@ -120,4 +123,4 @@ def run_continuous(
             finished[sample_id] = bool(tokens) and tokens[-1] in eos_token_ids
         texts[sample_id] = tokenizer.decode(tokens, skip_special_tokens=True)
         finish_seconds[sample_id] = result.lifespan[1] - start
-    return ContinuousOutcome(lengths, finished, texts, finish_seconds)
+    return ContinuousOutcome(lengths, finished, texts, finish_seconds, warmup)

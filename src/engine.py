@@ -19,8 +19,20 @@ if TYPE_CHECKING:
     from .generate import GeneratedSample
 
 # name -> "module:class", imported when chosen, so that choosing one never imports another's dependencies
-ENGINES = {"transformers": "src.engine_transformers:TransformersEngine"}
-DEFAULT_ENGINE = "transformers"
+ENGINES = {
+    "transformers": "src.engine_transformers:TransformersEngine",
+    "compiled": "src.engine_compiled:CompiledEngine",
+}
+# `--engine auto`: the compiled engine where it pays (CUDA graphs), eager elsewhere (README's CPU measurement)
+AUTO_ENGINE = "auto"
+DEFAULT_ENGINE = AUTO_ENGINE
+
+
+def resolve_engine_name(name: str, device: str) -> str:
+    """`auto` -> compiled on CUDA, transformers on any other device; any other name as it is."""
+    if name != AUTO_ENGINE:
+        return name
+    return "compiled" if str(device).startswith("cuda") else "transformers"
 
 
 class Engine(Protocol):
@@ -55,7 +67,8 @@ class Engine(Protocol):
 
 
 def build_engine(name: str, model, tokenizer) -> Engine:
+    name = resolve_engine_name(name, model.device.type)
     if name not in ENGINES:
-        raise UserError(f"unknown --engine {name!r}: choose from {', '.join(sorted(ENGINES))}")
+        raise UserError(f"unknown --engine {name!r}: choose from {', '.join([AUTO_ENGINE, *sorted(ENGINES)])}")
     module_name, _, class_name = ENGINES[name].partition(":")
     return getattr(importlib.import_module(module_name), class_name)(model, tokenizer)

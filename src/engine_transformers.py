@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
 from .continuous import ContinuousOutcome, run_continuous
-from .generate import GeneratedSample, eos_token_ids_of, generate_batch
-from .utils import Timer
+from .generate import BatchTiming, GeneratedSample, StepClock, eos_token_ids_of, generate_batch
 
 # Decode steps per timing in `decode_step_seconds`: enough to average out the first step's allocations.
 TIMED_STEPS = 8
@@ -23,6 +23,8 @@ class TransformersEngine:
         self.device = str(model.device)
         self.eos_token_ids = eos_token_ids_of(model, tokenizer)
         self._random_prompts = torch.Generator().manual_seed(0)  # the calibration's prompts, the same every run
+        self.last_timing: BatchTiming | None = None  # where the last `generate` call's time went
+        self.warmup_seconds = 0.0  # one-off costs paid inside calls (compilation); the eager engine has none
 
     def generate(
         self,
@@ -31,9 +33,13 @@ class TransformersEngine:
         temperature: float = 0.0,
         replay_lengths: list[int] | None = None,
     ) -> list[GeneratedSample]:
-        return generate_batch(
-            self.model, self.tokenizer, prompts, max_new_tokens, temperature, replay_lengths, self.eos_token_ids
+        start = time.perf_counter()
+        clock = StepClock(self.model.device)
+        samples = generate_batch(
+            self.model, self.tokenizer, prompts, max_new_tokens, temperature, replay_lengths, self.eos_token_ids, clock
         )
+        self.last_timing = clock.timing(time.perf_counter() - start)
+        return samples
 
     def run_queue(
         self,
@@ -51,22 +57,15 @@ class TransformersEngine:
         )
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:
-        """Random prompts of `context` ordinary tokens; one generate of 1 token and one of 1 + TIMED_STEPS, so that
-        the prefill cancels out. No EOS can end a run early (min_new_tokens)."""
+        """Random prompts of `context` ordinary tokens through this engine's own `generate`: one call of 1 token and
+        one of 1 + TIMED_STEPS, every row replayed to the end, so that the prefill cancels out and no EOS ends a
+        row early."""
         vocabulary = self.model.config.get_text_config().vocab_size
-        # input_ids: [B, context]
-        input_ids = torch.randint(100, vocabulary, (batch_size, context), generator=self._random_prompts)
-        input_ids = input_ids.to(self.model.device)
+        # prompts: [B, context]
+        prompts = torch.randint(100, vocabulary, (batch_size, context), generator=self._random_prompts).tolist()
         timings = []
         for new_tokens in (1, 1 + TIMED_STEPS):
-            with Timer(self.device) as timer, torch.inference_mode():
-                self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            timings.append(timer.seconds)
+            start = time.perf_counter()
+            self.generate(prompts, new_tokens, 0.0, [new_tokens] * batch_size)
+            timings.append(time.perf_counter() - start)
         return max(1e-9, (timings[1] - timings[0]) / TIMED_STEPS)

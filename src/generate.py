@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -10,10 +11,11 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 class ReplayLengthsProcessor(LogitsProcessor):
     """Makes row b end exactly at its recorded length: EOS is forbidden before step target[b] and forced
-    at it. With it any model, even random weights, follows a real length distribution."""
+    at it. With it any model, even random weights, follows a real length distribution. A row whose target is
+    None is left free (target 0 never matches a step)."""
 
-    def __init__(self, target_lengths: list[int], eos_token_ids: list[int], prompt_length: int):
-        self.target = torch.tensor([max(1, int(length)) for length in target_lengths])  # [B]
+    def __init__(self, target_lengths: list[int | None], eos_token_ids: list[int], prompt_length: int):
+        self.target = torch.tensor([0 if length is None else max(1, int(length)) for length in target_lengths])  # [B]
         self.eos_token_ids = list(eos_token_ids)
         self.prompt_length = prompt_length
         self.eos_mask = None  # [1, V], True at the EOS ids; built on the first call, on the scores' device
@@ -32,6 +34,61 @@ class ReplayLengthsProcessor(LogitsProcessor):
         end_now = (self.target == step).unsqueeze(1)  # [B, 1]
         scores = scores.masked_fill(too_early & self.eos_mask, -float("inf"))
         return torch.where(end_now, self.forced_end, scores)
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """Where one `generate` call's time went. `prefill_s`: from the call's start to the first token's logits (input
+    preparation, cache set-up, the prompt's forward pass); `decode_s` over `decode_steps` further tokens; what the
+    wall time holds besides (padding the prompts, copying and decoding the output) is `wall_s - prefill_s -
+    decode_s`. `first_steps_ms` and `last_steps_ms`: the mean step over the first and the last tenth of the steps,
+    which shows how a step's cost grows with the context."""
+
+    wall_s: float
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    first_steps_ms: float
+    last_steps_ms: float
+
+
+class StepClock(LogitsProcessor):
+    """Marks the time of every decode step without waiting for the device: a CUDA event per step on a GPU (read
+    once the batch is done), the host clock elsewhere. The first mark follows the prefill. It returns the scores
+    unchanged, so it times the engine without altering what it generates."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+        self.start = self._mark()
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.marks.append(self._mark())
+        return scores
+
+    def timing(self, wall_seconds: float) -> BatchTiming:
+        """Call after the batch's results reached the host (the device is done with every marked step)."""
+        if self.cuda:
+            seconds = [self.start.elapsed_time(mark) / 1000 for mark in self.marks]
+        else:
+            seconds = [mark - self.start for mark in self.marks]
+        steps = [later - earlier for earlier, later in zip(seconds, seconds[1:], strict=False)]
+        tenth = max(1, len(steps) // 10)
+        return BatchTiming(
+            wall_s=wall_seconds,
+            prefill_s=seconds[0] if seconds else 0.0,
+            decode_s=sum(steps),
+            decode_steps=len(steps),
+            first_steps_ms=1000 * sum(steps[:tenth]) / tenth if steps else 0.0,
+            last_steps_ms=1000 * sum(steps[-tenth:]) / tenth if steps else 0.0,
+        )
 
 
 @dataclass(frozen=True)
@@ -81,23 +138,46 @@ def sampling_arguments(temperature: float) -> dict:
     return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
 
 
-@torch.inference_mode()
 def generate_batch(
     model,
     tokenizer,
     prompts: list[list[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
-    replay_lengths: list[int] | None = None,
+    replay_lengths: list[int | None] | None = None,
     eos_token_ids: list[int] | None = None,
+    clock: StepClock | None = None,
+    generate_options: dict | None = None,
+    inference_mode: bool = True,
 ) -> list[GeneratedSample]:
-    """Generate for a batch of tokenised prompts; the batch stops when every row finished or at the cap."""
+    """Generate for a batch of tokenised prompts; the batch stops when every row finished or at the cap.
+    `clock` times the steps; `generate_options` go to `generate` as they are (a static cache, a compile config);
+    `inference_mode` off runs under no_grad, as transformers' compiled decoding expects."""
+    with torch.inference_mode() if inference_mode else torch.no_grad():
+        return _generate_batch(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            temperature,
+            replay_lengths,
+            eos_token_ids,
+            clock,
+            generate_options,
+        )
+
+
+def _generate_batch(
+    model, tokenizer, prompts, max_new_tokens, temperature, replay_lengths, eos_token_ids, clock, generate_options
+) -> list[GeneratedSample]:
     eos_token_ids = eos_token_ids or eos_token_ids_of(model, tokenizer)
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
     prompt_length = input_ids.shape[1]
     processors = LogitsProcessorList()
     if replay_lengths is not None:
         processors.append(ReplayLengthsProcessor(replay_lengths, eos_token_ids, prompt_length))
+    if clock is not None:
+        processors.append(clock)
     output = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -106,6 +186,7 @@ def generate_batch(
         pad_token_id=tokenizer.pad_token_id,
         logits_processor=processors,
         **sampling_arguments(temperature),
+        **(generate_options or {}),
     )
     new_tokens = output[:, prompt_length:].cpu()  # [B, T], T <= max_new_tokens
     is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids))  # [B, T]

@@ -137,6 +137,19 @@ def build_vicuna_shape(target: Path) -> Path:
     return target
 
 
+def kv_cache_bytes_per_token(model) -> int | None:
+    """Bytes one token takes in the KV cache: 2 (K and V) x layers x KV heads x head size x bytes per element. None
+    where the model's config does not say."""
+    config = model.config.get_text_config()
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not (layers and kv_heads and head_dim):
+        return None
+    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Map the offline aliases to their folders under ckpts/ (made on first use); other names pass through."""
     builders = {

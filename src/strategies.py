@@ -31,6 +31,19 @@ from .utils import Timer, UserError, set_seed
 
 STRATEGY_MODIFIERS = ("vbs", "fcr")
 CONTINUOUS = "continuous"
+AUTO_SLOTS = "auto"
+# A real batch row's clock readings (they differ from run to run; every other column is the schedule's)
+BATCH_TIMING_FIELDS = (
+    "elapsed_s",
+    "prefill_s",
+    "decode_s",
+    "other_s",
+    "warmup_s",
+    "decode_steps_timed",
+    "decode_ms_per_step",
+    "first_steps_ms",
+    "last_steps_ms",
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,7 @@ class StaticBatchExecutor:
         self.engine, self.prompt_ids, self.temperature, self.replay = engine, prompt_ids, temperature, replay
         self.debug, self.fail_above = debug, fail_above
         self.oom_splits = 0
+        self.timings: list[dict] = []  # one per executed batch, in order: where its time went (engine's BatchTiming)
 
     def count_split(self) -> None:
         self.oom_splits += 1
@@ -86,10 +100,14 @@ class StaticBatchExecutor:
         from .generate import generate_splitting_on_oom
 
         run_sizes = []  # the rows of each generate call that completed, in order
+        timings = []
 
         def generate(prompts, lengths):
+            warmup_before = self.engine.warmup_seconds
             samples = self.engine.generate(prompts, batch.max_new_tokens, self.temperature, lengths)
             run_sizes.append(len(prompts))
+            if self.engine.last_timing is not None:
+                timings.append((self.engine.last_timing, self.engine.warmup_seconds - warmup_before))
             return samples
 
         generated = generate_splitting_on_oom(
@@ -109,11 +127,34 @@ class StaticBatchExecutor:
             {sample_id: sample.text for sample_id, sample in zip(batch.ids, generated, strict=True)},
             tuple(parts) if len(parts) > 1 else None,
         )
+        self.timings.append(batch_timing_fields(timings))
         if self.debug:
             kind = "recompute" if batch.recompute else "first"
             steps = max(outcome.lengths.values())
             print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
         return outcome
+
+
+def batch_timing_fields(timings: list) -> dict:
+    """A batch row's timing columns, summed over the pieces an out-of-memory split ran: the engine's prefill, decode
+    and other seconds, its decode steps and their mean cost (ms), the mean step of the first and the last tenth of
+    the steps (how a step grows with the context), and the warm-up (compilation) the batch's first shape paid."""
+    if not timings:
+        return {}
+    prefill = sum(timing.prefill_s for timing, _ in timings)
+    decode = sum(timing.decode_s for timing, _ in timings)
+    steps = sum(timing.decode_steps for timing, _ in timings)
+    warmup = sum(seconds for _, seconds in timings)
+    return {
+        "prefill_s": prefill,
+        "decode_s": decode,
+        "other_s": sum(timing.wall_s for timing, _ in timings) - prefill - decode,
+        "warmup_s": warmup,
+        "decode_steps_timed": steps,
+        "decode_ms_per_step": 1000 * decode / steps if steps else None,
+        "first_steps_ms": timings[0][0].first_steps_ms,
+        "last_steps_ms": timings[-1][0].last_steps_ms,
+    }
 
 
 def require_quantiles(strategy: Strategy) -> None:
@@ -133,11 +174,30 @@ class Executors:
     step_costs: object = None  # vbs_auto.StepCosts of the device, for --vbs-table auto
     mean_prompt_length: float = 0.0
     calibration: dict | None = None  # the step costs and the calibration's seconds, as the JSON records them
+    prompt_lengths: dict | None = None  # id -> prompt tokens; None in the dry run, which has no prompts
 
 
-def run_strategy(strategy, args, samples, predictor, executors, device, replay=None, show=True) -> StrategyResult:
+def equal_memory_slots(results: list, longest_prompt: int, max_length: int, batch_size: int) -> int:
+    """`--slots auto`: the continuous-batching slots that the KV-cache memory of the largest static batch among
+    `results` holds. A static batch holds rows x (its longest prompt + its cap) cache tokens; a slot reserves room for
+    the longest request, longest prompt + max_length (src.continuous sizes the cache so). The dry run knows no prompts
+    and counts generated tokens only. Without a static result: --batch-size slots, the static default's memory."""
+    largest = max(
+        (row["cache_tokens"] for result in results if not result["continuous"] for row in result["batches"]),
+        default=0,
+    )
+    if not largest:
+        return batch_size
+    return max(1, largest // (longest_prompt + max_length))
+
+
+def run_strategy(
+    strategy, args, samples, predictor, executors, device, replay=None, show=True, slots=None
+) -> StrategyResult:
     """Predict, schedule and generate for one strategy; returns its result object. `show` off keeps the
-    progress bar and notes of a process that is not the main one off the terminal."""
+    progress bar and notes of a process that is not the main one off the terminal. `slots`: continuous batching's
+    slot budget (default --slots)."""
+    slots = args.slots if slots is None else slots
     from tqdm import tqdm
 
     set_seed(args.seed)  # sampling runs repeat exactly, whatever ran before
@@ -156,7 +216,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
     with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False, disable=not show) as progress:
         if strategy.continuous:
             batches, sample_rows, metrics, seconds, generation_seconds = _run_continuous(
-                strategy, args, ids, predictions, executors, device, replay, progress
+                strategy, args, ids, predictions, executors, device, replay, progress, slots
             )
         else:
             batches, sample_rows, metrics, seconds, generation_seconds = _run_static(
@@ -182,7 +242,7 @@ def run_strategy(strategy, args, samples, predictor, executors, device, replay=N
         "generated_tokens_per_s": metrics["generated_tokens"] / generation_seconds,
         "token_slots_per_s": metrics["token_slots"] / generation_seconds,
         "batch_size": args.batch_size,
-        "slots": args.slots if strategy.continuous else None,
+        "slots": slots if strategy.continuous else None,
         "group_size": args.group_size,
         "max_length": args.max_length,
         "temperature": args.temperature,
@@ -229,10 +289,21 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
     def advance(_batch, done):
         progress.update(done - progress.n)
 
+    prompt_lengths = executors.prompt_lengths
+    engine = getattr(executors.run_batch, "engine", None)
+    timings = getattr(executors.run_batch, "timings", None)
+    timings_before = len(timings) if timings is not None else 0
+    warmup_before = engine_warmup_seconds(engine)
+
+    def clock() -> float:  # the run's clock stops while the engine compiles a new shape
+        return time.perf_counter() - engine_warmup_seconds(engine)
+
     with Timer(device) as generation_timer:
-        record = run_schedule(
-            ids, predictions, config, executors.run_batch, on_batch=advance, clock=time.perf_counter, caps=caps
-        )
+        record = run_schedule(ids, predictions, config, executors.run_batch, on_batch=advance, clock=clock, caps=caps)
+    warmup = engine_warmup_seconds(engine) - warmup_before
+    batch_timings = timings[timings_before:] if timings is not None else []
+    if len(batch_timings) != len(record.batches):
+        batch_timings = [{}] * len(record.batches)
     batches = [
         {
             "group": executed.batch.group,
@@ -244,8 +315,10 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
             "token_slots": executed.token_slots,  # steps x size, unless an out-of-memory split ran it in pieces
             "useful_tokens": executed.useful_tokens,
             "elapsed_s": executed.elapsed_s,
+            "cache_tokens": cache_tokens(executed.batch, prompt_lengths),
         }
-        for executed in record.batches
+        | timing
+        for executed, timing in zip(record.batches, batch_timings, strict=True)
     ]
     final = final_batches(record)
     sample_rows = {
@@ -260,23 +333,26 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
     elif strategy.vbs:  # auto chose plain sorting
         metrics["vbs_table"] = None
         metrics["sorted_batch_size"] = config.batch_size
-    return batches, sample_rows, metrics, seconds, generation_timer.seconds
+    metrics["engine_warmup_s"] = warmup
+    return batches, sample_rows, metrics, seconds, generation_timer.seconds - warmup
 
 
-def _run_continuous(strategy, args, ids, predictions, executors, device, replay, progress):
+def _run_continuous(strategy, args, ids, predictions, executors, device, replay, progress, slots):
     """Continuous batching: on the engine, or in the dry run on the iteration model. The token columns come
     from the iteration model with the lengths generated (the engine does not report its iterations)."""
     ordered = admission_order(ids, predictions if strategy.predictor != "vanilla" else None, args.group_size)
+    warmup = 0.0
     with Timer(device) as generation_timer:
         if executors.run_continuous is None:
-            record = simulate_continuous(ordered, replay, args.slots, args.max_length)
+            record = simulate_continuous(ordered, replay, slots, args.max_length)
             progress.update(len(ids))
             seconds = {}
         else:
-            outcome = executors.run_continuous(ordered, lambda done: progress.update(done - progress.n))
-            modelled = simulate_continuous(ordered, outcome.lengths, args.slots, args.max_length)
-            record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, args.slots)
+            outcome = executors.run_continuous(ordered, slots, lambda done: progress.update(done - progress.n))
+            modelled = simulate_continuous(ordered, outcome.lengths, slots, args.max_length)
+            record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, slots)
             seconds = dict(outcome.finish_seconds)
+            warmup = outcome.warmup_s
     sample_rows = {
         sample_id: {
             "length": record.lengths[sample_id],
@@ -288,7 +364,20 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
         }
         for position, sample_id in enumerate(ordered)
     }
-    return [], sample_rows, compute_continuous_metrics(record), seconds, generation_timer.seconds
+    metrics = compute_continuous_metrics(record) | {"engine_warmup_s": warmup}
+    return [], sample_rows, metrics, seconds, generation_timer.seconds - warmup
+
+
+def cache_tokens(batch: Batch, prompt_lengths: dict | None) -> int:
+    """KV-cache tokens a static batch holds at once: rows x (longest prompt + cap); the dry run knows no prompts and
+    counts the generated tokens only."""
+    longest_prompt = max((prompt_lengths or {}).get(sample_id, 0) for sample_id in batch.ids)
+    return len(batch.ids) * (longest_prompt + batch.max_new_tokens)
+
+
+def engine_warmup_seconds(engine) -> float:
+    """The engine's one-off costs so far (compiling and recording new shapes): kept out of every throughput."""
+    return getattr(engine, "warmup_seconds", 0.0) if engine is not None else 0.0
 
 
 def _sample_fields(result) -> dict:

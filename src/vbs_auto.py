@@ -110,27 +110,15 @@ def choose_schedule(
 
 
 def kv_token_budget(model, memory_fraction: float = 0.8) -> int | None:
-    """Cache tokens (summed over a batch) that fit in the device's free memory: 2 (K and V) x layers x
-    KV heads x head size x bytes per element each. None where the model's shape or free memory is unknown."""
-    import torch
+    """Cache tokens (summed over a batch) that fit in the device's free memory. None where the model's shape or
+    free memory is unknown."""
+    from .models import kv_cache_bytes_per_token
+    from .utils import free_memory_bytes
 
-    config = model.config.get_text_config()
-    layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
-    if not (layers and kv_heads and head_dim):
+    bytes_per_token = kv_cache_bytes_per_token(model)
+    free = free_memory_bytes(model.device)
+    if bytes_per_token is None or free is None:
         return None
-    bytes_per_token = 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
-    if model.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(model.device)
-    else:
-        try:
-            import os
-
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
     return int(free * memory_fraction // bytes_per_token)
 
 

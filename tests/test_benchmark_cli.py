@@ -11,6 +11,7 @@ import pytest
 
 from src import benchmark
 from src.cli import run_cli
+from src.strategies import BATCH_TIMING_FIELDS
 
 from .conftest import SMALL_LENGTHS, cli_args, write_json
 
@@ -212,9 +213,15 @@ def test_dry_run_equals_the_engine(tiny_model_dir, small_data, tmp_path):
         assert {k: real_result[k] for k in token_fields} == {k: dry_result[k] for k in token_fields}
         # a real run's samples also carry their finish time in seconds
         assert untimed(real_result["samples"]) == dry_result["samples"]
-        assert [{k: v for k, v in b.items() if k != "elapsed_s"} for b in real_result["batches"]] == [
-            {k: v for k, v in b.items() if k != "elapsed_s"} for b in dry_result["batches"]
+        # the schedule's columns; a real batch also has its times and its prompts' share of the cache
+        schedule = ("group", "recompute", "bucket", "size", "cap", "steps", "token_slots", "useful_tokens")
+        assert [{k: b[k] for k in schedule} for b in real_result["batches"]] == [
+            {k: b[k] for k in schedule} for b in dry_result["batches"]
         ]
+        for real_batch, dry_batch in zip(real_result["batches"], dry_result["batches"], strict=True):
+            assert dry_batch["cache_tokens"] == dry_batch["size"] * dry_batch["cap"]
+            assert real_batch["cache_tokens"] > dry_batch["cache_tokens"]
+            assert real_batch["decode_steps_timed"] == real_batch["steps"] - 1  # the first token comes with prefill
 
 
 def test_dry_run_needs_lengths_and_a_model_free_predictor(small_data, capsys):
@@ -358,7 +365,7 @@ def test_two_processes_give_the_single_process_metrics(tiny_model_dir, tmp_path)
     assert one_static[1]["recomputed_samples"] > 0  # FCR's recompute path ran on both processes' groups
     fields = ["num_samples", "num_batches", "decode_steps", "token_slots", "generated_tokens", "average_length"]
     fields += ["effective_token_ratio", "failure_ratio", "recomputed_samples", "truncated_ratio", "oom_splits"]
-    timed = {"latency_s", "latency_steps", "process", "elapsed_s"}
+    timed = {"latency_s", "latency_steps", "process", *BATCH_TIMING_FIELDS}
     for single, merged in zip(one_static, two_static, strict=True):
         assert merged["processes"] == 2 and len(merged["process_wall_times_s"]) == 2
         assert sum(merged["process_decode_steps"]) == single["decode_steps"] and min(merged["process_decode_steps"]) > 0

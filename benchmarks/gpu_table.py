@@ -1,0 +1,208 @@
+"""The paper's throughput table on one GPU in one command, within a time budget: the eager and the compiled engine
+compared on the same samples, then the other strategies on the compiled engine and continuous batching at equal
+memory.
+
+    python benchmarks/gpu_table.py --output-dir runs/gpu-table          # Vicuna-7B shape, random fp16 weights
+
+Each part is one `python -m src.benchmark` process whose JSON is rewritten after every strategy and whose output goes
+to `log.txt` as it comes, so a run cut off by the budget (or by the machine) still returns every strategy that
+finished. A part that would start after the deadline is skipped, and one still running at the deadline is stopped.
+
+1. compiled: vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy predictor)
+2. eager: vanilla and gt+vbs+fcr, the comparison of the two engines
+3. continuous batching, FCFS and shortest-predicted-first (continuous:gt), with the slots that the KV cache of part
+   1's largest static batch holds (`--slots auto` across the two processes). Continuous batching is transformers'
+   manager on both engines (it captures CUDA graphs itself), so this part runs on the eager engine: compiling the
+   static path there would cost time and change nothing.
+
+The summary (`summary.json`, and a Markdown table printed and written to `table.md`) gives each strategy's
+samples/s, its ratio to vanilla on the same engine, decode steps and ms per step, prefill and other seconds
+summed over its batches, and the warm-up the compiled engine spent on new shapes (kept out of the throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from src.strategies import equal_memory_slots  # noqa: E402
+from src.utils import write_json_atomic, write_text_atomic  # noqa: E402
+
+PARTS = ("compiled", "eager", "continuous")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="runs/gpu-table", help="each part's JSON, log.txt, summary, table")
+    parser.add_argument("--model", default="vicuna-7b-shape")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--data-path", default="data/alpaca-val-10k.json")
+    parser.add_argument("--replay-lengths", default="data/alpaca-val-10k-length.json")
+    parser.add_argument("--replay-field", default="L_t0.0")
+    parser.add_argument("--num-data", type=int, default=128, help="the same samples for every strategy")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--predictor-path", default="ckpts/proxy-minilm", help="adds proxy+vbs+fcr when present")
+    parser.add_argument("--budget-s", type=float, default=420, help="no part starts, and none runs, past this")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    return parser.parse_args(argv)
+
+
+def common_flags(args) -> list[str]:
+    return [
+        "--model", args.model, "--load-format", args.load_format, "--device", args.device, "--dtype", args.dtype,
+        "--data-path", args.data_path, "--replay-lengths", args.replay_lengths, "--replay-field", args.replay_field,
+        "--num-data", str(args.num_data), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+    ]  # fmt: skip
+
+
+def log(out: Path, text: str) -> None:
+    print(text, flush=True)
+    with open(out / "log.txt", "a") as handle:
+        handle.write(text + "\n")
+
+
+def run_part(out: Path, name: str, flags: list[str], deadline: float) -> int | None:
+    """One benchmark process, its output streamed to the terminal and the log; stopped at the deadline."""
+    remaining = deadline - time.monotonic()
+    if remaining < 5:
+        log(out, f"== {name}: skipped, the budget is spent")
+        return None
+    command = [sys.executable, "-m", "src.benchmark", *flags, "--output-json", str(out / f"{name}.json")]
+    log(out, f"== {name} ({remaining:.0f} s left): {' '.join(command[1:])}")
+    start = time.monotonic()
+    environment = os.environ | {"PYTHONUNBUFFERED": "1"}
+    with open(out / "log.txt", "a") as handle:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
+        watchdog = threading.Timer(remaining, process.kill)  # fires even while the process prints nothing
+        watchdog.start()
+        try:
+            for line in iter(process.stdout.readline, b""):
+                text = line.decode(errors="replace")
+                sys.stdout.write(text)
+                handle.write(text)
+                handle.flush()
+            code = process.wait()
+        finally:
+            watchdog.cancel()
+    stopped = time.monotonic() >= deadline and code != 0
+    status = "stopped at the deadline" if stopped else f"exit {code}"
+    log(out, f"== {name}: {status} after {time.monotonic() - start:.0f} s")
+    return None if stopped else code
+
+
+def read_results(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def summary_rows(outputs: dict[str, dict]) -> list[dict]:
+    """One row per strategy and engine, with the ratio to vanilla on the same engine."""
+    rows = []
+    for part, output in outputs.items():
+        results = output.get("results", [])
+        engine = (output.get("args") or {}).get("engine_resolved")
+        vanilla = {result["strategy"]: result for result in results}.get("vanilla")
+        for result in results:
+            batches = result["batches"]
+            steps = sum(batch.get("decode_steps_timed", 0) for batch in batches)
+            decode = sum(batch.get("decode_s", 0.0) for batch in batches)
+            rows.append(
+                {
+                    "part": part,
+                    "engine": engine,
+                    "strategy": result["strategy"],
+                    "samples_per_s": result["throughput_samples_per_s"],
+                    "x_vanilla_same_engine": result["throughput_samples_per_s"] / vanilla["throughput_samples_per_s"]
+                    if vanilla
+                    else None,
+                    "decode_steps": result["decode_steps"],
+                    "ms_per_decode_step": 1000 * decode / steps if steps else None,
+                    "prefill_s": sum(batch.get("prefill_s", 0.0) for batch in batches),
+                    "other_s": sum(batch.get("other_s", 0.0) for batch in batches),
+                    "generation_s": result["generation_time_s"],
+                    "warmup_s": result.get("engine_warmup_s", 0.0),
+                    "average_length": result["average_length"],
+                    "effective_token_ratio": result["effective_token_ratio"],
+                    "slots": result.get("slots"),
+                }
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    def number(value, digits):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| engine | strategy | samples/s | x vanilla | decode steps | ms/step | prefill s | other s | warm-up s "
+        "| avg length | effective |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        strategy = row["strategy"] + (f" ({row['slots']} slots)" if row["slots"] else "")
+        lines.append(
+            f"| {row['engine']} | {strategy} | {row['samples_per_s']:.3f} | {number(row['x_vanilla_same_engine'], 2)} "
+            f"| {row['decode_steps']} | {number(row['ms_per_decode_step'], 1)} | {row['prefill_s']:.1f} "
+            f"| {row['other_s']:.1f} | {row['warmup_s']:.1f} | {row['average_length']:.2f} "
+            f"| {row['effective_token_ratio'] * 100:.2f} % |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    common = common_flags(args)
+    statics = ["vanilla", "gt+vbs+fcr", "gt"]
+    if (Path(args.predictor_path) / "proxy_config.json").is_file():
+        statics.append("proxy+vbs+fcr")
+        common_proxy = ["--predictor-path", args.predictor_path]
+    else:
+        common_proxy = []
+        log(out, f"no proxy predictor in {args.predictor_path}: proxy+vbs+fcr is left out")
+    codes = {}
+    if "compiled" in args.parts:
+        flags = [*common, *common_proxy, "--engine", "compiled", "--strategies", *statics]
+        codes["compiled"] = run_part(out, "compiled", flags, deadline)
+    if "eager" in args.parts:
+        flags = [*common, "--engine", "transformers", "--strategies", "vanilla", "gt+vbs+fcr"]
+        codes["eager"] = run_part(out, "eager", flags, deadline)
+    if "continuous" in args.parts:
+        static_output = read_results(out / "compiled.json") or read_results(out / "eager.json")
+        slots = equal_memory_slots(
+            static_output.get("results", []),
+            (static_output.get("args") or {}).get("longest_prompt_tokens", 0),
+            args.max_length,
+            args.batch_size,
+        )
+        log(out, f"continuous batching at the KV-cache memory of the largest static batch: {slots} slots")
+        flags = [*common, "--engine", "transformers", "--slots", str(slots)]
+        codes["continuous"] = run_part(
+            out, "continuous", [*flags, "--strategies", "continuous", "continuous:gt"], deadline
+        )
+    outputs = {part: read_results(out / f"{part}.json") for part in PARTS}
+    rows = summary_rows({part: output for part, output in outputs.items() if output})
+    write_json_atomic(out / "summary.json", {"args": vars(args), "exit_codes": codes, "rows": rows})
+    table = markdown_table(rows)
+    write_text_atomic(out / "table.md", table + "\n")
+    log(out, table)
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The compiled engine (a static KV cache and torch.compile) generates what the eager engine generates, with a
+bounded set of shapes and its compilation kept out of the throughput; `--engine auto`; `--slots auto`; and the GPU
+table's script end to end on a CPU with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from src import benchmark
+from src.engine import build_engine, resolve_engine_name
+from src.engine_compiled import CACHE_LENGTH_STEP, CompiledEngine, cache_length, padded_rows
+from src.engine_transformers import TransformersEngine
+from src.models import load_model
+
+from .conftest import PROJECT, cli_args, run_command
+
+TOKEN_COLUMNS = ("token_slots", "generated_tokens", "average_length", "effective_token_ratio", "num_batches")
+
+
+@pytest.fixture(scope="module")
+def engines(eos_model_dir):
+    """Both engines on one model whose greedy answers end at lengths that vary from prompt to prompt."""
+    model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
+    return TransformersEngine(model, tokenizer), CompiledEngine(model, tokenizer)
+
+
+def test_shapes_are_rounded_to_few_sizes():
+    assert [padded_rows(rows) for rows in (1, 2, 3, 5, 16, 17, 99, 256)] == [2, 2, 4, 8, 16, 32, 128, 256]
+    assert [cache_length(tokens) for tokens in (1, 128, 129, 612)] == [128, 128, 256, 640]
+    assert CACHE_LENGTH_STEP == 128
+
+
+def test_compiled_generation_equals_eager_greedy_and_replayed(engines):
+    eager, compiled = engines
+    prompts = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13, 14, 15, 16], [1, 300, 400, 500], [1, 42]]
+    for rows in (3, 5, 1):  # with filler rows: 4, 8 and 2
+        for replay in (None, [3, 7, 5, 2, 6][:rows]):
+            expected = eager.generate(prompts[:rows], 12, 0.0, replay)
+            got = compiled.generate(prompts[:rows], 12, 0.0, replay)
+            assert [sample.token_ids for sample in got] == [sample.token_ids for sample in expected]
+            assert [(sample.length, sample.finished, sample.text) for sample in got] == [
+                (sample.length, sample.finished, sample.text) for sample in expected
+            ]
+            if replay is None and rows > 1:  # free answers of this model end at different lengths, some never
+                assert len({sample.length for sample in got}) > 1
+            # the batch ran as long as its longest real row: filler rows ended at their first token
+            assert compiled.last_timing.decode_steps == max(sample.length for sample in got) - 1
+    # each new shape paid one timed warm-up; (rows, cache length) pairs: 4, 8 and 2 rows at one length
+    assert compiled.warmed_shapes == [(4, 128), (8, 128), (2, 128)]
+    assert compiled.warmup_seconds > 0
+
+
+def test_a_cache_is_dropped_when_the_budget_is_spent(engines):
+    eager, _ = engines
+    compiled = CompiledEngine(eager.model, eager.tokenizer)
+    compiled.cache_budget_bytes = compiled._cache_bytes(4, 128)  # room for one cache of 4 rows
+    compiled.generate([[1, 5], [1, 6], [1, 7]], 4)
+    compiled.generate([[1, 5]], 4)
+    assert list(compiled.caches) == [(2, 128)]  # the 4-row cache made room
+    again = compiled.generate([[1, 5], [1, 6], [1, 7]], 4, 0.0, [4, 2, 3])
+    assert [sample.length for sample in again] == [4, 2, 3]
+    assert list(compiled.caches) == [(4, 128)] and compiled.warmed_shapes == [(4, 128), (2, 128), (4, 128)]
+
+
+def test_engine_auto_is_compiled_on_cuda_only(tiny_model):
+    assert resolve_engine_name("auto", "cuda") == "compiled"
+    assert resolve_engine_name("auto", "cuda:1") == "compiled"
+    assert resolve_engine_name("auto", "cpu") == "transformers"
+    assert resolve_engine_name("compiled", "cpu") == "compiled"
+    model, tokenizer = tiny_model
+    assert build_engine("auto", model, tokenizer).name == "transformers"
+
+
+def test_benchmark_on_the_compiled_engine_gives_the_eager_token_columns(tiny_model_dir, small_data, tmp_path):
+    data, lengths = small_data
+    flags = cli_args(
+        model=tiny_model_dir, device="cpu", data_path=data, replay_lengths=lengths, max_length=8, batch_size=2
+    )
+    strategies = ["--strategies", "vanilla", "gt+vbs+fcr", "--group-size", "4"]
+    eager = benchmark.main([*flags, *strategies, "--engine", "transformers"])
+    compiled = benchmark.main([*flags, *strategies, "--engine", "compiled"])
+    assert compiled["args"]["engine_resolved"] == "compiled" and eager["args"]["engine_resolved"] == "transformers"
+    for expected, got in zip(eager["results"], compiled["results"], strict=True):
+        assert {key: got[key] for key in TOKEN_COLUMNS} == {key: expected[key] for key in TOKEN_COLUMNS}
+        assert {row["id"]: row["length"] for row in got["samples"]} == {
+            row["id"]: row["length"] for row in expected["samples"]
+        }
+        assert got["engine_warmup_s"] >= 0 and expected["engine_warmup_s"] == 0
+        # a batch's timed steps follow its generated length (the first token comes with the prefill)
+        assert [batch["decode_steps_timed"] for batch in got["batches"]] == [
+            batch["steps"] - 1 for batch in got["batches"]
+        ]
+    # vanilla by hand, batches of 2 capped at 8: (a3 b10) 8 x 2 + (c1 d6) 6 x 2 + (e2 f8) 8 x 2
+    assert compiled["results"][0]["token_slots"] == 16 + 12 + 16
+
+
+def test_slots_auto_gives_continuous_batching_the_largest_static_batch_memory(small_data):
+    data, lengths = small_data
+    flags = cli_args(dry_run=True, data_path=data, replay_lengths=lengths, max_length=8, batch_size=2)
+    strategies = ["--strategies", "continuous", "vanilla", "gt+vbs", "continuous"]
+    output = benchmark.main([*flags, "--slots", "auto", *strategies])
+    first, vanilla, sorted_vbs, last = output["results"]
+    # before any static strategy: --batch-size; the dry run counts generated tokens only (no prompts)
+    assert first["slots"] == 2
+    assert max(batch["cache_tokens"] for batch in vanilla["batches"]) == 2 * 8
+    # the paper's VBS puts all six (bucket 50: 256 rows) in one batch of cap 8: 6 x 8 tokens = 6 slots of 8
+    assert max(batch["cache_tokens"] for batch in sorted_vbs["batches"]) == 6 * 8
+    assert last["slots"] == 6
+
+
+def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, tmp_path):
+    data, lengths = small_data
+    out = tmp_path / "table"
+    command = [sys.executable, str(PROJECT / "benchmarks" / "gpu_table.py"), "--output-dir", str(out)]
+    flags = ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
+    flags += ["--replay-lengths", str(lengths), "--num-data", "6", "--batch-size", "2", "--max-length", "8"]
+    flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--budget-s", "600"]
+    run_command([*command, *flags], timeout=600)
+    for name in ("compiled.json", "eager.json", "continuous.json", "summary.json", "table.md", "log.txt"):
+        assert (out / name).is_file(), name
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    by_engine = {(row["engine"], row["strategy"]): row for row in rows}
+    assert set(by_engine) == {
+        ("compiled", "vanilla"),
+        ("compiled", "gt+vbs+fcr"),
+        ("compiled", "gt"),
+        ("transformers", "vanilla"),
+        ("transformers", "gt+vbs+fcr"),
+        ("transformers", "continuous"),
+        ("transformers", "continuous:gt"),
+    }
+    for strategy in ("vanilla", "gt+vbs+fcr"):  # the same samples and the same token columns on both engines
+        compiled_row, eager_row = by_engine[("compiled", strategy)], by_engine[("transformers", strategy)]
+        assert compiled_row["average_length"] == eager_row["average_length"]
+    assert by_engine[("compiled", "vanilla")]["x_vanilla_same_engine"] == 1.0
+    compiled = json.loads((out / "compiled.json").read_text())
+    largest = max(batch["cache_tokens"] for result in compiled["results"] for batch in result["batches"])
+    slots = largest // (compiled["args"]["longest_prompt_tokens"] + 8)
+    assert by_engine[("transformers", "continuous")]["slots"] == slots
+    assert "no proxy predictor" in (out / "log.txt").read_text()
+
+
+def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
+    import subprocess
+
+    out = tmp_path / "table"
+    done = subprocess.run(
+        [sys.executable, str(PROJECT / "benchmarks" / "gpu_table.py"), "--output-dir", str(out), "--budget-s", "0"],
+        cwd=PROJECT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1  # nothing ran
+    assert (out / "log.txt").read_text().count("skipped, the budget is spent") == 3
+    assert json.loads((out / "summary.json").read_text())["rows"] == []
