@@ -53,15 +53,6 @@ from .utils import (
 from .vbs_auto import CANDIDATE_BATCH_SIZES
 
 
-def slots_value(text: str) -> int | str:
-    if text == AUTO_SLOTS:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of slots or {AUTO_SLOTS}, got {text!r}") from None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", default=PAPER_VAL_DATA, help="FastChat conversation file")
@@ -89,10 +80,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--order-predictor", default="gt", help="the predictor of --order predicted")
     parser.add_argument(
         "--slots",
-        type=slots_value,
         default=None,
         help="continuous batching: most concurrent requests; default --batch-size; auto: as many as the KV-cache "
         "memory of the largest static batch that ran before it in this command holds (equal memory)",
+    )
+    parser.add_argument(
+        "--arrival-rate",
+        type=float,
+        default=None,
+        help="dry run, continuous batching: requests arrive in data order at this many per decode step (default: all "
+        "at once); the predictor of continuous:NAME orders the waiting ones",
+    )
+    parser.add_argument(
+        "--aging",
+        type=float,
+        default=0.0,
+        help="with --arrival-rate: a waiting request's predicted length counts this many tokens less per step waited, "
+        "so long requests are not starved (0: pure shortest-predicted-first)",
     )
     parser.add_argument("--lora-path", default=None, help="peft LoRA adapter of the length perception module")
     parser.add_argument("--vbs", action="store_true", help="variable batch size by predicted-length bucket")
@@ -145,12 +149,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--batch-size", args.batch_size),
         ("--group-size", args.group_size),
         ("--num-data", args.num_data),
-        ("--slots", None if args.slots == AUTO_SLOTS else args.slots),
         ("--prediction-batch-size", args.prediction_batch_size),
         ("--constant-length", args.constant_length),
         ("--inject-oom-above", args.inject_oom_above),
     ):
         check_range(flag, value, 1)
+    if args.slots is not None and args.slots != AUTO_SLOTS:
+        try:
+            args.slots = int(args.slots)
+        except ValueError:
+            raise UserError(f"--slots expected a number of slots or {AUTO_SLOTS}, got {args.slots!r}") from None
+        check_range("--slots", args.slots, 1)
+    check_range("--arrival-rate", args.arrival_rate, 0, open_low=True)
+    check_range("--aging", args.aging, 0)
+    if args.arrival_rate is not None and not args.dry_run:
+        raise UserError("--arrival-rate runs in the dry run only (the iteration model): add --dry-run")
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_range("--temperature", args.temperature, 0)
     check_range("--fcr-quantile", args.fcr_quantile, 0, 1, open_low=True, open_high=True)
@@ -202,7 +215,10 @@ def print_result(result: dict) -> None:
     print(f"Average length: {result['average_length']:.2f} tokens")
     print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
-    latency = f"Latency: mean {result['mean_latency_steps']:.0f} steps, p90 {result['p90_latency_steps']:.0f} steps"
+    latency = (
+        f"Latency: mean {result['mean_latency_steps']:.0f} steps, p90 {result['p90_latency_steps']:.0f} steps, "
+        f"max {result['max_latency_steps']:.0f} steps"
+    )
     if not result["dry_run"]:
         latency += f" (mean {result['mean_latency_s']:.2f} s, p90 {result['p90_latency_s']:.2f} s)"
     print(latency)

@@ -99,6 +99,24 @@ def predictor_context(args):
     )
 
 
+def attach_model_if_needed(args, context, strategy: str) -> str:
+    """Load the model, its formatter and its engine into `context` when the predictor generates (po, seqsch), from
+    the model flags; returns the device the predictions run on (the proxy's own, else the CPU)."""
+    from .predictors import PREDICTORS
+
+    if not PREDICTORS[strategy].needs_model:
+        return context.options["predictor_device"] if strategy == "proxy" else "cpu"
+    from .engine import build_engine
+    from .models import load_model_and_formatter
+
+    model, tokenizer, formatter, _ = load_model_and_formatter(
+        args.model, args.device, args.dtype, getattr(args, "lora_path", None), args.load_format, args.conv_template
+    )
+    context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
+    context.engine = build_engine(args.engine, model, tokenizer)
+    return str(model.device)
+
+
 # --------------------------------------------------------------------------- checks before any work
 
 # numpy's seed range (the sample draw seeds numpy)

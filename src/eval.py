@@ -5,7 +5,9 @@
 
 Error is mean |prediction - L_max|; Acc-50 and Acc-100 are the fractions within 50 and 100 tokens of L_max
 (upstream's definitions); Kendall's tau and Spearman's rho say how well the predictions rank the samples, which is
-what scheduling needs; bucket accuracy is the fraction whose 50-token bucket equals L_max's.
+what scheduling needs; bucket accuracy is the fraction whose 50-token bucket equals L_max's. A predictor with
+quantiles (proxy) also gets their calibration: for each level q, the share of samples whose L_max is at most the
+predicted q-quantile, printed and drawn as a reliability diagram beside the scatter plot.
 
 Under torchrun or `accelerate launch` with K processes, each predicts every K-th prediction batch and the main
 process computes the metrics over all predictions; the cost per 1000 prompts is then the slowest process's time.
@@ -14,10 +16,12 @@ process computes the metrics over all predictions; the cost per 1000 prompts is 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .cli import (
     add_model_arguments,
     add_predictor_arguments,
+    attach_model_if_needed,
     check_output_file,
     check_range,
     predictor_context,
@@ -25,8 +29,8 @@ from .cli import (
 )
 from .data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths, require_ids
 from .distributed import start_processes
-from .figures import plot_predictions
-from .metrics import length_metrics
+from .figures import plot_predictions, plot_reliability
+from .metrics import length_metrics, quantile_coverage
 from .predictors import PREDICTORS, build_predictor
 from .utils import Timer, UserError, write_json_atomic
 
@@ -45,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_predictor_arguments(parser)
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
     parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
+    parser.add_argument(
+        "--calibration-plot",
+        default=None,
+        help="reliability diagram of the quantiles (proxy); default the --plot path with -calibration before .png",
+    )
     args = parser.parse_args(argv)
     for flag, value in (
         ("--num-data", args.num_data),
@@ -61,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.length_path = args.length_path or default_length_path(args.data_path)
     args.plot = args.plot or f"imgs/eval-{args.strategy}.png"
     check_output_file("--plot", args.plot)
+    plot = Path(args.plot)
+    args.calibration_plot = args.calibration_plot or str(plot.with_name(f"{plot.stem}-calibration{plot.suffix}"))
+    check_output_file("--calibration-plot", args.calibration_plot)
     return args
 
 
@@ -72,17 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     max_lengths = load_max_lengths(args.length_path)
     require_ids(max_lengths, [sample.id for sample in samples], args.length_path)
     context = predictor_context(args)
-    device = context.options["predictor_device"] if args.strategy == "proxy" else "cpu"
-    if PREDICTORS[args.strategy].needs_model:
-        from .engine import build_engine
-        from .models import load_model_and_formatter
-
-        model, tokenizer, formatter, _ = load_model_and_formatter(
-            args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template
-        )
-        context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
-        context.engine = build_engine(args.engine, model, tokenizer)
-        device = str(model.device)
+    device = attach_model_if_needed(args, context, args.strategy)
     predictor = build_predictor(args.strategy, context)
     # whole prediction batches are shared out, so the generative predictors (po, seqsch) batch the same prompts as in
     # one process (the proxy re-batches its share by prompt length)
@@ -90,8 +92,14 @@ def main(argv: list[str] | None = None) -> dict:
     processes.wait()  # start together: the slowest process's time is the run's
     with Timer(device) as timer:
         predicted = predictor.predict(mine) if mine else {}
+    quantile_rows = getattr(predictor, "quantile_rows", None)  # id -> [q-quantile for each level], proxy only
     shares = processes.gather(
-        {"predictions": predicted, "seconds": timer.seconds, "unparsable": getattr(predictor, "unparsable", 0)}
+        {
+            "predictions": predicted,
+            "quantiles": None if quantile_rows is None else {sample.id: quantile_rows[sample.id] for sample in mine},
+            "seconds": timer.seconds,
+            "unparsable": getattr(predictor, "unparsable", 0),
+        }
     )
     if not processes.is_main:
         return {}
@@ -111,8 +119,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"Bucket accuracy: {metrics['bucket_accuracy'] * 100:.1f} %")
     print(f"Unparsable: {metrics['unparsable']}")
     print(f"Prediction cost: {metrics['seconds_per_1000']:.2f} s per 1000 prompts")
+    if quantile_rows is not None:
+        rows = {key: value for share in shares for key, value in share["quantiles"].items()}
+        levels = list(predictor.quantile_levels)
+        metrics["calibration"] = quantile_coverage(levels, [rows[sample.id] for sample in samples], targets)
+        coverage = ", ".join(f"q{row['level']:g} {row['coverage'] * 100:.1f} %" for row in metrics["calibration"])
+        print(f"Quantile coverage (share of L_max at most the predicted quantile): {coverage}")
+        worst = max(metrics["calibration"], key=lambda row: abs(row["gap"]))
+        print(f"Largest calibration gap: {worst['gap'] * 100:+.1f} points at q{worst['level']:g}")
     plot_predictions(args.plot, predictions, targets, f"{args.strategy}: error {metrics['error']:.1f} tokens")
     print(f"Plot: {args.plot}")
+    if quantile_rows is not None:
+        plot_reliability(args.calibration_plot, metrics["calibration"], f"{args.strategy}: quantile calibration")
+        print(f"Calibration plot: {args.calibration_plot}")
     if args.output_json:
         output = {"args": vars(args), **metrics}
         output["predictions"] = {sample.id: value for sample, value in zip(samples, predictions, strict=True)}

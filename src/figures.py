@@ -121,3 +121,22 @@ def plot_predictions(path: str, predictions: list[int], targets: list[int], titl
     axis.set_ylabel("predicted length (tokens)")
     axis.set_title(title)
     save_figure(figure, path)
+
+
+def plot_reliability(path: str, calibration: list[dict], title: str) -> None:
+    """Reliability diagram of predicted quantiles: coverage against level, the diagonal being perfect calibration."""
+    figure, axis = pyplot().subplots(figsize=(5, 5))
+    levels = [row["level"] for row in calibration]
+    coverages = [row["coverage"] for row in calibration]
+    low = min([*levels, *coverages]) - 0.05
+    axis.plot([low, 1], [low, 1], color="gray", linewidth=1, label="calibrated")
+    axis.plot(levels, coverages, marker="o", label="predicted quantiles")
+    for level, coverage in zip(levels, coverages, strict=True):
+        axis.annotate(f"{coverage * 100:.1f} %", (level, coverage), textcoords="offset points", xytext=(4, -12))
+    axis.set_xlabel("quantile level q")
+    axis.set_ylabel("share of samples with length <= predicted q-quantile")
+    axis.set_xlim(low, 1)
+    axis.set_ylim(low, 1)
+    axis.legend(loc="upper left", fontsize=8)
+    axis.set_title(title)
+    save_figure(figure, path)

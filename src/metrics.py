@@ -91,11 +91,13 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 def latency_metrics(finish: Mapping[str, float], unit: str) -> dict:
-    """Mean and p90 of per-sample finish times, counted from the start of the run (all samples arrive at once)."""
+    """Mean, p90 and largest per-sample latency: finish times counted from each sample's arrival (the start of
+    the run where all samples arrive at once). The largest shows a starved request."""
     values = list(finish.values())
     return {
         f"mean_latency_{unit}": sum(values) / len(values) if values else 0.0,
         f"p90_latency_{unit}": percentile(values, 0.9),
+        f"max_latency_{unit}": max(values, default=0.0),
     }
 
 
@@ -139,8 +141,14 @@ def compute_continuous_metrics(record: ContinuousRecord) -> TokenMetrics:
         "generated_tokens": generated_tokens,
         "recomputed_samples": 0,
         **token_ratios(num_samples, token_slots, generated_tokens, 0, truncated),
-        **latency_metrics(record.finish_steps, "steps"),
+        **latency_metrics(continuous_latency_steps(record), "steps"),
     }
+
+
+def continuous_latency_steps(record: ContinuousRecord) -> dict[str, float]:
+    """Each request's latency in decode steps: its finish step less its arrival (0 when all arrive at once)."""
+    arrivals = record.arrival_steps or {}
+    return {sample_id: step - arrivals.get(sample_id, 0.0) for sample_id, step in record.finish_steps.items()}
 
 
 # --------------------------------------------------------------------------- several processes
@@ -229,3 +237,15 @@ def length_metrics(predictions: list[int], targets: list[int]) -> dict:
         )
         / count,
     }
+
+
+def quantile_coverage(levels: list[float], quantile_rows: list[list[float]], targets: list[int]) -> list[dict]:
+    """Calibration of predicted quantiles: for each level q, the share of samples whose real length is at most their
+    predicted q-quantile (`coverage`; q itself when calibrated) and `coverage - q`. A cap at a quantile that covers
+    less than its level sends more samples to FCR's recompute than it promises."""
+    count = len(targets)
+    rows = []
+    for index, level in enumerate(levels):
+        covered = sum(target <= row[index] for row, target in zip(quantile_rows, targets, strict=True))
+        rows.append({"level": level, "coverage": covered / count, "gap": covered / count - level})
+    return rows

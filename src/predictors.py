@@ -186,7 +186,8 @@ class ProxyPredictor(Predictor):
         if not path:
             raise UserError("strategy proxy needs --predictor-path: a folder written by python -m src.train_proxy")
         self.proxy = LoadedProxy(path, context.options.get("predictor_device") or "cpu")
-        self.quantile_rows: dict[str, list[float]] = {}
+        self.quantile_levels = self.proxy.quantiles  # the levels of each row of `quantile_rows`
+        self.quantile_rows: dict[str, list[float]] = {}  # id -> lengths at each level, from the last predict()
 
     def predict_raw(self, samples):
         batch_size = int(self.context.options.get("prediction_batch_size", 128))

@@ -60,10 +60,13 @@ class QuantileHead(nn.Module):
 
 
 class LengthProxy(nn.Module):
-    def __init__(self, encoder, quantiles: tuple[float, ...], initial_log_length: float = 0.0):
+    def __init__(
+        self, encoder, quantiles: tuple[float, ...], initial_log_length: float = 0.0, ranking_weight: float = 0.0
+    ):
         super().__init__()
         self.encoder = encoder
         self.quantiles = tuple(quantiles)
+        self.ranking_weight = ranking_weight  # weight of the pairwise ranking loss beside the quantile loss
         self.head = QuantileHead(encoder.config.hidden_size, len(self.quantiles))
         with torch.no_grad():  # start at the data's typical length, so early steps learn ranking, not scale
             self.head.linear.bias[0] = initial_log_length
@@ -77,6 +80,9 @@ class LengthProxy(nn.Module):
         output = {"logits": log_quantiles}
         if labels is not None:
             output["loss"] = pinball_loss(log_quantiles, labels, self.quantiles)
+            if self.ranking_weight:
+                ranking = pairwise_ranking_loss(log_quantiles[:, 0], labels)
+                output["loss"] = output["loss"] + self.ranking_weight * ranking
         return output
 
 
@@ -86,6 +92,17 @@ def pinball_loss(predicted: torch.Tensor, target: torch.Tensor, quantiles: tuple
     levels = torch.tensor(quantiles, dtype=predicted.dtype, device=predicted.device)  # [Q]
     error = target.unsqueeze(1) - predicted  # [B, Q]
     return torch.maximum(levels * error, (levels - 1) * error).mean()
+
+
+def pairwise_ranking_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """RankNet's logistic loss over every pair of the batch whose targets differ: a schedule needs the order of the
+    lengths (which samples share a batch) more than their values. Zero when no pair differs."""
+    # scores, target: [B]
+    longer = target.unsqueeze(1) > target.unsqueeze(0)  # [B, B]: row i longer than column j
+    if not longer.any():
+        return scores.sum() * 0.0
+    margins = scores.unsqueeze(1) - scores.unsqueeze(0)  # [B, B]
+    return nn.functional.softplus(-margins[longer]).mean()
 
 
 def save_proxy(model: LengthProxy, tokenizer, folder: str | Path, config: dict) -> Path:

@@ -12,7 +12,13 @@ import time
 from dataclasses import asdict, dataclass
 
 from .distributed import Processes
-from .metrics import StrategyResult, compute_continuous_metrics, compute_metrics, latency_metrics
+from .metrics import (
+    StrategyResult,
+    compute_continuous_metrics,
+    compute_metrics,
+    continuous_latency_steps,
+    latency_metrics,
+)
 from .predictors import PREDICTORS
 from .schedule import (
     PAPER_VBS_TABLE,
@@ -26,6 +32,7 @@ from .schedule import (
     final_batches,
     run_schedule,
     simulate_continuous,
+    simulate_continuous_arrivals,
 )
 from .utils import Timer, UserError, set_seed
 
@@ -342,8 +349,17 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
     from the iteration model with the lengths generated (the engine does not report its iterations)."""
     ordered = admission_order(ids, predictions if strategy.predictor != "vanilla" else None, args.group_size)
     warmup = 0.0
+    arrival_rate = getattr(args, "arrival_rate", None)
     with Timer(device) as generation_timer:
-        if executors.run_continuous is None:
+        if executors.run_continuous is None and arrival_rate:
+            # requests arrive in data order, one every 1 / rate steps; the predictor orders the waiting ones
+            arrivals = {sample_id: index / arrival_rate for index, sample_id in enumerate(ids)}
+            priorities = predictions if strategy.predictor != "vanilla" else None
+            record = simulate_continuous_arrivals(arrivals, replay, slots, args.max_length, priorities, args.aging)
+            ordered = record.order
+            progress.update(len(ids))
+            seconds = {}
+        elif executors.run_continuous is None:
             record = simulate_continuous(ordered, replay, slots, args.max_length)
             progress.update(len(ids))
             seconds = {}
@@ -353,6 +369,7 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
             record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, slots)
             seconds = dict(outcome.finish_seconds)
             warmup = outcome.warmup_s
+    latency_steps = continuous_latency_steps(record)
     sample_rows = {
         sample_id: {
             "length": record.lengths[sample_id],
@@ -360,7 +377,7 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
             "recomputed": False,
             "first_cap": args.max_length,
             "admitted": position,
-            "latency_steps": record.finish_steps[sample_id],
+            "latency_steps": latency_steps[sample_id],
         }
         for position, sample_id in enumerate(ordered)
     }

@@ -34,6 +34,9 @@ class ProxyArguments:
     num_data: int | None = field(default=None, metadata={"help": "use only the first N rows of the data file"})
     holdout: int = field(default=1000, metadata={"help": "last rows kept out of training, to choose settings on"})
     max_tokens: int = field(default=256, metadata={"help": "prompt tokens the encoder reads (longer are truncated)"})
+    ranking_weight: float = field(
+        default=0.0, metadata={"help": "weight of a pairwise ranking loss (RankNet) on the median, beside the pinball"}
+    )
     quantiles: list[float] = field(
         default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
         metadata={"help": "quantile heads; the first must be 0.5, the prediction"},
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_range("--quantiles", args.quantiles[-1], high=1, open_high=True)
     check_range("--holdout", args.holdout, 0)
     check_range("--max_tokens", args.max_tokens, 1)
+    check_range("--ranking_weight", args.ranking_weight, 0)
     check_range("--num_data", args.num_data, 1)
     check_output_dir("--output_dir", training_args.output_dir)
     samples, max_lengths = load_rows(args)
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         message = str(error).splitlines()[0]
         raise UserError(f"encoder {args.encoder} will not load ({message}): pass minilm or a local folder") from None
     median = statistics.median(max_lengths[sample.id] for sample in train)
-    model = LengthProxy(encoder, tuple(args.quantiles), initial_log_length=math.log(median))
+    model = LengthProxy(encoder, tuple(args.quantiles), math.log(median), args.ranking_weight)
 
     def encode(sample) -> dict:
         ids = tokenizer(sample.prompt, truncation=True, max_length=args.max_tokens).input_ids

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from src import benchmark, construct, lenpred, plots, reproduce, sample, train_lora, train_proxy
+from src import benchmark, construct, lenpred, plots, predict, reproduce, sample, train_lora, train_proxy
 from src import eval as length_eval
 from src.cli import run_cli
 
@@ -45,7 +45,9 @@ CASES = [
     (lenpred, "{data} --batch-size 0", "--batch-size"),
     (lenpred, "{data} --temperatures 0.0 -1", "--temperatures must be at least 0, got -1.0"),
     (sample, "--source {tmp}/alpaca.json --split-size 0", "--split-size"),
-    (train_proxy, "--data_path {tmp}/small.json --holdout -1", "--holdout"),
+    # (an output folder in {tmp}: a check that let this through would otherwise overwrite ckpts/proxy-minilm)
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --holdout -1", "--holdout"),
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --ranking_weight -1", "--ranking_weight"),
     # checks that used to run after earlier results were written
     (benchmark, "--dry-run {replay} --strategies vanilla gt+fcr --fcr-quantile 0.8 --output-json {tmp}/out.json", "gt"),
     (benchmark, "--dry-run {replay} --strategy po", "needs a model"),
@@ -63,6 +65,11 @@ CASES = [
     (train_lora, "--data_path {tmp}/small.json --output_dir {tmp}/out --lora_r 0", "--lora_r must be at least 1"),
     (train_lora, "--data_path {tmp}/small.json --output_dir {tmp}/out --lora_dropout 1", "--lora_dropout"),
     (reproduce, "tpu", "unknown part 'tpu'"),
+    (predict, "{data} --strategy gt --output {tmp}/folder", "--output {tmp}/folder is a folder"),
+    (predict, "{data} --strategy gt --output {tmp}/out.jsonl --chunk-size 0", "--chunk-size must be at least 1"),
+    (predict, "{data} --strategy oracle --output {tmp}/out.jsonl", "unknown strategy 'oracle'"),
+    (predict, "--data-path {tmp}/broken.json --strategy gt --output {tmp}/out.jsonl", "is not valid JSON"),
+    (benchmark, "--dry-run {replay} --slots many", "expected a number of slots or auto"),
 ]
 
 

@@ -397,3 +397,21 @@ def test_groups_are_shared_round_robin_and_never_split():
     assert shares == [[0, 1, 2, 6, 7, 8], [3, 4, 5, 9]]
     with pytest.raises(benchmark.UserError, match="fewer than the 4 processes"):
         benchmark.share_groups(samples, 5, Processes(0, 4))
+
+
+def test_dry_run_with_arrivals_reports_latency_from_each_arrival(small_data):
+    data, lengths = small_data
+    flags = cli_args(dry_run=True, data_path=data, replay_lengths=lengths, slots=1, arrival_rate=1, gt_field="L_t0.0")
+    output = benchmark.main([*flags, "--aging", "1", "--strategies", "continuous", "continuous:gt"])
+    fcfs, aged = output["results"]
+    # by hand (tests/test_schedule.py): FCFS latencies 3 12 12 17 18 25; shortest first with aging 1: 3 2 2 9 21 25
+    assert fcfs["mean_latency_steps"] == pytest.approx(87 / 6) and aged["mean_latency_steps"] == pytest.approx(62 / 6)
+    assert {row["id"]: row["latency_steps"] for row in aged["samples"]} == {
+        "a": 3,
+        "b": 21,
+        "c": 2,
+        "d": 9,
+        "e": 2,
+        "f": 25,
+    }
+    assert [row["id"] for row in sorted(aged["samples"], key=lambda row: row["admitted"])] == list("acedbf")

@@ -139,3 +139,51 @@ def test_missing_or_corrupt_predictor_is_a_clear_error(damage, tmp_path, capsys,
     argv = ["--strategy", "proxy", "--data-path", str(DEMO / "demo.json"), "--num-data", "4", *flags]
     err = run_eval_expecting_error(argv + ["--plot", str(tmp_path / "p.png")], capsys)
     assert "proxy" in err and ("predictor-path" in err or "train_proxy" in err)
+
+
+def test_quantile_coverage_by_hand():
+    from src.metrics import quantile_coverage
+
+    rows = [[10, 20], [10, 20], [30, 40], [50, 60]]  # each sample's 0.5- and 0.9-quantile
+    targets = [5, 15, 30, 70]  # at most the median: 5 and 30 (2 of 4); at most the 0.9-quantile: 5, 15, 30 (3 of 4)
+    coverage = quantile_coverage([0.5, 0.9], rows, targets)
+    assert [row["coverage"] for row in coverage] == [0.5, 0.75]
+    assert [row["gap"] for row in coverage] == pytest.approx([0.0, -0.15])
+
+
+@needs_encoder
+def test_eval_reports_the_calibration_of_every_quantile(trained_proxy, tmp_path, capsys):
+    folder, _ = trained_proxy
+    argv = ["--strategy", "proxy", "--predictor-path", str(folder), "--data-path", str(DEMO / "demo.json")]
+    argv += ["--num-data", "40", "--device", "cpu", "--max-length", "100000", "--plot", str(tmp_path / "scatter.png")]
+    metrics = length_eval.main(argv + ["--output-json", str(tmp_path / "eval.json")])
+    assert [row["level"] for row in metrics["calibration"]] == [0.5, 0.8, 0.9]
+    # worked out again from the predictions the JSON keeps: the median's coverage is the share at or under it
+    output = json.loads((tmp_path / "eval.json").read_text())
+    from src.data import load_max_lengths
+
+    lengths = load_max_lengths(DEMO / "demo-length.json")
+    under = sum(lengths[key] <= value for key, value in output["predictions"].items()) / 40
+    assert metrics["calibration"][0]["coverage"] == pytest.approx(under, abs=1 / 40)  # the JSON's are rounded
+    coverages = [row["coverage"] for row in metrics["calibration"]]
+    assert coverages == sorted(coverages)  # higher quantiles never cover fewer samples
+    assert (tmp_path / "scatter-calibration.png").is_file()
+    assert "Quantile coverage" in capsys.readouterr().out
+
+
+@needs_encoder
+def test_predict_writes_each_quantile_of_the_proxy(trained_proxy, tmp_path):
+    from src import predict
+
+    folder, _ = trained_proxy
+    output = tmp_path / "predictions.jsonl"
+    argv = ["--data-path", str(DEMO / "demo.json"), "--strategy", "proxy", "--predictor-path", str(folder)]
+    predict.main(argv + ["--output", str(output), "--max-length", "100000", "--chunk-size", "40"])
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(lines) == 96 and sorted(line["rank"] for line in lines) == list(range(1, 97))
+    for line in lines:
+        assert list(line["quantiles"]) == ["0.5", "0.8", "0.9"]
+        assert line["quantiles"]["0.5"] == line["predicted_length"]
+        assert sorted(line["quantiles"].values()) == list(line["quantiles"].values())
+    by_rank = sorted(lines, key=lambda line: line["rank"])
+    assert [line["predicted_length"] for line in by_rank] == sorted(line["predicted_length"] for line in lines)

@@ -253,3 +253,38 @@ def test_a_batch_split_for_memory_is_charged_as_its_pieces_ran():
     split = ExecutedBatch(batch, lengths, dict.fromkeys(lengths, True), parts=(("a",), ("b", "c")))
     assert (whole.steps, whole.token_slots) == (8, 24)  # 8 steps of 3 rows
     assert (split.steps, split.token_slots) == (2 + 8, 2 * 1 + 8 * 2)  # a alone for 2 steps, then b and c for 8
+
+
+def test_continuous_arrivals_fcfs_shortest_first_and_aging_by_hand():
+    from src.metrics import compute_continuous_metrics
+    from src.schedule import simulate_continuous_arrivals
+
+    lengths = {"a": 3, "b": 10, "c": 1, "d": 6, "e": 2, "f": 8}
+    arrivals = {sample_id: float(index) for index, sample_id in enumerate(lengths)}  # one per step, in this order
+
+    def run(priorities=None, aging=0.0):
+        record = simulate_continuous_arrivals(arrivals, lengths, 1, 512, priorities, aging)
+        return record.order, compute_continuous_metrics(record)
+
+    # one slot, first come first served: a 0-3, b 3-13, c -14, d -20, e -22, f -30; latency = finish - arrival
+    order, metrics = run()
+    assert order == ["a", "b", "c", "d", "e", "f"]
+    assert metrics["mean_latency_steps"] == pytest.approx((3 + 12 + 12 + 17 + 18 + 25) / 6)
+    # shortest first: at 3 c (of b c d), at 4 e (b d e), at 6 d (b d f), at 12 f, b last at 20-30: starved, 29 steps
+    order, metrics = run(lengths)
+    assert order == ["a", "c", "e", "d", "f", "b"]
+    assert metrics["mean_latency_steps"] == pytest.approx((3 + 2 + 2 + 9 + 15 + 29) / 6)
+    assert metrics["max_latency_steps"] == 29
+    # aging 1 token per step: at 12, b (10 - 11 waited = -1) overtakes f (8 - 7 = 1): b 12-22, f 22-30
+    order, metrics = run(lengths, aging=1.0)
+    assert order == ["a", "c", "e", "d", "b", "f"]
+    assert metrics["mean_latency_steps"] == pytest.approx((3 + 2 + 2 + 9 + 21 + 25) / 6)
+    assert metrics["max_latency_steps"] == 25
+    assert metrics["decode_steps"] == 30 and metrics["token_slots"] == 30
+
+
+def test_a_slot_idles_until_the_next_request_arrives():
+    from src.schedule import simulate_continuous_arrivals
+
+    record = simulate_continuous_arrivals({"a": 0.0, "b": 10.0}, {"a": 2, "b": 3}, 2, 512)
+    assert record.finish_steps == {"a": 2, "b": 13}

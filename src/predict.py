@@ -1,0 +1,171 @@
+"""Length predictions for a serving stack: one JSON line per request of any conversation file.
+
+    python -m src.predict --data-path requests.json --strategy proxy --predictor-path ckpts/proxy-minilm \\
+        --output predictions.jsonl
+
+Each line: {"id", "predicted_length", "quantiles" (level -> length, for a predictor with quantiles), "rank"}. The
+rank orders the file's requests by predicted length, shortest first, ties in file order, from 1: an engine that
+takes a per-request priority where lower runs first (vLLM's `priority`, SGLang's) can use it as it is, or route on
+`predicted_length` and the quantiles.
+
+Requests are predicted in chunks of `--chunk-size`, each appended to `OUTPUT.partial` and flushed to disk as it is
+done, with a progress bar. An interrupted run keeps them: the same command resumes after the last complete line
+(a line cut short by the interruption is dropped). When every request has its prediction, the ranks are added and
+OUTPUT is written in one step; the partial file goes away. Resuming with other predictor settings is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .cli import (
+    add_model_arguments,
+    add_predictor_arguments,
+    attach_model_if_needed,
+    check_output_file,
+    check_range,
+    predictor_context,
+    run_cli,
+)
+from .data import default_length_path, load_conversations
+from .predictors import PREDICTORS, build_predictor
+from .schedule import clamp_prediction
+from .utils import UserError, write_text_atomic
+
+# Settings that change the predictions: a partial file made under others cannot be resumed.
+RESUME_KEYS = ("data_path", "strategy", "predictor_path", "max_length", "constant_length", "model", "lora_path")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", required=True, help="FastChat conversation file of the requests")
+    parser.add_argument("--output", required=True, help="the JSON-lines file to write")
+    parser.add_argument("--strategy", default="proxy", help=f"predictor: {', '.join(sorted(PREDICTORS))}")
+    parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="requests predicted and written at a time")
+    parser.add_argument("--length-path", default=None, help="length file of gt; default: data path + -length")
+    parser.add_argument("--lora-path", default=None, help="adapter of seqsch")
+    add_model_arguments(parser)
+    add_predictor_arguments(parser)
+    args = parser.parse_args(argv)
+    for flag, value in (
+        ("--max-length", args.max_length),
+        ("--chunk-size", args.chunk_size),
+        ("--prediction-batch-size", args.prediction_batch_size),
+        ("--constant-length", args.constant_length),
+    ):
+        check_range(flag, value, 1)
+    if args.strategy not in PREDICTORS:
+        raise UserError(f"unknown strategy {args.strategy!r}: choose from {', '.join(sorted(PREDICTORS))}")
+    check_output_file("--output", args.output)
+    check_output_file("--output", partial_path(args.output))
+    args.length_path = args.length_path or default_length_path(args.data_path)
+    return args
+
+
+def partial_path(output: str) -> Path:
+    return Path(f"{output}.partial")
+
+
+def settings_path(output: str) -> Path:
+    return Path(f"{output}.partial.settings.json")
+
+
+def read_partial(path: Path) -> list[dict]:
+    """The complete lines of a partial file; a last line cut short by an interruption is dropped (and the file is
+    cut back to the complete lines, so that appending continues a clean file)."""
+    if not path.is_file():
+        return []
+    rows, kept_bytes = [], 0
+    with open(path, "rb") as handle:
+        for raw in handle:
+            try:
+                row = json.loads(raw)
+                if not raw.endswith(b"\n") or not isinstance(row, dict) or "id" not in row:
+                    raise ValueError
+            except ValueError:
+                break
+            rows.append(row)
+            kept_bytes += len(raw)
+    if kept_bytes != path.stat().st_size:
+        with open(path, "r+b") as handle:
+            handle.truncate(kept_bytes)
+    return rows
+
+
+def prediction_row(sample_id: str, predicted: int, quantiles: list[float] | None, levels, max_length: int) -> dict:
+    """One line: the prediction and, where the predictor has them, its quantiles, clamped like it to [1, max]."""
+    row = {"id": sample_id, "predicted_length": predicted}
+    if quantiles is not None:
+        row["quantiles"] = {
+            f"{level:g}": clamp_prediction(value, max_length) for level, value in zip(levels, quantiles, strict=True)
+        }
+    return row
+
+
+def ranked(rows: list[dict], order: list[str]) -> list[dict]:
+    """Rows in file order, each with its rank by predicted length (1 = shortest; ties keep file order)."""
+    by_id = {row["id"]: row for row in rows}
+    position = {sample_id: index for index, sample_id in enumerate(order)}
+    shortest_first = sorted(order, key=lambda sample_id: (by_id[sample_id]["predicted_length"], position[sample_id]))
+    rank = {sample_id: index + 1 for index, sample_id in enumerate(shortest_first)}
+    return [by_id[sample_id] | {"rank": rank[sample_id]} for sample_id in order]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    samples = load_conversations(args.data_path)
+    order = [sample.id for sample in samples]
+    settings = {key: getattr(args, key, None) for key in RESUME_KEYS}
+    partial, settings_file = partial_path(args.output), settings_path(args.output)
+    done = read_partial(partial)
+    if done:
+        earlier = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+        if earlier != settings:
+            raise UserError(
+                f"{partial} holds {len(done)} predictions made with other settings ({earlier}): "
+                "delete it, or rerun with those settings"
+            )
+        unknown = [row["id"] for row in done if row["id"] not in set(order)]
+        if unknown:
+            raise UserError(f"{partial} has id {unknown[0]!r}, which {args.data_path} lacks: delete {partial}")
+        print(f"resuming: {len(done)} of {len(order)} requests were predicted before")
+    else:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(settings_file, json.dumps(settings) + "\n")
+    finished = {row["id"] for row in done}
+    todo = [sample for sample in samples if sample.id not in finished]
+
+    if todo:
+        context = predictor_context(args)
+        attach_model_if_needed(args, context, args.strategy)
+        predictor = build_predictor(args.strategy, context)
+        levels = getattr(predictor, "quantile_levels", None)
+        with open(partial, "a") as handle, tqdm(total=len(order), initial=len(done), unit="request") as progress:
+            for start in range(0, len(todo), args.chunk_size):
+                chunk = todo[start : start + args.chunk_size]
+                predictions = predictor.predict(chunk)
+                rows = getattr(predictor, "quantile_rows", None)
+                for sample in chunk:
+                    quantiles = rows[sample.id] if levels is not None else None
+                    row = prediction_row(sample.id, predictions[sample.id], quantiles, levels, args.max_length)
+                    handle.write(json.dumps(row) + "\n")
+                    done.append(row)
+                handle.flush()
+                os.fsync(handle.fileno())  # a chunk on disk is a chunk that a resumed run will not redo
+                progress.update(len(chunk))
+    lines = ranked(done, order)
+    write_text_atomic(args.output, "".join(json.dumps(row) + "\n" for row in lines))
+    partial.unlink(missing_ok=True)
+    settings_file.unlink(missing_ok=True)
+    print(f"{len(lines)} predictions written to {args.output} (rank 1 = shortest predicted)")
+    return {"rows": lines}
+
+
+if __name__ == "__main__":
+    run_cli(main)
