@@ -118,6 +118,21 @@ def save_proxy(model: LengthProxy, tokenizer, folder: str | Path, config: dict) 
     return folder
 
 
+def recalibration_offsets(levels, predicted: list[list[float]], targets: list[int]) -> list[float]:
+    """Split-conformal quantile recalibration: for each level q, the log-offset that makes exactly a share q of these
+    rows' lengths fall at or under their shifted q-quantile (the q-th empirical quantile of log(target) -
+    log(predicted), taken upward so that coverage is at least q). Fitted on held-out train rows, it corrects a head
+    that covers too few or too many."""
+    offsets = []
+    for index, level in enumerate(levels):
+        residuals = sorted(
+            math.log(max(1, target)) - math.log(row[index]) for row, target in zip(predicted, targets, strict=True)
+        )
+        rank = min(len(residuals) - 1, max(0, math.ceil(level * len(residuals)) - 1))
+        offsets.append(residuals[rank] + 1e-9)  # the row at the boundary stays covered despite rounding
+    return offsets
+
+
 class LoadedProxy:
     """A saved proxy on a device: `predict_quantiles(texts)` -> [N, Q] lengths in tokens."""
 
@@ -151,6 +166,8 @@ class LoadedProxy:
         self.device = device
         self.max_tokens = int(self.config.get("max_tokens", 256))
         self.quantiles = tuple(self.config["quantiles"])
+        # per level, added to the log-length: quantile recalibration on held-out train rows (see `recalibrate`)
+        self.offsets = tuple(self.config.get("calibration", {}).get("log_offsets", [0.0] * len(self.quantiles)))
 
     @torch.inference_mode()
     def predict_quantiles(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:
@@ -168,8 +185,16 @@ class LoadedProxy:
             ).to(self.device)
             log_lengths = self.model(encoded["input_ids"], encoded["attention_mask"])["logits"]  # [b, Q]
             for index, row in zip(chunk, log_lengths.float().cpu().tolist(), strict=True):
-                results[index] = [math.exp(min(value, 20.0)) for value in row]
+                results[index] = self._lengths(row)
         return results  # type: ignore[return-value]
+
+    def _lengths(self, log_row: list[float]) -> list[float]:
+        """Log-lengths of one prompt -> lengths, with the calibration offsets, never decreasing across levels."""
+        lengths, floor = [], 0.0
+        for value, offset in zip(log_row, getattr(self, "offsets", None) or [0.0] * len(log_row), strict=True):
+            floor = max(floor, math.exp(min(value + offset, 20.0)))
+            lengths.append(floor)
+        return lengths
 
     def quantile_index(self, quantile: float) -> int:
         for index, level in enumerate(self.quantiles):

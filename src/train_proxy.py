@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,13 @@ class ProxyArguments:
     max_tokens: int = field(default=256, metadata={"help": "prompt tokens the encoder reads (longer are truncated)"})
     ranking_weight: float = field(
         default=0.0, metadata={"help": "weight of a pairwise ranking loss (RankNet) on the median, beside the pinball"}
+    )
+    recalibrate: bool = field(
+        default=True, metadata={"help": "fit each quantile's offset on the held-out rows so that it covers its level"}
+    )
+    recalibrate_only: bool = field(
+        default=False,
+        metadata={"help": "no training: recalibrate the predictor in --output_dir on the held-out rows of --data_path"},
     )
     quantiles: list[float] = field(
         default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
@@ -107,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     if len(samples) <= args.holdout:
         raise UserError(f"{args.data_path}: {len(samples)} rows leave none to train on with --holdout {args.holdout}")
     train, held = (samples[: -args.holdout], samples[-args.holdout :]) if args.holdout else (samples, [])
+    if args.recalibrate_only:
+        return recalibrate_saved(training_args.output_dir, held, max_lengths, args.data_path)
 
     encoder_path = resolve_encoder(args.encoder)
     try:
@@ -152,6 +162,11 @@ def main(argv: list[str] | None = None) -> dict:
             f"Acc-50 {holdout_metrics['acc_50'] * 100:.1f} %, Acc-100 {holdout_metrics['acc_100'] * 100:.1f} %, "
             f"Kendall's tau {holdout_metrics['kendall_tau']:.3f}"
         )
+    calibration = None
+    if held and args.recalibrate and trainer.is_world_process_zero():
+        rows = [holdout_predictions[sample.id] for sample in held]
+        targets = [max_lengths[sample.id] for sample in held]
+        calibration = calibration_record(args.quantiles, rows, targets, args.data_path)
     if trainer.is_world_process_zero():
         config = {
             "max_tokens": args.max_tokens,
@@ -161,12 +176,59 @@ def main(argv: list[str] | None = None) -> dict:
             "train_median_length": median,
             "train_seconds": train_seconds,
             "holdout_metrics": holdout_metrics,
+            "calibration": calibration,
             "arguments": asdict(args),
             "training": json.loads(training_args.to_json_string()),
         }
         save_proxy(model, tokenizer, training_args.output_dir, config)
         print(f"training took {train_seconds:.0f} s; predictor saved to {training_args.output_dir}")
     return {"train_seconds": train_seconds, "holdout_metrics": holdout_metrics, "holdout": holdout_predictions}
+
+
+def calibration_record(levels, predicted: list[list[float]], targets: list[int], data_path: str) -> dict:
+    """The quantile offsets fitted on the held-out rows, and the coverage of each level before and after, printed."""
+    from .proxy import recalibration_offsets
+
+    offsets = recalibration_offsets(levels, predicted, targets)
+
+    def coverage(shift) -> list[float]:
+        return [
+            sum(target <= row[index] * math.exp(shift[index]) for row, target in zip(predicted, targets, strict=True))
+            / len(targets)
+            for index in range(len(levels))
+        ]
+
+    before, after = coverage([0.0] * len(levels)), coverage(offsets)
+    print(
+        "quantile recalibration on the held-out rows (coverage before -> after): "
+        + ", ".join(
+            f"q{level:g} {old * 100:.1f} -> {new * 100:.1f} %"
+            for level, old, new in zip(levels, before, after, strict=True)
+        )
+    )
+    return {
+        "log_offsets": offsets,
+        "fitted_on": f"the last {len(targets)} rows of {data_path}",
+        "coverage_before": before,
+        "coverage_after": after,
+    }
+
+
+def recalibrate_saved(folder: str, held: list, max_lengths: dict, data_path: str) -> dict:
+    """--recalibrate_only: fit the offsets of a saved predictor on the held-out rows and rewrite its config."""
+    from .proxy import CONFIG_NAME, LoadedProxy
+    from .utils import write_text_atomic
+
+    if not held:
+        raise UserError("--recalibrate_only fits on the held-out rows: give --holdout a positive number")
+    loaded = LoadedProxy(folder)
+    loaded.offsets = None  # fitted on the heads as trained
+    rows = loaded.predict_quantiles([sample.prompt for sample in held])
+    calibration = calibration_record(loaded.quantiles, rows, [max_lengths[sample.id] for sample in held], data_path)
+    config = loaded.config | {"calibration": calibration}
+    write_text_atomic(Path(folder) / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    print(f"calibration written to {Path(folder) / CONFIG_NAME}")
+    return {"calibration": calibration}
 
 
 if __name__ == "__main__":

@@ -42,10 +42,22 @@ def test_training_saves_a_predictor_that_reloads_to_the_same_numbers(trained_pro
     assert config["quantiles"] == [0.5, 0.8, 0.9] and config["train_rows"] == 32
     assert config["holdout_metrics"]["num_samples"] == 8
     held = load_conversations(DEMO / "demo.json")[32:40]
-    reloaded = LoadedProxy(folder).predict_quantiles([sample.prompt for sample in held])
+    loaded = LoadedProxy(folder)
+    calibrated = loaded.predict_quantiles([sample.prompt for sample in held])
+    loaded.offsets = None  # the heads as trained
+    reloaded = loaded.predict_quantiles([sample.prompt for sample in held])
     for sample, row in zip(held, reloaded, strict=True):
         assert row == pytest.approx(output["holdout"][sample.id], rel=1e-4)
         assert row == sorted(row)  # quantiles never cross
+    # the offsets fitted on the 8 held-out rows give each level at least its share of them
+    from src.data import load_max_lengths
+
+    lengths = load_max_lengths(DEMO / "demo-length.json")
+    for index, level in enumerate(config["quantiles"]):
+        covered = sum(lengths[sample.id] <= row[index] for sample, row in zip(held, calibrated, strict=True))
+        assert covered / 8 >= level
+        assert config["calibration"]["coverage_after"][index] >= level - 1e-9
+    assert all(row == sorted(row) for row in calibrated)
 
 
 @needs_encoder
@@ -139,6 +151,18 @@ def test_missing_or_corrupt_predictor_is_a_clear_error(damage, tmp_path, capsys,
     argv = ["--strategy", "proxy", "--data-path", str(DEMO / "demo.json"), "--num-data", "4", *flags]
     err = run_eval_expecting_error(argv + ["--plot", str(tmp_path / "p.png")], capsys)
     assert "proxy" in err and ("predictor-path" in err or "train_proxy" in err)
+
+
+def test_recalibration_offsets_by_hand():
+    import math
+
+    from src.proxy import recalibration_offsets
+
+    predicted = [[10.0], [10.0], [10.0], [10.0]]
+    targets = [5, 10, 20, 40]  # log-residuals: log 0.5, 0, log 2, log 4
+    # level 0.5: the 2nd smallest residual (0): 2 of 4 covered; level 0.75: the 3rd (log 2): 3 of 4
+    assert recalibration_offsets([0.5], predicted, targets) == [pytest.approx(0.0, abs=1e-8)]
+    assert recalibration_offsets([0.75], predicted, targets) == [pytest.approx(math.log(2))]
 
 
 def test_quantile_coverage_by_hand():
