@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--predictor-path", default="ckpts/proxy-minilm", help="adds proxy+vbs+fcr when present")
-    parser.add_argument("--budget-s", type=float, default=420, help="no part starts, and none runs, past this")
+    parser.add_argument("--budget-s", type=float, default=450, help="no part starts, and none runs, past this")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     return parser.parse_args(argv)
 
@@ -84,8 +85,11 @@ def run_part(out: Path, name: str, flags: list[str], deadline: float) -> int | N
     start = time.monotonic()
     environment = os.environ | {"PYTHONUNBUFFERED": "1"}
     with open(out / "log.txt", "a") as handle:
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment)
-        watchdog = threading.Timer(remaining, process.kill)  # fires even while the process prints nothing
+        # a session of its own, so that the watchdog stops the compile workers it starts too
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
+        watchdog = threading.Timer(remaining, stop_group, (process,))  # fires even while the process prints nothing
         watchdog.start()
         try:
             for line in iter(process.stdout.readline, b""):
@@ -100,6 +104,13 @@ def run_part(out: Path, name: str, flags: list[str], deadline: float) -> int | N
     status = "stopped at the deadline" if stopped else f"exit {code}"
     log(out, f"== {name}: {status} after {time.monotonic() - start:.0f} s")
     return None if stopped else code
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def read_results(path: Path) -> dict:
@@ -166,6 +177,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in (*PARTS, "summary"):  # an earlier run's files would pass for this run's
+        (out / f"{name}.json").unlink(missing_ok=True)
+    (out / "log.txt").unlink(missing_ok=True)
+    (out / "table.md").unlink(missing_ok=True)
     deadline = time.monotonic() + args.budget_s
     common = common_flags(args)
     statics = ["vanilla", "gt+vbs+fcr", "gt"]

@@ -184,6 +184,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.strategies is None and args.strategy == CONTINUOUS and args.order == "predicted":
         texts = [f"{CONTINUOUS}:{args.order_predictor}"]
     args.strategy_list = [parse_strategy(text, args.vbs, args.fcr) for text in texts]
+    static = [strategy.label for strategy in args.strategy_list if not strategy.continuous]
+    if args.arrival_rate is not None and static:
+        raise UserError(
+            f"--arrival-rate applies to continuous batching only; {static[0]!r} is a static strategy whose latency "
+            "counts from the start: run it in another command"
+        )
     if args.fcr_quantile is not None:  # before the first strategy runs and writes its result
         for strategy in args.strategy_list:
             require_quantiles(strategy)
@@ -356,7 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
         processes.wait()  # the processes start each strategy together, so the slowest one's time is the run's
         slots = args.slots
         if strategy.continuous and args.slots == AUTO_SLOTS:
+            # the main process holds the merged results; every process runs with its figure
             slots = equal_memory_slots(output["results"], longest_prompt, args.max_length, args.batch_size)
+            slots = processes.broadcast(slots if processes.is_main else None)
             if processes.is_main:
                 print(f"slots auto for {strategy.label}: {slots} (the KV cache of the largest static batch before it)")
         result = run_strategy(

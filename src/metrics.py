@@ -186,6 +186,7 @@ def merge_process_results(results: list[StrategyResult], ids: list[str]) -> Stra
     if sorted(rows) != sorted(ids) or sum(len(result["samples"]) for result in results) != len(ids):
         raise RuntimeError("the processes' samples do not cover every id exactly once")
     merged["samples"] = [rows[sample_id] for sample_id in ids]
+    merged["engine_warmup_s"] = max(result.get("engine_warmup_s", 0.0) for result in results)
     # a process numbers its own groups 0, 1, ...; its group g is the run's group g * K + rank (share_groups)
     merged["batches"] = [
         batch | {"group": batch["group"] * len(results) + rank, "process": rank}

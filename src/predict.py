@@ -36,7 +36,20 @@ from .schedule import clamp_prediction
 from .utils import UserError, write_text_atomic
 
 # Settings that change the predictions: a partial file made under others cannot be resumed.
-RESUME_KEYS = ("data_path", "strategy", "predictor_path", "max_length", "constant_length", "model", "lora_path")
+RESUME_KEYS = (
+    "data_path",
+    "strategy",
+    "predictor_path",
+    "max_length",
+    "constant_length",
+    "length_path",
+    "gt_field",
+    "model",
+    "lora_path",
+    "dtype",
+    "load_format",
+    "conv_template",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +77,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_output_file("--output", partial_path(args.output))
     args.length_path = args.length_path or default_length_path(args.data_path)
     return args
+
+
+def predictor_fingerprint(folder: str | None) -> str | None:
+    """The sha256 of a proxy predictor's config (which holds its calibration): retraining or recalibrating it in
+    place changes the predictions under the same path."""
+    import hashlib
+
+    config = Path(folder) / "proxy_config.json" if folder else None
+    if config is None or not config.is_file():
+        return None
+    return hashlib.sha256(config.read_bytes()).hexdigest()
 
 
 def partial_path(output: str) -> Path:
@@ -122,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = load_conversations(args.data_path)
     order = [sample.id for sample in samples]
     settings = {key: getattr(args, key, None) for key in RESUME_KEYS}
+    settings["predictor_config"] = predictor_fingerprint(args.predictor_path)
     partial, settings_file = partial_path(args.output), settings_path(args.output)
     done = read_partial(partial)
     if done:

@@ -167,7 +167,8 @@ class LoadedProxy:
         self.max_tokens = int(self.config.get("max_tokens", 256))
         self.quantiles = tuple(self.config["quantiles"])
         # per level, added to the log-length: quantile recalibration on held-out train rows (see `recalibrate`)
-        self.offsets = tuple(self.config.get("calibration", {}).get("log_offsets", [0.0] * len(self.quantiles)))
+        calibration = self.config.get("calibration") or {}  # None when trained without held-out rows
+        self.offsets = tuple(calibration.get("log_offsets") or [0.0] * len(self.quantiles))
 
     @torch.inference_mode()
     def predict_quantiles(self, texts: list[str], batch_size: int = 64) -> list[list[float]]:

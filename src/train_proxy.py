@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{args.data_path}: {len(samples)} rows leave none to train on with --holdout {args.holdout}")
     train, held = (samples[: -args.holdout], samples[-args.holdout :]) if args.holdout else (samples, [])
     if args.recalibrate_only:
-        return recalibrate_saved(training_args.output_dir, held, max_lengths, args.data_path)
+        return recalibrate_saved(training_args.output_dir, held, max_lengths, args.data_path, args.num_data)
 
     encoder_path = resolve_encoder(args.encoder)
     try:
@@ -214,7 +214,7 @@ def calibration_record(levels, predicted: list[list[float]], targets: list[int],
     }
 
 
-def recalibrate_saved(folder: str, held: list, max_lengths: dict, data_path: str) -> dict:
+def recalibrate_saved(folder: str, held: list, max_lengths: dict, data_path: str, num_data: int | None) -> dict:
     """--recalibrate_only: fit the offsets of a saved predictor on the held-out rows and rewrite its config."""
     from .proxy import CONFIG_NAME, LoadedProxy
     from .utils import write_text_atomic
@@ -222,6 +222,13 @@ def recalibrate_saved(folder: str, held: list, max_lengths: dict, data_path: str
     if not held:
         raise UserError("--recalibrate_only fits on the held-out rows: give --holdout a positive number")
     loaded = LoadedProxy(folder)
+    trained = loaded.config.get("arguments") or {}
+    for key, value in (("data_path", data_path), ("holdout", len(held)), ("num_data", num_data)):
+        if key in trained and trained[key] != value:
+            raise UserError(
+                f"--recalibrate_only: {folder} was trained with --{key} {trained[key]}, not {value}; pass the "
+                "training's data, --num_data and --holdout, so that the offsets are fitted on rows it did not train on"
+            )
     loaded.offsets = None  # fitted on the heads as trained
     rows = loaded.predict_quantiles([sample.prompt for sample in held])
     calibration = calibration_record(loaded.quantiles, rows, [max_lengths[sample.id] for sample in held], data_path)

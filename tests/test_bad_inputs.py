@@ -70,6 +70,9 @@ CASES = [
     (predict, "{data} --strategy oracle --output {tmp}/out.jsonl", "unknown strategy 'oracle'"),
     (predict, "--data-path {tmp}/broken.json --strategy gt --output {tmp}/out.jsonl", "is not valid JSON"),
     (benchmark, "--dry-run {replay} --slots many", "expected a number of slots or auto"),
+    (benchmark, "--dry-run {replay} --arrival-rate 0.1 --strategies continuous gt", "'gt' is a static strategy"),
+    (benchmark, "--dry-run {replay} --arrival-rate 0", "--arrival-rate must be above 0"),
+    (benchmark, "{data} --arrival-rate 0.1 --strategies continuous", "--arrival-rate runs in the dry run only"),
 ]
 
 

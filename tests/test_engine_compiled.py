@@ -147,6 +147,8 @@ def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
     import subprocess
 
     out = tmp_path / "table"
+    out.mkdir()
+    (out / "compiled.json").write_text(json.dumps({"results": [{"strategy": "stale"}]}))  # an earlier run's
     done = subprocess.run(
         [sys.executable, str(PROJECT / "benchmarks" / "gpu_table.py"), "--output-dir", str(out), "--budget-s", "0"],
         cwd=PROJECT,
@@ -156,4 +158,12 @@ def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
     )
     assert done.returncode == 1  # nothing ran
     assert (out / "log.txt").read_text().count("skipped, the budget is spent") == 3
-    assert json.loads((out / "summary.json").read_text())["rows"] == []
+    assert json.loads((out / "summary.json").read_text())["rows"] == [] and not (out / "compiled.json").exists()
+
+
+def test_calibration_compiles_both_timed_shapes_before_timing(engines):
+    eager, _ = engines
+    compiled = CompiledEngine(eager.model, eager.tokenizer)
+    # context 120: the 1-token call needs a 128-token cache, the 9-token call a 256-token one
+    assert compiled.decode_step_seconds(2, 120) > 0
+    assert compiled.warmed_shapes == [(2, 128), (2, 256)]

@@ -211,3 +211,25 @@ def test_predict_writes_each_quantile_of_the_proxy(trained_proxy, tmp_path):
         assert sorted(line["quantiles"].values()) == list(line["quantiles"].values())
     by_rank = sorted(lines, key=lambda line: line["rank"])
     assert [line["predicted_length"] for line in by_rank] == sorted(line["predicted_length"] for line in lines)
+
+
+@needs_encoder
+def test_a_predictor_saved_without_calibration_loads_and_recalibrate_only_checks_its_rows(trained_proxy, tmp_path):
+    import shutil
+
+    from src import train_proxy
+
+    folder, output = trained_proxy
+    copy = tmp_path / "uncalibrated"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / CONFIG_NAME).read_text())
+    (copy / CONFIG_NAME).write_text(json.dumps(config | {"calibration": None}))  # --recalibrate False saves this
+    held = load_conversations(DEMO / "demo.json")[32:40]
+    rows = LoadedProxy(copy).predict_quantiles([sample.prompt for sample in held])
+    assert rows[0] == pytest.approx(output["holdout"][held[0].id], rel=1e-4)  # the heads as trained
+    argv = ["--data_path", str(DEMO / "demo.json"), "--num_data", "40", "--output_dir", str(copy)]
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(train_proxy.main, argv + ["--holdout", "16", "--recalibrate_only", "True"])
+    assert stopped.value.code == 2  # trained with --holdout 8: the last 16 rows include 8 it trained on
+    result = train_proxy.main(argv + ["--holdout", "8", "--recalibrate_only", "True"])
+    assert json.loads((copy / CONFIG_NAME).read_text())["calibration"] == result["calibration"]
