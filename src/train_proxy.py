@@ -35,6 +35,10 @@ class ProxyArguments:
     num_data: int | None = field(default=None, metadata={"help": "use only the first N rows of the data file"})
     holdout: int = field(default=1000, metadata={"help": "last rows kept out of training, to choose settings on"})
     max_tokens: int = field(default=256, metadata={"help": "prompt tokens the encoder reads (longer are truncated)"})
+    target_field: str | None = field(
+        default=None,
+        metadata={"help": "length field to learn, e.g. L_t0.0 (the greedy length replayed runs serve); default L_max"},
+    )
     ranking_weight: float = field(
         default=0.0, metadata={"help": "weight of a pairwise ranking loss (RankNet) on the median, beside the pinball"}
     )
@@ -64,14 +68,18 @@ class PaddingCollator:
 
 
 def load_rows(args: ProxyArguments):
-    """(samples, L_max by id) of the data file, checked to match."""
-    from .data import default_length_path, load_conversations, load_max_lengths, require_ids
+    """(samples, target length by id: L_max, or --target_field) of the data file, checked to match."""
+    from .data import default_length_path, load_conversations, load_length_file, load_max_lengths, require_ids
 
     samples = load_conversations(args.data_path)
     if args.num_data is not None:
         samples = samples[: args.num_data]
     length_path = args.length_path or default_length_path(args.data_path)
-    max_lengths = load_max_lengths(length_path)
+    if args.target_field:
+        table = load_length_file(length_path, (args.target_field,))
+        max_lengths = {sample_id: int(row[args.target_field]) for sample_id, row in table.items()}
+    else:
+        max_lengths = load_max_lengths(length_path)
     require_ids(max_lengths, [sample.id for sample in samples], length_path)
     return samples, max_lengths
 
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         config = {
             "max_tokens": args.max_tokens,
-            "target": "log(L_max)",
+            "target": f"log({args.target_field or 'L_max'})",
             "encoder_source": encoder_path,
             "train_rows": len(train),
             "train_median_length": median,

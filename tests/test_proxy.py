@@ -233,3 +233,14 @@ def test_a_predictor_saved_without_calibration_loads_and_recalibrate_only_checks
     assert stopped.value.code == 2  # trained with --holdout 8: the last 16 rows include 8 it trained on
     result = train_proxy.main(argv + ["--holdout", "8", "--recalibrate_only", "True"])
     assert json.loads((copy / CONFIG_NAME).read_text())["calibration"] == result["calibration"]
+
+
+def test_the_target_field_chooses_which_length_the_proxy_learns():
+    from src.data import load_length_file, load_max_lengths
+    from src.train_proxy import ProxyArguments, load_rows
+
+    _, greedy = load_rows(ProxyArguments(data_path=str(DEMO / "demo.json"), target_field="L_t0.0"))
+    _, largest = load_rows(ProxyArguments(data_path=str(DEMO / "demo.json")))
+    table = load_length_file(DEMO / "demo-length.json")
+    assert greedy == {sample_id: row["L_t0.0"] for sample_id, row in table.items()}
+    assert largest == load_max_lengths(DEMO / "demo-length.json") and greedy != largest
