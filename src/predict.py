@@ -43,7 +43,6 @@ RESUME_KEYS = (
     "max_length",
     "constant_length",
     "length_path",
-    "gt_field",
     "model",
     "lora_path",
     "dtype",

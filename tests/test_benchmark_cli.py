@@ -222,6 +222,7 @@ def test_dry_run_equals_the_engine(tiny_model_dir, small_data, tmp_path):
             assert dry_batch["cache_tokens"] == dry_batch["size"] * dry_batch["cap"]
             assert real_batch["cache_tokens"] > dry_batch["cache_tokens"]
             assert real_batch["decode_steps_timed"] == real_batch["steps"] - 1  # the first token comes with prefill
+            assert set(real_batch) - set(dry_batch) == set(BATCH_TIMING_FIELDS) - {"elapsed_s"}  # the clock columns
 
 
 def test_dry_run_needs_lengths_and_a_model_free_predictor(small_data, capsys):
