@@ -36,11 +36,13 @@ from .schedule import (
 from .strategies import (
     AUTO_SLOTS,
     CONTINUOUS,
+    RESUME_RETRY_QUANTILES,
     Executors,
     StaticBatchExecutor,
     equal_memory_slots,
     parse_strategy,
     require_quantiles,
+    resume_retry_levels,
     run_strategy,
     share_groups,
 )
@@ -51,6 +53,22 @@ from .utils import (
     write_json_atomic,
 )
 from .vbs_auto import CANDIDATE_BATCH_SIZES
+
+
+def parse_retry_quantiles(values: list[str] | None) -> list[float] | None:
+    """`--fcr-retry-quantiles`: None (not given: the default), [] for `none`, else levels strictly between 0 and 1."""
+    if values is None:
+        return None
+    if [value.lower() for value in values] == ["none"]:
+        return []
+    levels = []
+    for value in values:
+        try:
+            levels.append(float(value))
+        except ValueError:
+            raise UserError(f"--fcr-retry-quantiles expected levels such as 0.8 0.95 or none, got {value!r}") from None
+        check_range("--fcr-retry-quantiles", levels[-1], 0, 1, open_low=True, open_high=True)
+    return levels
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,6 +146,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "prediction; needs a predictor with quantiles (proxy)",
     )
     parser.add_argument(
+        "--fcr-retry-quantiles",
+        nargs="+",
+        default=None,
+        metavar="Q",
+        help="+resume strategies retry their failures once per level, each retry capped at the failures' Q-quantile "
+        "lengths (at least 50 tokens past where each stopped), before the last retry at --max-length; 'none' for "
+        f"none; default {' '.join(map(str, RESUME_RETRY_QUANTILES))} with a predictor with quantiles (proxy)",
+    )
+    parser.add_argument(
         "--gt-field", default=None, help="oracle column for gt, e.g. L_t0.0; default L_max over the temperatures"
     )
     parser.add_argument(
@@ -167,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_range("--temperature", args.temperature, 0)
     check_range("--fcr-quantile", args.fcr_quantile, 0, 1, open_low=True, open_high=True)
+    args.fcr_retry_quantiles = parse_retry_quantiles(args.fcr_retry_quantiles)
     check_output_file("--output-json", args.output_json)
     args.vbs_table_parsed = None  # auto: chosen per strategy from a calibration on the device
     if args.vbs_table != "auto":
@@ -190,9 +218,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"--arrival-rate applies to continuous batching only; {static[0]!r} is a static strategy whose latency "
             "counts from the start: run it in another command"
         )
-    if args.fcr_quantile is not None:  # before the first strategy runs and writes its result
-        for strategy in args.strategy_list:
+    for strategy in args.strategy_list:  # before the first strategy runs and writes its result
+        if args.fcr_quantile is not None:
             require_quantiles(strategy)
+        resume_retry_levels(strategy, args.fcr_retry_quantiles)
     if args.length_path is None:
         args.length_path = default_length_path(args.data_path)
     return args
@@ -221,6 +250,12 @@ def print_result(result: dict) -> None:
     print(f"Average length: {result['average_length']:.2f} tokens")
     print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
+    if result.get("resume"):
+        levels = " ".join(str(level) for level in result["fcr_retry_quantiles"]) or "none"
+        print(
+            f"Resumed: {result['resumed_tokens']} tokens prefilled again (retries capped at quantiles {levels}, "
+            "then at the max length)"
+        )
     latency = (
         f"Latency: mean {result['mean_latency_steps']:.0f} steps, p90 {result['p90_latency_steps']:.0f} steps, "
         f"max {result['max_latency_steps']:.0f} steps"

@@ -3,7 +3,8 @@ the length predictors' accuracy.
 
 For one run over N samples (README's "Metrics"): a batch's steps are its longest generated length; token slots are
 steps x batch size over every batch run, failed FCR first attempts included; `average_length` = token slots / N;
-`effective_token_ratio` = generated tokens of the final results / token slots; `failure_ratio` = recomputed
+`effective_token_ratio` = generated tokens of the final results / token slots (under FCR's +resume a final result
+holds the tokens of its earlier attempts too, whose slots counted when they ran); `failure_ratio` = recomputed
 samples / N; `truncated_ratio` = final results without EOS / N. `token_ratios` is the only place that divides.
 """
 
@@ -25,6 +26,7 @@ class TokenMetrics(TypedDict):
     token_slots: int
     generated_tokens: int
     recomputed_samples: int
+    resumed_tokens: int  # tokens FCR's resumed samples had made and read again as prompt (+resume only)
     average_length: float
     effective_token_ratio: float
     failure_ratio: float
@@ -40,6 +42,7 @@ class StrategyResult(TokenMetrics, total=False):
     predictor: str
     vbs: bool
     fcr: bool
+    resume: bool
     continuous: bool
     throughput_samples_per_s: float  # N / (prediction + generation time); K processes: N / the slowest one's
     wall_time_s: float
@@ -60,6 +63,7 @@ class StrategyResult(TokenMetrics, total=False):
     dry_run: bool
     processes: int
     fcr_quantile: float | None
+    fcr_retry_quantiles: list[float]  # the caps of FCR's retries before the last, at max_length
     vbs_table: dict | None  # VBS strategies: the table used (bucket -> batch size)
     vbs_default_batch_size: int
     sorted_batch_size: int
@@ -120,6 +124,8 @@ def compute_metrics(record: RunRecord) -> TokenMetrics:
         "token_slots": token_slots,
         "generated_tokens": generated_tokens,
         "recomputed_samples": recomputed,
+        # prefilled again, not decoded: outside the token slots, but in a real run's time
+        "resumed_tokens": sum(sum(batch.batch.resume_from or ()) for batch in record.batches),
         **token_ratios(num_samples, token_slots, generated_tokens, recomputed, truncated),
         **latency_metrics({sample_id: steps for sample_id, (steps, _) in final_batches(record).items()}, "steps"),
     }
@@ -140,6 +146,7 @@ def compute_continuous_metrics(record: ContinuousRecord) -> TokenMetrics:
         "token_slots": token_slots,
         "generated_tokens": generated_tokens,
         "recomputed_samples": 0,
+        "resumed_tokens": 0,
         **token_ratios(num_samples, token_slots, generated_tokens, 0, truncated),
         **latency_metrics(continuous_latency_steps(record), "steps"),
     }
@@ -162,6 +169,7 @@ ADDITIVE_FIELDS = (
     "token_slots",
     "generated_tokens",
     "recomputed_samples",
+    "resumed_tokens",
     "oom_splits",
     "unparsable_predictions",
 )

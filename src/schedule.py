@@ -8,7 +8,7 @@ identified by id everywhere, so no reordering can send a result to the wrong pro
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 # Predictions and VBS work in 50-token buckets: the paper found exact lengths too noisy to learn and
@@ -48,6 +48,9 @@ class ScheduleConfig:
     sort: bool = True  # False keeps the data order (vanilla)
     vbs: bool = False
     fcr: bool = False
+    # FCR failures keep the tokens they generated and continue from them (prompt + those tokens prefilled again)
+    # instead of starting over, as the paper's recomputation does
+    resume: bool = False
     vbs_table: Mapping[int, int] = field(default_factory=lambda: dict(PAPER_VBS_TABLE))
     vbs_default_batch_size: int = VBS_DEFAULT_BATCH_SIZE
 
@@ -65,8 +68,12 @@ class Batch:
     ids: tuple[str, ...]
     max_new_tokens: int  # the batch stops when all members finish or at this cap
     group: int
-    recompute: bool = False  # an FCR second attempt
+    recompute: bool = False  # an FCR retry (any attempt after the first)
     bucket: int | None = None  # the VBS bucket the batch was cut from
+    # tokens each member (in `ids` order) already generated and continues from; None: every member starts afresh.
+    # `max_new_tokens` counts the tokens generated in this batch.
+    resume_from: tuple[int, ...] | None = None
+    attempt: int = 0  # 0: the first attempt, 1: the first FCR retry, ...
 
 
 def clamp_prediction(value: int | float, max_length: int) -> int:
@@ -123,11 +130,40 @@ def plan_first_batches(
     return batches
 
 
-def plan_recompute(failed_ids: list[str], config: ScheduleConfig, group: int = 0) -> list[Batch]:
-    """FCR's second attempt: the group's failures, in the order their first batches ran, at max_length."""
+def plan_recompute(
+    failed_ids: list[str],
+    config: ScheduleConfig,
+    group: int = 0,
+    known_above: Mapping[str, int] | None = None,
+    caps: Mapping[str, int] | None = None,
+    attempt: int = 1,
+) -> list[Batch]:
+    """An FCR retry of a group's failures. `known_above[id]`: the length the sample is known to exceed (where its
+    last attempt stopped). Without `caps` (the paper's FCR, and every last retry) each batch may run to max_length;
+    with `caps` (an upper quantile of each length) a sample's cap is that quantile, but at least one bucket beyond
+    what it is known to exceed, since a cap below that only repeats the failure. Under `config.resume` a sample
+    continues from the tokens it has and its cap counts the tokens still to make. Failures are sorted (stably, so
+    the paper's retry keeps the order their first batches ran) by those remaining tokens, so that a batch holds
+    samples that need about as many."""
+    known_above = known_above or {}
+    progress = {sample_id: known_above.get(sample_id, 0) if config.resume else 0 for sample_id in failed_ids}
+    remaining = {}
+    for sample_id in failed_ids:
+        cap = config.max_length
+        if caps is not None:
+            cap = min(max(caps[sample_id], known_above.get(sample_id, 0) + BUCKET_CELL), config.max_length)
+        remaining[sample_id] = cap - progress[sample_id]
+    ordered = sorted(failed_ids, key=lambda sample_id: remaining[sample_id])
     return [
-        Batch(tuple(members), config.max_length, group, recompute=True)
-        for members in _chunks(list(failed_ids), config.batch_size)
+        Batch(
+            tuple(members),
+            max(remaining[sample_id] for sample_id in members),
+            group,
+            recompute=True,
+            resume_from=tuple(progress[sample_id] for sample_id in members) if config.resume else None,
+            attempt=attempt,
+        )
+        for members in _chunks(ordered, config.batch_size)
     ]
 
 
@@ -211,12 +247,17 @@ def run_schedule(
     on_batch: Callable[[ExecutedBatch, int], None] | None = None,
     clock: Callable[[], float] | None = None,
     caps: Mapping[str, int] | None = None,
+    retry_caps: Sequence[Mapping[str, int]] = (),
 ) -> RunRecord:
-    """Run every group: its first batches, then (FCR) its failures again at max_length.
+    """Run every group: its first batches, then (FCR) its failures again: once per entry of `retry_caps` (an upper
+    quantile of each length, see `plan_recompute`), and a last time at max_length.
 
-    A failure is a sample that did not finish within a cap shorter than max_length; one stopped at
-    max_length is final (recomputing it would repeat the same work). `on_batch(batch, done)` is told how
-    many samples have their final result after each batch.
+    A failure is a sample that did not finish within a cap that left it short of max_length; one stopped at
+    max_length is final (recomputing it would repeat the same work), and so is everything the last retry returns.
+    A resumed sample's length is the tokens it had plus those of its last batch, at most max_length (a batch of
+    resumed samples runs as far as its least advanced member may, and a row that goes past max_length is cut there
+    and counted unfinished). `on_batch(batch, done)` is told how many samples have their final result after each
+    batch.
     """
     if len(set(ids)) != len(ids):
         raise ValueError("ids must be unique")
@@ -224,8 +265,10 @@ def run_schedule(
     executed: list[ExecutedBatch] = []
     results: dict[str, SampleResult] = {}
     first_caps: dict[str, int] = {}
+    attempts = [*retry_caps, None] if config.fcr else []
 
-    def execute(batch: Batch) -> None:
+    def execute(batch: Batch, last: bool) -> dict[str, int]:
+        """Runs the batch; returns its failures, each with the length it is now known to exceed."""
         outcome = run_batch(batch)
         _check_outcome(batch, outcome)
         done = ExecutedBatch(
@@ -237,17 +280,18 @@ def run_schedule(
             outcome.parts,
         )
         executed.append(done)
-        failed_here = []
-        for sample_id in batch.ids:
+        failed_here = {}
+        for row, sample_id in enumerate(batch.ids):
             first_caps.setdefault(sample_id, batch.max_new_tokens)
-            failed = not done.finished[sample_id] and batch.max_new_tokens < config.max_length
-            if config.fcr and failed and not batch.recompute:
-                failed_here.append(sample_id)
+            length = done.lengths[sample_id] + (batch.resume_from[row] if batch.resume_from else 0)
+            finished = done.finished[sample_id] and length <= config.max_length
+            if config.fcr and not finished and length < config.max_length and not last:
+                failed_here[sample_id] = length
                 continue
             results[sample_id] = SampleResult(
                 sample_id,
-                done.lengths[sample_id],
-                done.finished[sample_id],
+                min(length, config.max_length),
+                finished,
                 done.texts.get(sample_id),
                 batch.recompute,
                 first_caps[sample_id],
@@ -258,11 +302,16 @@ def run_schedule(
 
     for group, first in enumerate(range(0, len(ids), config.group_size)):
         group_ids = ids[first : first + config.group_size]
-        failed: list[str] = []
+        failed: dict[str, int] = {}
         for batch in plan_first_batches(group_ids, predictions, config, group, caps):
-            failed.extend(execute(batch))
-        for batch in plan_recompute(failed, config, group):
-            execute(batch)
+            failed.update(execute(batch, last=False))
+        for attempt, attempt_caps in enumerate(attempts, start=1):
+            if not failed:
+                break
+            known_above, failed = failed, {}
+            last = attempt == len(attempts)
+            for batch in plan_recompute(list(known_above), config, group, known_above, attempt_caps, attempt):
+                failed.update(execute(batch, last))
     return RunRecord(executed, {sample_id: results[sample_id] for sample_id in ids})
 
 
@@ -368,14 +417,19 @@ def simulate_continuous_arrivals(
 
 
 def replay_executor(lengths: Mapping[str, int]) -> RunBatch:
-    """An executor without a model: each sample ends at its recorded length, capped by the batch.
+    """An executor without a model: each sample ends at its recorded length, capped by the batch; a resumed sample
+    makes what its recorded length still lacks.
 
     This is what a model run with replayed lengths produces, so the dry run and the tests share the
     scheduler and the metrics with the real engine.
     """
 
     def run_batch(batch: Batch) -> BatchOutcome:
-        wanted = {sample_id: max(1, int(lengths[sample_id])) for sample_id in batch.ids}
+        progress = batch.resume_from or (0,) * len(batch.ids)
+        wanted = {
+            sample_id: max(1, int(lengths[sample_id]) - done)
+            for sample_id, done in zip(batch.ids, progress, strict=True)
+        }
         return BatchOutcome(
             {sample_id: min(length, batch.max_new_tokens) for sample_id, length in wanted.items()},
             {sample_id: length <= batch.max_new_tokens for sample_id, length in wanted.items()},

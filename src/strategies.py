@@ -36,7 +36,10 @@ from .schedule import (
 )
 from .utils import Timer, UserError, set_seed
 
-STRATEGY_MODIFIERS = ("vbs", "fcr")
+STRATEGY_MODIFIERS = ("vbs", "fcr", "resume")
+# +resume retries its failures at these upper quantiles of their predicted lengths, one retry each, before the
+# last retry at max_length; chosen on 1000 held-out train rows (README, "Resumed FCR")
+RESUME_RETRY_QUANTILES = (0.8, 0.95)
 CONTINUOUS = "continuous"
 AUTO_SLOTS = "auto"
 # A real batch row's clock readings (they differ from run to run; every other column is the schedule's)
@@ -59,6 +62,7 @@ class Strategy:
     vbs: bool = False
     fcr: bool = False
     continuous: bool = False  # iteration-level batching; with predictor vanilla, admission in data order
+    resume: bool = False  # FCR failures continue from their tokens instead of starting over
 
     @property
     def label(self) -> str:
@@ -69,8 +73,9 @@ class Strategy:
 
 def parse_strategy(text: str, vbs: bool = False, fcr: bool = False) -> Strategy:
     """`gt+vbs+fcr` -> Strategy('gt', True, True); --vbs/--fcr add to every strategy but vanilla,
-    which is the unscheduled baseline by definition. `continuous` is continuous batching in data order
-    (FCFS), `continuous:gt` admits shortest predicted first (any predictor); VBS and FCR do not apply to it."""
+    which is the unscheduled baseline by definition. `+resume` (with FCR) lets failures continue from the tokens
+    they made. `continuous` is continuous batching in data order (FCFS), `continuous:gt` admits shortest predicted
+    first (any predictor); VBS and FCR do not apply to it."""
     text = text.strip()
     if text == CONTINUOUS or text.startswith(CONTINUOUS + ":"):
         _, _, order_by = text.partition(":")
@@ -84,24 +89,41 @@ def parse_strategy(text: str, vbs: bool = False, fcr: bool = False) -> Strategy:
         raise UserError(f"unknown strategy {name!r}: choose from {', '.join(sorted(PREDICTORS))}")
     unknown = [modifier for modifier in modifiers if modifier not in STRATEGY_MODIFIERS]
     if unknown:
-        raise UserError(f"unknown strategy modifier {unknown[0]!r} in {text!r}: use +vbs and/or +fcr")
+        raise UserError(f"unknown strategy modifier {unknown[0]!r} in {text!r}: use +vbs, +fcr and/or +resume")
     if name == "vanilla":
         return Strategy("vanilla")
-    return Strategy(name, vbs or "vbs" in modifiers, fcr or "fcr" in modifiers)
+    fcr = fcr or "fcr" in modifiers
+    if "resume" in modifiers and not fcr:
+        raise UserError(f"{text!r}: +resume continues FCR's failures, so it needs +fcr (e.g. {name}+fcr+resume)")
+    return Strategy(name, vbs or "vbs" in modifiers, fcr, resume="resume" in modifiers)
 
 
 class StaticBatchExecutor:
     """The executor of static batches: one scheduled batch through the engine, split in halves on out-of-memory
-    errors, counted in `oom_splits`."""
+    errors, counted in `oom_splits`. It keeps the tokens of every sample that stopped unfinished, so that a batch
+    that resumes samples (`Batch.resume_from`) feeds each its prompt followed by them."""
 
     def __init__(self, engine, prompt_ids, temperature, replay, debug=False, fail_above=None):
         self.engine, self.prompt_ids, self.temperature, self.replay = engine, prompt_ids, temperature, replay
         self.debug, self.fail_above = debug, fail_above
         self.oom_splits = 0
         self.timings: list[dict] = []  # one per executed batch, in order: where its time went (engine's BatchTiming)
+        self.unfinished_tokens: dict[str, list[int]] = {}  # id -> every token of its latest unfinished attempt
 
     def count_split(self) -> None:
         self.oom_splits += 1
+
+    def _kept_tokens(self, batch: Batch) -> list[list[int]]:
+        """The tokens each member continues from ([] for one that starts afresh)."""
+        kept = []
+        for sample_id, done in zip(batch.ids, batch.resume_from or (0,) * len(batch.ids), strict=True):
+            tokens = self.unfinished_tokens.get(sample_id, []) if done else []
+            if len(tokens) != done:
+                raise RuntimeError(
+                    f"id {sample_id} resumes from {done} tokens, but its last attempt kept {len(tokens)}"
+                )
+            kept.append(tokens)
+        return kept
 
     def __call__(self, batch: Batch) -> BatchOutcome:
         from .generate import generate_splitting_on_oom
@@ -117,10 +139,13 @@ class StaticBatchExecutor:
                 timings.append((self.engine.last_timing, self.engine.warmup_seconds - warmup_before))
             return samples
 
+        kept = self._kept_tokens(batch)
         generated = generate_splitting_on_oom(
             generate,
-            [self.prompt_ids[sample_id] for sample_id in batch.ids],
-            [self.replay[sample_id] for sample_id in batch.ids] if self.replay is not None else None,
+            [self.prompt_ids[sample_id] + tokens for sample_id, tokens in zip(batch.ids, kept, strict=True)],
+            [max(1, self.replay[sample_id] - len(tokens)) for sample_id, tokens in zip(batch.ids, kept, strict=True)]
+            if self.replay is not None
+            else None,
             self.count_split,
             self.fail_above,
         )
@@ -128,15 +153,25 @@ class StaticBatchExecutor:
         for size in run_sizes:
             parts.append(batch.ids[start : start + size])
             start += size
+        texts = {}
+        for sample_id, tokens, sample in zip(batch.ids, kept, generated, strict=True):
+            all_tokens = tokens + sample.token_ids
+            texts[sample_id] = (
+                self.engine.tokenizer.decode(all_tokens, skip_special_tokens=True) if tokens else sample.text
+            )
+            if sample.finished:
+                self.unfinished_tokens.pop(sample_id, None)
+            else:
+                self.unfinished_tokens[sample_id] = all_tokens
         outcome = BatchOutcome(
             {sample_id: sample.length for sample_id, sample in zip(batch.ids, generated, strict=True)},
             {sample_id: sample.finished for sample_id, sample in zip(batch.ids, generated, strict=True)},
-            {sample_id: sample.text for sample_id, sample in zip(batch.ids, generated, strict=True)},
+            texts,
             tuple(parts) if len(parts) > 1 else None,
         )
         self.timings.append(batch_timing_fields(timings))
         if self.debug:
-            kind = "recompute" if batch.recompute else "first"
+            kind = f"retry {batch.attempt}" if batch.recompute else "first"
             steps = max(outcome.lengths.values())
             print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
         return outcome
@@ -164,10 +199,24 @@ def batch_timing_fields(timings: list) -> dict:
     }
 
 
-def require_quantiles(strategy: Strategy) -> None:
-    """`--fcr-quantile` caps FCR batches at an upper quantile, which only predictors with quantiles give."""
+def require_quantiles(strategy: Strategy, option: str = "--fcr-quantile") -> None:
+    """`--fcr-quantile` and `--fcr-retry-quantiles` cap FCR batches at upper quantiles, which only predictors with
+    quantiles give."""
     if strategy.fcr and not hasattr(PREDICTORS[strategy.predictor], "predict_quantile"):
-        raise UserError(f"--fcr-quantile needs a predictor with quantiles (proxy), not {strategy.predictor}")
+        raise UserError(f"{option} needs a predictor with quantiles (proxy), not {strategy.predictor}")
+
+
+def resume_retry_levels(strategy: Strategy, requested: list[float] | None) -> list[float]:
+    """The quantile levels of a strategy's capped FCR retries (before the last, at max_length): +resume strategies
+    only, whose failures lose nothing by stopping again; `requested` (--fcr-retry-quantiles, [] for none) or, by
+    default, RESUME_RETRY_QUANTILES where the predictor has quantiles."""
+    if not strategy.resume:
+        return []
+    if requested is None:
+        return list(RESUME_RETRY_QUANTILES) if hasattr(PREDICTORS[strategy.predictor], "predict_quantile") else []
+    if requested:
+        require_quantiles(strategy, "--fcr-retry-quantiles")
+    return list(requested)
 
 
 @dataclass(frozen=True)
@@ -218,6 +267,8 @@ def run_strategy(
         if strategy.fcr and args.fcr_quantile is not None:
             require_quantiles(strategy)
             caps = predictor.predict_quantile(samples, args.fcr_quantile)
+        retry_levels = resume_retry_levels(strategy, getattr(args, "fcr_retry_quantiles", None))
+        retry_caps = [predictor.predict_quantile(samples, level) for level in retry_levels]
     ids = [sample.id for sample in samples]
     splits_before = getattr(executors.run_batch, "oom_splits", 0)
     with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False, disable=not show) as progress:
@@ -227,7 +278,7 @@ def run_strategy(
             )
         else:
             batches, sample_rows, metrics, seconds, generation_seconds = _run_static(
-                strategy, args, ids, predictions, executors, device, progress, caps, show
+                strategy, args, ids, predictions, executors, device, progress, caps, show, retry_caps
             )
     if not args.dry_run:  # a sample's latency: its finish time since the run (prediction included) began
         for sample_id, value in seconds.items():
@@ -238,6 +289,7 @@ def run_strategy(
         "predictor": strategy.predictor,
         "vbs": strategy.vbs,
         "fcr": strategy.fcr,
+        "resume": strategy.resume,
         "continuous": strategy.continuous,
         **metrics,
         "throughput_samples_per_s": len(ids) / wall,
@@ -258,6 +310,7 @@ def run_strategy(
         "processes": 1,
         "batches": batches,
         "fcr_quantile": args.fcr_quantile if caps is not None else None,
+        "fcr_retry_quantiles": list(retry_levels),
         "samples": [
             {"id": sample_id, "prediction": predictions[sample_id]}
             | ({"cap": caps[sample_id]} if caps is not None else {})
@@ -270,7 +323,7 @@ def run_strategy(
     return result
 
 
-def _run_static(strategy, args, ids, predictions, executors, device, progress, caps=None, show=True):
+def _run_static(strategy, args, ids, predictions, executors, device, progress, caps=None, show=True, retry_caps=()):
     config = ScheduleConfig(
         batch_size=args.batch_size,
         group_size=args.group_size,
@@ -278,6 +331,7 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
         sort=strategy.predictor != "vanilla",
         vbs=strategy.vbs,
         fcr=strategy.fcr,
+        resume=strategy.resume,
         vbs_table=args.vbs_table_parsed or PAPER_VBS_TABLE,
     )
     if strategy.vbs and args.vbs_table_parsed is None:
@@ -306,7 +360,9 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
         return time.perf_counter() - engine_warmup_seconds(engine)
 
     with Timer(device) as generation_timer:
-        record = run_schedule(ids, predictions, config, executors.run_batch, on_batch=advance, clock=clock, caps=caps)
+        record = run_schedule(
+            ids, predictions, config, executors.run_batch, advance, clock, caps=caps, retry_caps=retry_caps
+        )
     warmup = engine_warmup_seconds(engine) - warmup_before
     batch_timings = timings[timings_before:] if timings is not None else []
     if len(batch_timings) != len(record.batches):
@@ -315,6 +371,8 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
         {
             "group": executed.batch.group,
             "recompute": executed.batch.recompute,
+            "attempt": executed.batch.attempt,
+            "resumed_tokens": sum(executed.batch.resume_from or ()),  # generated earlier, prefilled again here
             "bucket": executed.batch.bucket,
             "size": len(executed.batch.ids),
             "cap": executed.batch.max_new_tokens,

@@ -37,6 +37,9 @@ CASES = [
     (benchmark, "--dry-run {replay} --seed -1", "--seed must be at least 0 and at most 4294967295"),
     (benchmark, "--dry-run {replay} --temperature -0.5", "--temperature must be at least 0"),
     (benchmark, "--dry-run {replay} --fcr-quantile 1.5", "--fcr-quantile must be above 0 and below 1, got 1.5"),
+    (benchmark, "--dry-run {replay} --fcr-retry-quantiles 0.8 1", "--fcr-retry-quantiles must be above 0 and below 1"),
+    (benchmark, "--dry-run {replay} --fcr-retry-quantiles high", "--fcr-retry-quantiles expected levels"),
+    (benchmark, "--dry-run {replay} --strategies gt+resume", "+resume continues FCR's failures, so it needs +fcr"),
     (benchmark, "--dry-run {replay} --prediction-batch-size 0", "--prediction-batch-size"),
     (benchmark, "--dry-run {replay} --strategy constant --constant-length 0", "--constant-length"),
     (benchmark, "--dry-run {replay} --vbs-table 50:x", "--vbs-table"),
@@ -51,6 +54,7 @@ CASES = [
     (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --target_field L_t9", "L_t9"),
     # checks that used to run after earlier results were written
     (benchmark, "--dry-run {replay} --strategies vanilla gt+fcr --fcr-quantile 0.8 --output-json {tmp}/out.json", "gt"),
+    (benchmark, "--dry-run {replay} --strategies vanilla gt+fcr+resume --fcr-retry-quantiles 0.8", "quantiles (proxy)"),
     (benchmark, "--dry-run {replay} --strategy po", "needs a model"),
     (benchmark, "--dry-run", "--dry-run needs --replay-lengths"),
     # input files

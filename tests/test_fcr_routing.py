@@ -35,3 +35,21 @@ def test_fcr_returns_each_id_the_answer_to_its_own_prompt(eos_model_dir):
     record = run_schedule(list(PROMPTS), predictions, ScheduleConfig(batch_size=2, max_length=24, fcr=True), executor)
     assert all(result.recomputed for result in record.results.values())
     assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
+
+
+def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir):
+    """+resume: a failure continues from its own tokens (fed back after its own prompt) in a capped retry, and
+    greedy decoding gives each id the same answer as one uninterrupted run."""
+    model, tokenizer, formatter, _ = load_model_and_formatter(str(eos_model_dir), "cpu", "float32")
+    engine = build_engine("transformers", model, tokenizer)
+    prompt_ids = {sample_id: formatter.encode(text) for sample_id, text in PROMPTS.items()}
+    executor = StaticBatchExecutor(engine, prompt_ids, temperature=0.0, replay=None)
+    alone = {sample_id: executor(Batch((sample_id,), 24, group=0)) for sample_id in PROMPTS}
+    answers = {sample_id: (result.lengths[sample_id], result.texts[sample_id]) for sample_id, result in alone.items()}
+
+    predictions = {"a": 3, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
+    retry_caps = [{sample_id: 3 for sample_id in PROMPTS}]  # raised to where each stopped + 50, then to max_length
+    config = ScheduleConfig(batch_size=2, max_length=24, fcr=True, resume=True)
+    record = run_schedule(list(PROMPTS), predictions, config, executor, retry_caps=retry_caps)
+    assert any(batch.batch.resume_from for batch in record.batches)
+    assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers

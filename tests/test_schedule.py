@@ -14,6 +14,7 @@ from src.schedule import (
     bucket_of,
     parse_vbs_table,
     plan_first_batches,
+    plan_recompute,
     replay_executor,
     run_schedule,
     simulate_continuous,
@@ -288,3 +289,55 @@ def test_a_slot_idles_until_the_next_request_arrives():
 
     record = simulate_continuous_arrivals({"a": 0.0, "b": 10.0}, {"a": 2, "b": 3}, 2, 512)
     assert record.finish_steps == {"a": 2, "b": 13}
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("retry_levels", [(), (1.2,), (1.1, 1.6)])
+@pytest.mark.parametrize("seed", range(3))
+def test_fcr_retries_give_every_id_its_whole_length(resume, retry_levels, seed):
+    ids, predictions, actual = random_case(seed)
+    config = ScheduleConfig(fcr=True, resume=resume)
+    retry_caps = [{sample_id: int(predictions[sample_id] * level) for sample_id in ids} for level in retry_levels]
+    record = run_schedule(ids, predictions, config, replay_executor(actual), retry_caps=retry_caps)
+    for sample_id, result in record.results.items():
+        assert result.length == min(actual[sample_id], config.max_length)
+        assert result.finished == (actual[sample_id] <= config.max_length)
+    attempts = [batch.batch.attempt for batch in record.batches]
+    assert max(attempts) <= len(retry_levels) + 1
+    # no batch of a retry is empty of work: every cap reaches past what its members are known to exceed
+    assert all(batch.batch.max_new_tokens >= 1 for batch in record.batches)
+    metrics = compute_metrics(record)
+    assert (metrics["resumed_tokens"] > 0) == (resume and metrics["recomputed_samples"] > 0)
+
+
+def test_resumed_failures_continue_by_hand():
+    predictions = {"a": 2, "b": 2, "c": 4, "d": 4}
+    actual = {"a": 2, "b": 9, "c": 3, "d": 30}
+    config = ScheduleConfig(batch_size=2, max_length=20, fcr=True, resume=True)
+    retry_caps = [{"a": 1, "b": 1, "c": 1, "d": 100}]  # d past max_length in its first retry: no second one
+    record = run_schedule(list(predictions), predictions, config, replay_executor(actual), retry_caps=retry_caps)
+    runs = [(batch.batch.ids, batch.batch.resume_from, batch.batch.max_new_tokens) for batch in record.batches]
+    # first batches: (a, b) cap 2 -> b fails at 2; (c, d) cap 4 -> d fails at 4. First retry, sorted by tokens
+    # still to make: d's q 100 -> min(100, 20) - 4 = 16 to make; b's q 1 is raised to 2 + 50, then to max_length
+    # 20 -> 18 to make. One batch of both, cap 18: b ends (7 more), d runs 18 more, past max_length, and is cut.
+    assert runs == [(("a", "b"), None, 2), (("c", "d"), None, 4), (("d", "b"), (4, 2), 18)]
+    assert record.batches[-1].lengths == {"d": 18, "b": 7}
+    assert record.results["b"].length == 9 and record.results["b"].finished and record.results["b"].recomputed
+    assert record.results["d"].length == 20 and not record.results["d"].finished
+    metrics = compute_metrics(record)
+    assert metrics["token_slots"] == 2 * 2 + 4 * 2 + 18 * 2
+    assert metrics["generated_tokens"] == 2 + 9 + 3 + 20
+    assert metrics["resumed_tokens"] == 4 + 2
+
+
+def test_a_retry_cap_reaches_a_bucket_past_where_the_sample_stopped():
+    known_above, caps = {"x": 100, "y": 10}, {"x": 80, "y": 300}
+    plain = plan_recompute(["y", "x"], ScheduleConfig(batch_size=4, fcr=True), 0, known_above, caps)
+    # x's quantile 80 is below the 100 it is known to exceed: its cap becomes 150; sorted by tokens still to make
+    assert [(batch.ids, batch.max_new_tokens, batch.resume_from) for batch in plain] == [(("x", "y"), 300, None)]
+    resumed = plan_recompute(["y", "x"], ScheduleConfig(batch_size=1, fcr=True, resume=True), 0, known_above, caps, 2)
+    assert [(batch.ids, batch.max_new_tokens, batch.resume_from) for batch in resumed] == [
+        (("x",), 50, (100,)),
+        (("y",), 290, (10,)),
+    ]
+    assert all(batch.recompute and batch.attempt == 2 for batch in resumed)
