@@ -61,7 +61,7 @@ PARTS = {
         "dry-run-paper",
         ("--dry-run", "--data-path", DATA, *REPLAY, "--num-data", "1024"),
         ("vanilla", "gt", "gt+vbs+fcr", "continuous", "continuous:gt"),
-        ("proxy+vbs+fcr", "continuous:proxy"),
+        ("proxy+vbs+fcr", "proxy+fcr+resume", "continuous:proxy"),
     ),
     "cpu": Part(
         "cpu",
@@ -69,7 +69,7 @@ PARTS = {
         "cpu-smollm2",
         ("--model", "smollm2-135m", "--device", "cpu", "--data-path", DATA, *REPLAY, "--num-data", "256"),
         ("vanilla", "gt", "gt+vbs+fcr", "continuous"),
-        ("proxy+vbs+fcr", "continuous:proxy"),
+        ("proxy+vbs+fcr", "proxy+fcr+resume", "continuous:proxy"),
     ),
     # The Quickstart's run: 96 samples (one group), batches of 16, vanilla against sorted by the oracle. bfloat16,
     # because on a CPU with bf16 instructions (avx512_bf16 or AMX) SmolLM2 decodes 2.4 times faster than in float32;
@@ -89,7 +89,7 @@ PARTS = {
         ("--model", "vicuna-7b-shape", "--load-format", "dummy", "--device", "cuda", "--data-path", DATA, *REPLAY)
         + ("--num-data", "256"),
         ("vanilla", "gt", "gt+vbs+fcr", "continuous"),
-        ("proxy+vbs+fcr",),
+        ("proxy+vbs+fcr", "proxy+fcr+resume"),
         needs_cuda=True,
     ),
 }
@@ -99,6 +99,7 @@ SIDE_BY_SIDE_ROWS = (
     ("vanilla (no scheduling)", "vanilla", "vanilla"),
     ("oracle lengths + VBS + FCR", "gt+vbs+fcr", "gt+vbs+fcr"),
     ("predictor + VBS + FCR (paper: its Vicuna-7B LoRA; ours: proxy)", "proxy+vbs+fcr", "predictor+vbs+fcr"),
+    ("proxy + FCR, failures resumed (ours)", "proxy+fcr+resume", None),
     ("continuous batching, FCFS, 16 slots", "continuous", None),
 )
 

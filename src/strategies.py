@@ -206,14 +206,16 @@ def require_quantiles(strategy: Strategy, option: str = "--fcr-quantile") -> Non
         raise UserError(f"{option} needs a predictor with quantiles (proxy), not {strategy.predictor}")
 
 
-def resume_retry_levels(strategy: Strategy, requested: list[float] | None) -> list[float]:
+def resume_retry_levels(strategy: Strategy, requested: list[float] | None, available=None) -> list[float]:
     """The quantile levels of a strategy's capped FCR retries (before the last, at max_length): +resume strategies
     only, whose failures lose nothing by stopping again; `requested` (--fcr-retry-quantiles, [] for none) or, by
-    default, RESUME_RETRY_QUANTILES where the predictor has quantiles."""
+    default, those of RESUME_RETRY_QUANTILES that the predictor has (`available`: its levels, when known)."""
     if not strategy.resume:
         return []
     if requested is None:
-        return list(RESUME_RETRY_QUANTILES) if hasattr(PREDICTORS[strategy.predictor], "predict_quantile") else []
+        if not hasattr(PREDICTORS[strategy.predictor], "predict_quantile"):
+            return []
+        return [level for level in RESUME_RETRY_QUANTILES if available is None or level in available]
     if requested:
         require_quantiles(strategy, "--fcr-retry-quantiles")
     return list(requested)
@@ -267,7 +269,9 @@ def run_strategy(
         if strategy.fcr and args.fcr_quantile is not None:
             require_quantiles(strategy)
             caps = predictor.predict_quantile(samples, args.fcr_quantile)
-        retry_levels = resume_retry_levels(strategy, getattr(args, "fcr_retry_quantiles", None))
+        retry_levels = resume_retry_levels(
+            strategy, getattr(args, "fcr_retry_quantiles", None), getattr(predictor, "quantile_levels", None)
+        )
         retry_caps = [predictor.predict_quantile(samples, level) for level in retry_levels]
     ids = [sample.id for sample in samples]
     splits_before = getattr(executors.run_batch, "oom_splits", 0)

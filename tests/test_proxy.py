@@ -89,6 +89,40 @@ def test_benchmark_dry_run_with_fcr_quantile(trained_proxy, tmp_path):
 
 
 @needs_encoder
+def test_resumed_fcr_retries_at_the_quantiles_the_predictor_has(trained_proxy):
+    folder, _ = trained_proxy
+    common = ["--data-path", str(DEMO / "demo.json"), "--dry-run", "--replay-lengths", str(DEMO / "demo-length.json")]
+    common += ["--predictor-path", str(folder), "--max-length", "1024", "--strategies", "proxy+fcr", "proxy+fcr+resume"]
+    plain, resumed = benchmark.main(common)["results"]
+    # the default retry levels are 0.8 and 0.95; this predictor was trained with 0.5, 0.8 and 0.9
+    assert plain["fcr_retry_quantiles"] == [] and resumed["fcr_retry_quantiles"] == [0.8] and resumed["resume"]
+    assert plain["resumed_tokens"] == 0
+    lengths = {row["id"]: row["length"] for row in plain["samples"]}
+    assert {row["id"]: row["length"] for row in resumed["samples"]} == lengths
+    assert resumed["recomputed_samples"] > 0 and resumed["resumed_tokens"] > 0
+    assert {batch["attempt"] for batch in resumed["batches"]} >= {0, 1}
+    assert resumed["token_slots"] < plain["token_slots"]  # the failures' first tokens are not made again
+    explicit = benchmark.main(common[:-2] + ["proxy+fcr+resume", "--fcr-retry-quantiles", "none"])["results"][0]
+    assert explicit["fcr_retry_quantiles"] == []
+
+
+@needs_encoder
+def test_fcr_policies_benchmark_ranks_policies_on_held_out_rows(trained_proxy, tmp_path):
+    from benchmarks import fcr_policies
+
+    folder, _ = trained_proxy
+    argv = ["--data-path", str(DEMO / "demo.json"), "--length-path", str(DEMO / "demo-length.json"), "--last", "24"]
+    argv += ["--predictor-path", str(folder), "--retry-policies", "none", "0.8", "--first-quantiles", "median", "0.9"]
+    output = fcr_policies.main(argv + ["--output-json", str(tmp_path / "policies.json")])
+    # per first cap: plain FCR and resume (none, 0.8), with and without VBS
+    assert len(output["policies"]) == 2 * 2 * 3
+    assert json.loads((tmp_path / "policies.json").read_text())["policies"] == output["policies"]
+    for row in output["policies"]:
+        assert 0 < row["effective_token_ratio"] <= 1
+        assert (row["resumed_tokens_per_sample"] > 0) <= row["resume"]
+
+
+@needs_encoder
 def test_eval_in_two_processes_equals_one(trained_proxy, tmp_path):
     """torchrun with 2 CPU processes: each predicts every other batch; the merged predictions and metrics are
     one process's (only the cost per 1000 prompts is timed)."""

@@ -59,7 +59,8 @@ def test_side_by_side_cells_by_hand():
     # 2.4 / 1.5 = 1.60; the paper's 2.69 / 1.39 = 1.94
     assert lines[3] == "| oracle lengths + VBS + FCR | 2.69 (1.94x), 196.34, 61.6 % | 2.40 (1.60x), 187.32, 64.3 % |"
     assert lines[4].endswith("| 2.30 (1.65x), 215.06, 47.2 % | not run |")
-    assert lines[5] == "| continuous batching, FCFS, 16 slots | - | not run |"
+    assert lines[5] == "| proxy + FCR, failures resumed (ours) | - | not run |"
+    assert lines[6] == "| continuous batching, FCFS, 16 slots | - | not run |"
 
 
 def test_a_model_part_runs_the_benchmark_and_draws(tiny_model_dir, small_data, tmp_path, monkeypatch, capsys):
