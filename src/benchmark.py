@@ -252,9 +252,10 @@ def print_result(result: dict) -> None:
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
     if result.get("resume"):
         levels = " ".join(str(level) for level in result["fcr_retry_quantiles"]) or "none"
+        reused = sum(batch.get("kv_reused_tokens", 0) for batch in result["batches"])
         print(
-            f"Resumed: {result['resumed_tokens']} tokens prefilled again (retries capped at quantiles {levels}, "
-            "then at the max length)"
+            f"Resumed: {result['resumed_tokens']} tokens carried over, {reused} prompt tokens served from kept KV "
+            f"caches (retries capped at quantiles {levels}, then at the max length)"
         )
     latency = (
         f"Latency: mean {result['mean_latency_steps']:.0f} steps, p90 {result['p90_latency_steps']:.0f} steps, "

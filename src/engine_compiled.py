@@ -46,6 +46,7 @@ def cache_length(tokens: int) -> int:
 
 class CompiledEngine(TransformersEngine):
     name = "compiled"
+    keeps_kv_caches = False  # its static caches are kept per shape, not per row: resumed rows are prefilled again
 
     def __init__(self, model, tokenizer):
         from transformers import CompileConfig

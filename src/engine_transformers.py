@@ -17,6 +17,9 @@ TIMED_STEPS = 8
 
 class TransformersEngine:
     name = "transformers"
+    # generate() takes and returns rows' KV caches (prefix_caches, keep_caches), so that a resumed FCR failure skips
+    # its prefill
+    keeps_kv_caches = True
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -32,11 +35,22 @@ class TransformersEngine:
         max_new_tokens: int,
         temperature: float = 0.0,
         replay_lengths: list[int] | None = None,
+        prefix_caches: list[tuple] | None = None,
+        keep_caches: bool = False,
     ) -> list[GeneratedSample]:
         start = time.perf_counter()
         clock = StepClock(self.model.device)
         samples = generate_batch(
-            self.model, self.tokenizer, prompts, max_new_tokens, temperature, replay_lengths, self.eos_token_ids, clock
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens,
+            temperature,
+            replay_lengths,
+            self.eos_token_ids,
+            clock,
+            prefix_caches=prefix_caches,
+            keep_caches=keep_caches,
         )
         self.last_timing = clock.timing(time.perf_counter() - start)
         return samples

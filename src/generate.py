@@ -97,6 +97,40 @@ class GeneratedSample:
     finished: bool  # emitted EOS within max_new_tokens
     text: str
     token_ids: list[int]
+    # with keep_caches, an unfinished row's KV cache without its padding: per layer (keys, values), each [1, H, T, D]
+    # over its prompt and every generated token but the last (whose KV the next step would compute)
+    kv_cache: tuple | None = None
+
+
+def kv_cache_bytes(kv_cache: tuple) -> int:
+    return sum(tensor.numel() * tensor.element_size() for layer in kv_cache for tensor in layer)
+
+
+def _plain_layers(cache) -> bool:
+    """A cache whose every layer keeps every position (no sliding window, no recurrent state) can be cut into rows
+    and put together again."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def _batch_cache(prefix_caches: list[tuple], width: int, config):
+    """One DynamicCache for a batch of left-padded rows of `width` tokens from each row's kept KV (which covers all but
+    its last token): every row's keys and values right-aligned over width - 1 positions, zeros before them, where
+    the attention mask is 0."""
+    from transformers import DynamicCache
+
+    layers = []
+    for index in range(len(prefix_caches[0])):
+        keys, values = [], []
+        for row in prefix_caches:
+            row_keys, row_values = row[index]  # [1, H, T, D]
+            padding = row_keys.new_zeros(
+                (1, row_keys.shape[1], width - 1 - row_keys.shape[2], row_keys.shape[3])
+            )  # [1, H, width - 1 - T, D]
+            keys.append(torch.cat([padding, row_keys], dim=2))
+            values.append(torch.cat([padding, row_values], dim=2))
+        layers.append((torch.cat(keys), torch.cat(values)))  # [B, H, width - 1, D] each
+    return DynamicCache(layers, config=config)
 
 
 def eos_token_ids_of(model, tokenizer) -> list[int]:
@@ -149,10 +183,14 @@ def generate_batch(
     clock: StepClock | None = None,
     generate_options: dict | None = None,
     inference_mode: bool = True,
+    prefix_caches: list[tuple] | None = None,
+    keep_caches: bool = False,
 ) -> list[GeneratedSample]:
     """Generate for a batch of tokenised prompts; the batch stops when every row finished or at the cap.
     `clock` times the steps; `generate_options` go to `generate` as they are (a static cache, a compile config);
-    `inference_mode` off runs under no_grad, as transformers' compiled decoding expects."""
+    `inference_mode` off runs under no_grad, as transformers' compiled decoding expects. `prefix_caches`: every row's
+    KV cache over all its prompt tokens but the last (a `kv_cache` kept earlier), so that only the last one is
+    computed; `keep_caches` returns each unfinished row's cache in its `kv_cache`, where the model's cache allows."""
     with torch.inference_mode() if inference_mode else torch.no_grad():
         return _generate_batch(
             model,
@@ -164,15 +202,35 @@ def generate_batch(
             eos_token_ids,
             clock,
             generate_options,
+            prefix_caches,
+            keep_caches,
         )
 
 
 def _generate_batch(
-    model, tokenizer, prompts, max_new_tokens, temperature, replay_lengths, eos_token_ids, clock, generate_options
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens,
+    temperature,
+    replay_lengths,
+    eos_token_ids,
+    clock,
+    generate_options,
+    prefix_caches=None,
+    keep_caches=False,
 ) -> list[GeneratedSample]:
     eos_token_ids = eos_token_ids or eos_token_ids_of(model, tokenizer)
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
     prompt_length = input_ids.shape[1]
+    options = dict(generate_options or {})
+    if prefix_caches is not None:
+        for prompt, row in zip(prompts, prefix_caches, strict=True):
+            if row[0][0].shape[2] != len(prompt) - 1:
+                raise RuntimeError(f"a kept KV cache of {row[0][0].shape[2]} tokens for a prompt of {len(prompt)}")
+        options["past_key_values"] = _batch_cache(prefix_caches, prompt_length, model.config)
+    if keep_caches:
+        options["return_dict_in_generate"] = True
     processors = LogitsProcessorList()
     if replay_lengths is not None:
         processors.append(ReplayLengthsProcessor(replay_lengths, eos_token_ids, prompt_length))
@@ -186,8 +244,12 @@ def _generate_batch(
         pad_token_id=tokenizer.pad_token_id,
         logits_processor=processors,
         **sampling_arguments(temperature),
-        **(generate_options or {}),
+        **options,
     )
+    cache = None
+    if keep_caches:
+        output, cache = output.sequences, output.past_key_values
+        cache = cache if _plain_layers(cache) else None
     new_tokens = output[:, prompt_length:].cpu()  # [B, T], T <= max_new_tokens
     is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids))  # [B, T]
     samples = []
@@ -197,22 +259,35 @@ def _generate_batch(
         length = int(eos_positions[0]) + 1 if finished else new_tokens.shape[1]
         token_ids = new_tokens[row, :length].tolist()
         text = tokenizer.decode(token_ids, skip_special_tokens=True)
-        samples.append(GeneratedSample(length, finished, text, token_ids))
+        kv_cache = None
+        if cache is not None and not finished:  # it ran every step: its cache holds no padding after its tokens
+            start = prompt_length - len(prompts[row])
+            kv_cache = tuple(
+                (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
+                for layer in cache.layers
+            )
+        samples.append(GeneratedSample(length, finished, text, token_ids, kv_cache))
     return samples
 
 
 def generate_splitting_on_oom(
-    generate, prompts: list[list[int]], replay_lengths: list[int] | None, on_split=None, fail_above: int | None = None
+    generate,
+    prompts: list[list[int]],
+    replay_lengths: list[int] | None,
+    on_split=None,
+    fail_above: int | None = None,
+    prefix_caches: list | None = None,
 ) -> list[GeneratedSample]:
-    """`generate(prompts, replay_lengths)` (a `generate_batch` with the other arguments bound), but a batch that
-    runs out of device memory (VBS batches reach 256 rows) is split in halves that run one after the other;
+    """`generate(prompts, replay_lengths, prefix_caches)` (a `generate_batch` with the other arguments bound;
+    `prefix_caches`: each row's kept KV cache, or None), but a batch that runs out of device memory (VBS batches
+    reach 256 rows) is split in halves that run one after the other;
     `on_split()` is called for each split. The same prompts run with the same caps and replayed lengths, so
     greedy and replayed results do not change. `fail_above` raises the real OutOfMemoryError for batches
     larger than it: a fault-injection switch for tests."""
     try:
         if fail_above is not None and len(prompts) > fail_above:
             raise torch.OutOfMemoryError(f"injected: a batch of {len(prompts)} rows is over {fail_above}")
-        return generate(prompts, replay_lengths)
+        return generate(prompts, replay_lengths, prefix_caches)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
@@ -224,5 +299,8 @@ def generate_splitting_on_oom(
         results = []
         for part in (slice(0, half), slice(half, len(prompts))):
             part_lengths = replay_lengths[part] if replay_lengths is not None else None
-            results += generate_splitting_on_oom(generate, prompts[part], part_lengths, on_split, fail_above)
+            part_caches = prefix_caches[part] if prefix_caches is not None else None
+            results += generate_splitting_on_oom(
+                generate, prompts[part], part_lengths, on_split, fail_above, part_caches
+            )
         return results

@@ -26,7 +26,7 @@ class TokenMetrics(TypedDict):
     token_slots: int
     generated_tokens: int
     recomputed_samples: int
-    resumed_tokens: int  # tokens FCR's resumed samples had made and read again as prompt (+resume only)
+    resumed_tokens: int  # tokens FCR's resumed samples had made and continued from (+resume only)
     average_length: float
     effective_token_ratio: float
     failure_ratio: float
@@ -124,7 +124,7 @@ def compute_metrics(record: RunRecord) -> TokenMetrics:
         "token_slots": token_slots,
         "generated_tokens": generated_tokens,
         "recomputed_samples": recomputed,
-        # prefilled again, not decoded: outside the token slots, but in a real run's time
+        # carried over: outside the token slots; a real run prefills them again unless it kept their KV cache
         "resumed_tokens": sum(sum(batch.batch.resume_from or ()) for batch in record.batches),
         **token_ratios(num_samples, token_slots, generated_tokens, recomputed, truncated),
         **latency_metrics({sample_id: steps for sample_id, (steps, _) in final_batches(record).items()}, "steps"),

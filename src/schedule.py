@@ -74,6 +74,9 @@ class Batch:
     # `max_new_tokens` counts the tokens generated in this batch.
     resume_from: tuple[int, ...] | None = None
     attempt: int = 0  # 0: the first attempt, 1: the first FCR retry, ...
+    # +resume: a member that stops unfinished with fewer tokens in all than this continues in a later batch, so an
+    # executor that can keeps what lets it continue cheaply (its KV cache); None: no member continues
+    resume_below: int | None = None
 
 
 def clamp_prediction(value: int | float, max_length: int) -> int:
@@ -106,7 +109,8 @@ def plan_first_batches(
     if not config.vbs:
         for members in _chunks(ordered, config.batch_size):
             cap = max((caps or predictions)[sample_id] for sample_id in members) if config.fcr else config.max_length
-            batches.append(Batch(tuple(members), min(cap, config.max_length), group))
+            cap = min(cap, config.max_length)
+            batches.append(Batch(tuple(members), cap, group, resume_below=_resume_below(config)))
         return batches
 
     by_bucket: dict[int, list[str]] = {}
@@ -126,8 +130,13 @@ def plan_first_batches(
             cap = config.max_length
             if config.fcr:
                 cap = min(bucket if caps is None else max(caps[sample_id] for sample_id in piece), config.max_length)
-            batches.append(Batch(tuple(piece), cap, group, bucket=bucket))
+            batches.append(Batch(tuple(piece), cap, group, bucket=bucket, resume_below=_resume_below(config)))
     return batches
+
+
+def _resume_below(config: ScheduleConfig) -> int | None:
+    """Under FCR's +resume a failure (unfinished short of max_length) continues in a later batch."""
+    return config.max_length if config.fcr and config.resume else None
 
 
 def plan_recompute(
@@ -162,6 +171,8 @@ def plan_recompute(
             recompute=True,
             resume_from=tuple(progress[sample_id] for sample_id in members) if config.resume else None,
             attempt=attempt,
+            # the last retry, at max_length, is final
+            resume_below=config.max_length if config.resume and caps is not None else None,
         )
         for members in _chunks(ordered, config.batch_size)
     ]

@@ -42,6 +42,9 @@ STRATEGY_MODIFIERS = ("vbs", "fcr", "resume")
 RESUME_RETRY_QUANTILES = (0.8, 0.95)
 CONTINUOUS = "continuous"
 AUTO_SLOTS = "auto"
+# The share of the free memory (host RAM on a CPU) that +resume's kept KV caches may take; a failure past it is
+# prefilled again when it resumes
+KV_CACHE_BUDGET = 0.25
 # A real batch row's clock readings (they differ from run to run; every other column is the schedule's)
 BATCH_TIMING_FIELDS = (
     "elapsed_s",
@@ -54,6 +57,8 @@ BATCH_TIMING_FIELDS = (
     "first_steps_ms",
     "last_steps_ms",
 )
+# A real batch row's columns from the executor besides the clock: the prompt tokens whose KV cache it reused
+BATCH_ENGINE_FIELDS = ("kv_reused_tokens",)
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,10 @@ def parse_strategy(text: str, vbs: bool = False, fcr: bool = False) -> Strategy:
 class StaticBatchExecutor:
     """The executor of static batches: one scheduled batch through the engine, split in halves on out-of-memory
     errors, counted in `oom_splits`. It keeps the tokens of every sample that stopped unfinished, so that a batch
-    that resumes samples (`Batch.resume_from`) feeds each its prompt followed by them."""
+    that resumes samples (`Batch.resume_from`) feeds each its prompt followed by them; and, where the engine can
+    (`keeps_kv_caches`) and the scheduler will resume them (`Batch.resume_below`), their KV caches too, within
+    KV_CACHE_BUDGET of the free memory, so that a resumed batch whose every member has its cache skips the
+    prefill."""
 
     def __init__(self, engine, prompt_ids, temperature, replay, debug=False, fail_above=None):
         self.engine, self.prompt_ids, self.temperature, self.replay = engine, prompt_ids, temperature, replay
@@ -109,6 +117,9 @@ class StaticBatchExecutor:
         self.oom_splits = 0
         self.timings: list[dict] = []  # one per executed batch, in order: where its time went (engine's BatchTiming)
         self.unfinished_tokens: dict[str, list[int]] = {}  # id -> every token of its latest unfinished attempt
+        self.kv_caches: dict[str, tuple] = {}  # id -> the KV cache of that attempt (engine.generate's kv_cache)
+        self.kv_cache_bytes = 0
+        self.kv_budget_bytes: int | None = None  # set at the first batch that keeps caches
 
     def count_split(self) -> None:
         self.oom_splits += 1
@@ -125,29 +136,69 @@ class StaticBatchExecutor:
             kept.append(tokens)
         return kept
 
+    def _take_kv_caches(self, batch: Batch, prompts: list[list[int]]) -> list[tuple] | None:
+        """The members' kept caches when every one has a cache over its prompt and tokens (all but the last), else
+        None (the batch is prefilled); either way the batch takes them over."""
+        caches = [self._drop_kv_cache(sample_id) for sample_id in batch.ids]
+        if not batch.resume_from or any(
+            cache is None or cache[0][0].shape[2] != len(prompt) - 1
+            for cache, prompt in zip(caches, prompts, strict=True)
+        ):
+            return None
+        return caches
+
+    def _drop_kv_cache(self, sample_id: str):
+        from .generate import kv_cache_bytes
+
+        cache = self.kv_caches.pop(sample_id, None)
+        if cache is not None:
+            self.kv_cache_bytes -= kv_cache_bytes(cache)
+        return cache
+
+    def _keep_kv_cache(self, sample_id: str, cache) -> None:
+        from .generate import kv_cache_bytes
+        from .utils import free_memory_bytes
+
+        if self.kv_budget_bytes is None:
+            self.kv_budget_bytes = int(KV_CACHE_BUDGET * (free_memory_bytes(self.engine.device) or 0))
+        size = kv_cache_bytes(cache)
+        if self.kv_cache_bytes + size <= self.kv_budget_bytes:
+            self.kv_caches[sample_id] = cache
+            self.kv_cache_bytes += size
+
     def __call__(self, batch: Batch) -> BatchOutcome:
         from .generate import generate_splitting_on_oom
 
         run_sizes = []  # the rows of each generate call that completed, in order
         timings = []
+        with_caches = engine_keeps_kv_caches(self.engine)
+        keep_caches = with_caches and batch.resume_below is not None
 
-        def generate(prompts, lengths):
+        def generate(prompts, lengths, prefix_caches):
             warmup_before = self.engine.warmup_seconds
-            samples = self.engine.generate(prompts, batch.max_new_tokens, self.temperature, lengths)
+            extras = {}  # only what is used, so that an engine without these arguments runs every other batch
+            if prefix_caches is not None:
+                extras["prefix_caches"] = prefix_caches
+            if keep_caches:
+                extras["keep_caches"] = True
+            samples = self.engine.generate(prompts, batch.max_new_tokens, self.temperature, lengths, **extras)
             run_sizes.append(len(prompts))
             if self.engine.last_timing is not None:
                 timings.append((self.engine.last_timing, self.engine.warmup_seconds - warmup_before))
             return samples
 
         kept = self._kept_tokens(batch)
+        prompts = [self.prompt_ids[sample_id] + tokens for sample_id, tokens in zip(batch.ids, kept, strict=True)]
+        prefix_caches = self._take_kv_caches(batch, prompts) if with_caches else None
         generated = generate_splitting_on_oom(
             generate,
-            [self.prompt_ids[sample_id] + tokens for sample_id, tokens in zip(batch.ids, kept, strict=True)],
+            prompts,
             [max(1, self.replay[sample_id] - len(tokens)) for sample_id, tokens in zip(batch.ids, kept, strict=True)]
             if self.replay is not None
             else None,
             self.count_split,
             self.fail_above,
+            prefix_caches,
         )
         parts, start = [], 0
         for size in run_sizes:
@@ -159,22 +210,36 @@ class StaticBatchExecutor:
             texts[sample_id] = (
                 self.engine.tokenizer.decode(all_tokens, skip_special_tokens=True) if tokens else sample.text
             )
+            self._drop_kv_cache(sample_id)
             if sample.finished:
                 self.unfinished_tokens.pop(sample_id, None)
             else:
                 self.unfinished_tokens[sample_id] = all_tokens
+                if keep_caches and sample.kv_cache is not None and len(all_tokens) < batch.resume_below:
+                    self._keep_kv_cache(sample_id, sample.kv_cache)
         outcome = BatchOutcome(
             {sample_id: sample.length for sample_id, sample in zip(batch.ids, generated, strict=True)},
             {sample_id: sample.finished for sample_id, sample in zip(batch.ids, generated, strict=True)},
             texts,
             tuple(parts) if len(parts) > 1 else None,
         )
-        self.timings.append(batch_timing_fields(timings))
+        reused = sum(len(prompt) - 1 for prompt in prompts) if prefix_caches is not None else 0
+        self.timings.append(batch_timing_fields(timings) | {"kv_reused_tokens": reused})
         if self.debug:
             kind = f"retry {batch.attempt}" if batch.recompute else "first"
             steps = max(outcome.lengths.values())
             print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
         return outcome
+
+
+def engine_keeps_kv_caches(engine) -> bool:
+    """Whether the engine's `generate` takes and returns rows' KV caches (an engine that subclasses one that does but
+    overrides `generate` without the arguments does not)."""
+    import inspect
+
+    if not getattr(engine, "keeps_kv_caches", False):
+        return False
+    return {"prefix_caches", "keep_caches"} <= set(inspect.signature(engine.generate).parameters)
 
 
 def batch_timing_fields(timings: list) -> dict:

@@ -11,7 +11,7 @@ import pytest
 
 from src import benchmark
 from src.cli import run_cli
-from src.strategies import BATCH_TIMING_FIELDS
+from src.strategies import BATCH_ENGINE_FIELDS, BATCH_TIMING_FIELDS
 
 from .conftest import SMALL_LENGTHS, cli_args, write_json
 
@@ -197,7 +197,8 @@ def untimed(rows: list[dict]) -> list[dict]:
 def test_dry_run_equals_the_engine(tiny_model_dir, small_data, tmp_path):
     """The model-free dry run goes through the same scheduler and metrics: every token figure is the engine's."""
     data, lengths = small_data
-    strategies = ["--strategies", "vanilla", "gt", "gt+fcr", "gt+vbs+fcr", "--group-size", "4"]
+    strategies = ["--strategies", "vanilla", "gt", "gt+fcr", "gt+vbs+fcr", "constant+fcr+resume", "--group-size", "4"]
+    strategies += ["--constant-length", "2"]  # every sample longer than 2 fails, and resumes from its KV cache
     real = benchmark.main(base_args(tiny_model_dir, data, lengths, tmp_path / "real.json") + strategies)
     dry = benchmark.main(base_args("no-such-model", data, lengths, tmp_path / "dry.json") + strategies + ["--dry-run"])
     token_fields = (
@@ -222,7 +223,12 @@ def test_dry_run_equals_the_engine(tiny_model_dir, small_data, tmp_path):
             assert dry_batch["cache_tokens"] == dry_batch["size"] * dry_batch["cap"]
             assert real_batch["cache_tokens"] > dry_batch["cache_tokens"]
             assert real_batch["decode_steps_timed"] == real_batch["steps"] - 1  # the first token comes with prefill
-            assert set(real_batch) - set(dry_batch) == set(BATCH_TIMING_FIELDS) - {"elapsed_s"}  # the clock columns
+            # the clock columns and the executor's
+            assert set(real_batch) - set(dry_batch) == set(BATCH_TIMING_FIELDS) - {"elapsed_s"} | set(
+                BATCH_ENGINE_FIELDS
+            )
+    resumed = real["results"][-1]
+    assert resumed["recomputed_samples"] > 0 and sum(batch["kv_reused_tokens"] for batch in resumed["batches"]) > 0
 
 
 def test_dry_run_needs_lengths_and_a_model_free_predictor(small_data, capsys):
@@ -366,7 +372,7 @@ def test_two_processes_give_the_single_process_metrics(tiny_model_dir, tmp_path)
     assert one_static[1]["recomputed_samples"] > 0  # FCR's recompute path ran on both processes' groups
     fields = ["num_samples", "num_batches", "decode_steps", "token_slots", "generated_tokens", "average_length"]
     fields += ["effective_token_ratio", "failure_ratio", "recomputed_samples", "truncated_ratio", "oom_splits"]
-    timed = {"latency_s", "latency_steps", "process", *BATCH_TIMING_FIELDS}
+    timed = {"latency_s", "latency_steps", "process", *BATCH_TIMING_FIELDS, *BATCH_ENGINE_FIELDS}
     for single, merged in zip(one_static, two_static, strict=True):
         assert merged["processes"] == 2 and len(merged["process_wall_times_s"]) == 2
         assert sum(merged["process_decode_steps"]) == single["decode_steps"] and min(merged["process_decode_steps"]) > 0

@@ -50,6 +50,12 @@ def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir):
     predictions = {"a": 3, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
     retry_caps = [{sample_id: 3 for sample_id in PROMPTS}]  # raised to where each stopped + 50, then to max_length
     config = ScheduleConfig(batch_size=2, max_length=24, fcr=True, resume=True)
-    record = run_schedule(list(PROMPTS), predictions, config, executor, retry_caps=retry_caps)
-    assert any(batch.batch.resume_from for batch in record.batches)
-    assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
+    # with the failures' KV caches kept (the eager engine does), and with no room to keep them (prefilled again)
+    for budget, reuses in ((None, True), (0, False)):
+        executor.timings.clear()
+        executor.kv_budget_bytes = budget
+        record = run_schedule(list(PROMPTS), predictions, config, executor, retry_caps=retry_caps)
+        assert any(batch.batch.resume_from for batch in record.batches)
+        assert any(timing["kv_reused_tokens"] for timing in executor.timings) == reuses
+        assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
+        assert not executor.kv_caches and executor.kv_cache_bytes == 0  # every kept cache was taken back
