@@ -61,7 +61,13 @@ class QuantileHead(nn.Module):
 
 class LengthProxy(nn.Module):
     def __init__(
-        self, encoder, quantiles: tuple[float, ...], initial_log_length: float = 0.0, ranking_weight: float = 0.0
+        self,
+        encoder,
+        quantiles: tuple[float, ...],
+        initial_log_length: float = 0.0,
+        ranking_weight: float = 0.0,
+        auxiliary_targets: int = 0,
+        auxiliary_weight: float = 0.0,
     ):
         super().__init__()
         self.encoder = encoder
@@ -70,19 +76,31 @@ class LengthProxy(nn.Module):
         self.head = QuantileHead(encoder.config.hidden_size, len(self.quantiles))
         with torch.no_grad():  # start at the data's typical length, so early steps learn ranking, not scale
             self.head.linear.bias[0] = initial_log_length
+        # training only (not saved): medians of further lengths of the same prompt (each temperature's), whose
+        # loss gives the shared encoder more signal than the one noisy L_max
+        self.auxiliary_weight = auxiliary_weight
+        self.auxiliary_head = nn.Linear(encoder.config.hidden_size, auxiliary_targets) if auxiliary_targets else None
+        if self.auxiliary_head is not None:
+            with torch.no_grad():
+                self.auxiliary_head.bias.fill_(initial_log_length)
 
     def forward(self, input_ids, attention_mask, labels=None):
-        # input_ids, attention_mask: [B, S]; labels: [B], log(L_max)
+        # input_ids, attention_mask: [B, S]; labels: [B], log(L_max), or [B, 1 + A] with the auxiliary log-lengths
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, S, H]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, S, 1]
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, H]
         log_quantiles = self.head(pooled)  # [B, Q]
         output = {"logits": log_quantiles}
         if labels is not None:
-            output["loss"] = pinball_loss(log_quantiles, labels, self.quantiles)
+            target = labels if labels.dim() == 1 else labels[:, 0]  # [B]
+            output["loss"] = pinball_loss(log_quantiles, target, self.quantiles)
             if self.ranking_weight:
-                ranking = pairwise_ranking_loss(log_quantiles[:, 0], labels)
+                ranking = pairwise_ranking_loss(log_quantiles[:, 0], target)
                 output["loss"] = output["loss"] + self.ranking_weight * ranking
+            if self.auxiliary_head is not None and labels.dim() == 2:
+                auxiliary = self.auxiliary_head(pooled)  # [B, A]
+                median_loss = 0.5 * (auxiliary - labels[:, 1:]).abs().mean()  # the pinball loss at 0.5
+                output["loss"] = output["loss"] + self.auxiliary_weight * median_loss
         return output
 
 

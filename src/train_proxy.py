@@ -42,6 +42,13 @@ class ProxyArguments:
     ranking_weight: float = field(
         default=0.0, metadata={"help": "weight of a pairwise ranking loss (RankNet) on the median, beside the pinball"}
     )
+    auxiliary_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of an auxiliary loss on the median of each recorded temperature's length (the length "
+            "file's L_t<temperature> columns), beside the main target's; training only"
+        },
+    )
     recalibrate: bool = field(
         default=True, metadata={"help": "fit each quantile's offset on the held-out rows so that it covers its level"}
     )
@@ -63,8 +70,23 @@ class PaddingCollator:
         from .generate import right_pad
 
         input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
-        labels = torch.tensor([example["labels"] for example in examples], dtype=torch.float32)  # [B]
+        labels = torch.tensor([example["labels"] for example in examples], dtype=torch.float32)  # [B], or [B, 1 + A]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def auxiliary_lengths(args: ProxyArguments, ids: list[str]) -> dict[str, list[int]]:
+    """--auxiliary_weight: id -> every L_t<temperature> length of its row, in the file's column order."""
+    from .data import default_length_path, load_length_file, temperature_fields
+
+    length_path = args.length_path or default_length_path(args.data_path)
+    table = load_length_file(length_path)
+    fields = temperature_fields(table[ids[0]])
+    for sample_id in ids:
+        if temperature_fields(table[sample_id]) != fields:
+            raise UserError(
+                f"length file {length_path}: id {sample_id} has other L_t<temperature> fields than {fields}"
+            )
+    return {sample_id: [int(table[sample_id][name]) for name in fields] for sample_id in ids}
 
 
 def load_rows(args: ProxyArguments):
@@ -117,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     check_range("--holdout", args.holdout, 0)
     check_range("--max_tokens", args.max_tokens, 1)
     check_range("--ranking_weight", args.ranking_weight, 0)
+    check_range("--auxiliary_weight", args.auxiliary_weight, 0)
     check_range("--num_data", args.num_data, 1)
     check_output_dir("--output_dir", training_args.output_dir)
     samples, max_lengths = load_rows(args)
@@ -134,11 +157,18 @@ def main(argv: list[str] | None = None) -> dict:
         message = str(error).splitlines()[0]
         raise UserError(f"encoder {args.encoder} will not load ({message}): pass minilm or a local folder") from None
     median = statistics.median(max_lengths[sample.id] for sample in train)
-    model = LengthProxy(encoder, tuple(args.quantiles), math.log(median), args.ranking_weight)
+    auxiliary = auxiliary_lengths(args, [sample.id for sample in train]) if args.auxiliary_weight else {}
+    auxiliary_count = len(next(iter(auxiliary.values()))) if auxiliary else 0
+    model = LengthProxy(
+        encoder, tuple(args.quantiles), math.log(median), args.ranking_weight, auxiliary_count, args.auxiliary_weight
+    )
 
     def encode(sample) -> dict:
         ids = tokenizer(sample.prompt, truncation=True, max_length=args.max_tokens).input_ids
-        return {"input_ids": ids, "labels": math.log(max(1, max_lengths[sample.id]))}
+        label = math.log(max(1, max_lengths[sample.id]))
+        if auxiliary:  # [1 + A]: the target, then each temperature's length
+            label = [label] + [math.log(max(1, length)) for length in auxiliary[sample.id]]
+        return {"input_ids": ids, "labels": label}
 
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]

@@ -51,6 +51,7 @@ CASES = [
     # (an output folder in {tmp}: a check that let this through would otherwise overwrite ckpts/proxy-minilm)
     (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --holdout -1", "--holdout"),
     (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --ranking_weight -1", "--ranking_weight"),
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --auxiliary_weight -1", "--auxiliary_weight"),
     (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --target_field L_t9", "L_t9"),
     # checks that used to run after earlier results were written
     (benchmark, "--dry-run {replay} --strategies vanilla gt+fcr --fcr-quantile 0.8 --output-json {tmp}/out.json", "gt"),

@@ -278,3 +278,36 @@ def test_the_target_field_chooses_which_length_the_proxy_learns():
     table = load_length_file(DEMO / "demo-length.json")
     assert greedy == {sample_id: row["L_t0.0"] for sample_id, row in table.items()}
     assert largest == load_max_lengths(DEMO / "demo-length.json") and greedy != largest
+
+
+def test_the_auxiliary_loss_learns_every_temperature_and_leaves_the_prediction_alone():
+    """--auxiliary_weight: the labels carry each temperature's length after the target; the auxiliary medians add
+    their pinball loss during training, and the model's output (what is saved and served) is the quantiles only."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from src.proxy import LengthProxy, pinball_loss
+    from src.train_proxy import ProxyArguments, auxiliary_lengths
+
+    table = auxiliary_lengths(ProxyArguments(data_path=str(DEMO / "demo.json")), ["demo-1", "demo-2"])
+    rows = json.loads((DEMO / "demo-length.json").read_text())
+    by_id = {row["id"]: row for row in rows}
+    assert table["demo-2"] == [by_id["demo-2"][name] for name in by_id["demo-2"] if name.startswith("L_t")]
+
+    torch.manual_seed(0)
+    encoder = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    model = LengthProxy(encoder, (0.5, 0.9), 4.0, auxiliary_targets=2, auxiliary_weight=2.0).eval()  # no dropout
+    input_ids, mask = torch.tensor([[101, 7, 102], [101, 9, 102]]), torch.ones(2, 3, dtype=torch.long)
+    labels = torch.tensor([[5.0, 4.0, 4.5], [3.0, 3.0, 2.5]])
+    output = model(input_ids, mask, labels)
+    assert output["logits"].shape == (2, 2)  # the quantiles only
+    main = pinball_loss(output["logits"], labels[:, 0], (0.5, 0.9))
+    auxiliary = 0.5 * (model.auxiliary_head(model_pooled(model, input_ids, mask)) - labels[:, 1:]).abs().mean()
+    assert output["loss"].item() == pytest.approx((main + 2.0 * auxiliary).item(), rel=1e-5)
+    assert model(input_ids, mask, labels[:, 0])["loss"].item() == pytest.approx(main.item(), rel=1e-5)
+
+
+def model_pooled(model, input_ids, mask):
+    hidden = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    weights = mask.unsqueeze(-1).float()
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
