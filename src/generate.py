@@ -192,82 +192,54 @@ def generate_batch(
     KV cache over all its prompt tokens but the last (a `kv_cache` kept earlier), so that only the last one is
     computed; `keep_caches` returns each unfinished row's cache in its `kv_cache`, where the model's cache allows."""
     with torch.inference_mode() if inference_mode else torch.no_grad():
-        return _generate_batch(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens,
-            temperature,
-            replay_lengths,
-            eos_token_ids,
-            clock,
-            generate_options,
-            prefix_caches,
-            keep_caches,
+        eos_token_ids = eos_token_ids or eos_token_ids_of(model, tokenizer)
+        input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
+        prompt_length = input_ids.shape[1]
+        options = dict(generate_options or {})
+        if prefix_caches is not None:
+            for prompt, row in zip(prompts, prefix_caches, strict=True):
+                if row[0][0].shape[2] != len(prompt) - 1:
+                    raise RuntimeError(f"a kept KV cache of {row[0][0].shape[2]} tokens for a prompt of {len(prompt)}")
+            options["past_key_values"] = _batch_cache(prefix_caches, prompt_length, model.config)
+        if keep_caches:
+            options["return_dict_in_generate"] = True
+        processors = LogitsProcessorList()
+        if replay_lengths is not None:
+            processors.append(ReplayLengthsProcessor(replay_lengths, eos_token_ids, prompt_length))
+        if clock is not None:
+            processors.append(clock)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=processors,
+            **sampling_arguments(temperature),
+            **options,
         )
-
-
-def _generate_batch(
-    model,
-    tokenizer,
-    prompts,
-    max_new_tokens,
-    temperature,
-    replay_lengths,
-    eos_token_ids,
-    clock,
-    generate_options,
-    prefix_caches=None,
-    keep_caches=False,
-) -> list[GeneratedSample]:
-    eos_token_ids = eos_token_ids or eos_token_ids_of(model, tokenizer)
-    input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id, model.device)
-    prompt_length = input_ids.shape[1]
-    options = dict(generate_options or {})
-    if prefix_caches is not None:
-        for prompt, row in zip(prompts, prefix_caches, strict=True):
-            if row[0][0].shape[2] != len(prompt) - 1:
-                raise RuntimeError(f"a kept KV cache of {row[0][0].shape[2]} tokens for a prompt of {len(prompt)}")
-        options["past_key_values"] = _batch_cache(prefix_caches, prompt_length, model.config)
-    if keep_caches:
-        options["return_dict_in_generate"] = True
-    processors = LogitsProcessorList()
-    if replay_lengths is not None:
-        processors.append(ReplayLengthsProcessor(replay_lengths, eos_token_ids, prompt_length))
-    if clock is not None:
-        processors.append(clock)
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        logits_processor=processors,
-        **sampling_arguments(temperature),
-        **options,
-    )
-    cache = None
-    if keep_caches:
-        output, cache = output.sequences, output.past_key_values
-        cache = cache if _plain_layers(cache) else None
-    new_tokens = output[:, prompt_length:].cpu()  # [B, T], T <= max_new_tokens
-    is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids))  # [B, T]
-    samples = []
-    for row in range(new_tokens.shape[0]):
-        eos_positions = is_eos[row].nonzero(as_tuple=True)[0]
-        finished = len(eos_positions) > 0
-        length = int(eos_positions[0]) + 1 if finished else new_tokens.shape[1]
-        token_ids = new_tokens[row, :length].tolist()
-        text = tokenizer.decode(token_ids, skip_special_tokens=True)
-        kv_cache = None
-        if cache is not None and not finished:  # it ran every step: its cache holds no padding after its tokens
-            start = prompt_length - len(prompts[row])
-            kv_cache = tuple(
-                (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
-                for layer in cache.layers
-            )
-        samples.append(GeneratedSample(length, finished, text, token_ids, kv_cache))
-    return samples
+        cache = None
+        if keep_caches:
+            output, cache = output.sequences, output.past_key_values
+            cache = cache if _plain_layers(cache) else None
+        new_tokens = output[:, prompt_length:].cpu()  # [B, T], T <= max_new_tokens
+        is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids))  # [B, T]
+        samples = []
+        for row in range(new_tokens.shape[0]):
+            eos_positions = is_eos[row].nonzero(as_tuple=True)[0]
+            finished = len(eos_positions) > 0
+            length = int(eos_positions[0]) + 1 if finished else new_tokens.shape[1]
+            token_ids = new_tokens[row, :length].tolist()
+            text = tokenizer.decode(token_ids, skip_special_tokens=True)
+            kv_cache = None
+            if cache is not None and not finished:  # it ran every step: its cache holds no padding after its tokens
+                start = prompt_length - len(prompts[row])
+                kv_cache = tuple(
+                    (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
+                    for layer in cache.layers
+                )
+            samples.append(GeneratedSample(length, finished, text, token_ids, kv_cache))
+        return samples
 
 
 def generate_splitting_on_oom(

@@ -20,13 +20,20 @@ PROMPTS = {
 }
 
 
-def test_fcr_returns_each_id_the_answer_to_its_own_prompt(eos_model_dir):
-    model, tokenizer, formatter, _ = load_model_and_formatter(str(eos_model_dir), "cpu", "float32")
+def executor_and_answers(model_dir) -> tuple[StaticBatchExecutor, dict]:
+    """The eager engine's executor, and each prompt's greedy answer (length, text) when it runs alone to 24 tokens."""
+    model, tokenizer, formatter, _ = load_model_and_formatter(str(model_dir), "cpu", "float32")
     engine = build_engine("transformers", model, tokenizer)
     prompt_ids = {sample_id: formatter.encode(text) for sample_id, text in PROMPTS.items()}
     executor = StaticBatchExecutor(engine, prompt_ids, temperature=0.0, replay=None)
     alone = {sample_id: executor(Batch((sample_id,), 24, group=0)) for sample_id in PROMPTS}
-    answers = {sample_id: (result.lengths[sample_id], result.texts[sample_id]) for sample_id, result in alone.items()}
+    return executor, {
+        sample_id: (result.lengths[sample_id], result.texts[sample_id]) for sample_id, result in alone.items()
+    }
+
+
+def test_fcr_returns_each_id_the_answer_to_its_own_prompt(eos_model_dir):
+    executor, answers = executor_and_answers(eos_model_dir)
     assert len({text for _, text in answers.values()}) > 1  # the prompts get different answers: routing is visible
 
     # predictions that sort the ids away from data order and cap every first batch below its answers' lengths,
@@ -40,12 +47,7 @@ def test_fcr_returns_each_id_the_answer_to_its_own_prompt(eos_model_dir):
 def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir):
     """+resume: a failure continues from its own tokens (fed back after its own prompt) in a capped retry, and
     greedy decoding gives each id the same answer as one uninterrupted run."""
-    model, tokenizer, formatter, _ = load_model_and_formatter(str(eos_model_dir), "cpu", "float32")
-    engine = build_engine("transformers", model, tokenizer)
-    prompt_ids = {sample_id: formatter.encode(text) for sample_id, text in PROMPTS.items()}
-    executor = StaticBatchExecutor(engine, prompt_ids, temperature=0.0, replay=None)
-    alone = {sample_id: executor(Batch((sample_id,), 24, group=0)) for sample_id in PROMPTS}
-    answers = {sample_id: (result.lengths[sample_id], result.texts[sample_id]) for sample_id, result in alone.items()}
+    executor, answers = executor_and_answers(eos_model_dir)
 
     predictions = {"a": 3, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
     retry_caps = [{sample_id: 3 for sample_id in PROMPTS}]  # raised to where each stopped + 50, then to max_length
