@@ -222,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.fcr_quantile is not None:
             require_quantiles(strategy)
         resume_retry_levels(strategy, args.fcr_retry_quantiles)
+    if args.fcr_retry_quantiles and not any(strategy.resume for strategy in args.strategy_list):
+        raise UserError("--fcr-retry-quantiles caps the retries of +resume strategies, and none is asked for")
     if args.length_path is None:
         args.length_path = default_length_path(args.data_path)
     return args

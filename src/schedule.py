@@ -77,6 +77,9 @@ class Batch:
     # +resume: a member that stops unfinished with fewer tokens in all than this continues in a later batch, so an
     # executor that can keeps what lets it continue cheaply (its KV cache); None: no member continues
     resume_below: int | None = None
+    # a resumed batch runs as far as its least advanced member may, so a member further on can pass max_length: its
+    # tokens past this limit (in all) are cut, as the scheduler counts them; None: no member is resumed
+    length_limit: int | None = None
 
 
 def clamp_prediction(value: int | float, max_length: int) -> int:
@@ -170,6 +173,7 @@ def plan_recompute(
             group,
             recompute=True,
             resume_from=tuple(progress[sample_id] for sample_id in members) if config.resume else None,
+            length_limit=config.max_length if config.resume else None,
             attempt=attempt,
             # the last retry, at max_length, is final
             resume_below=config.max_length if config.resume and caps is not None else None,

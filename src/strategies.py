@@ -38,7 +38,7 @@ from .utils import Timer, UserError, set_seed
 
 STRATEGY_MODIFIERS = ("vbs", "fcr", "resume")
 # +resume retries its failures at these upper quantiles of their predicted lengths, one retry each, before the
-# last retry at max_length; chosen on 1000 held-out train rows (README, "Resumed FCR")
+# last retry at max_length; chosen on 1000 held-out train rows (README, "Failures that resume")
 RESUME_RETRY_QUANTILES = (0.8, 0.95)
 CONTINUOUS = "continuous"
 AUTO_SLOTS = "auto"
@@ -207,6 +207,8 @@ class StaticBatchExecutor:
         texts = {}
         for sample_id, tokens, sample in zip(batch.ids, kept, generated, strict=True):
             all_tokens = tokens + sample.token_ids
+            if batch.length_limit is not None and len(all_tokens) > batch.length_limit:
+                all_tokens = all_tokens[: batch.length_limit]  # cut at max_length, as the scheduler counts it
             texts[sample_id] = (
                 self.engine.tokenizer.decode(all_tokens, skip_special_tokens=True) if tokens else sample.text
             )
@@ -441,7 +443,8 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
             "group": executed.batch.group,
             "recompute": executed.batch.recompute,
             "attempt": executed.batch.attempt,
-            "resumed_tokens": sum(executed.batch.resume_from or ()),  # generated earlier, prefilled again here
+            # generated earlier, continued here (prefilled again unless their KV cache was kept: kv_reused_tokens)
+            "resumed_tokens": sum(executed.batch.resume_from or ()),
             "bucket": executed.batch.bucket,
             "size": len(executed.batch.ids),
             "cap": executed.batch.max_new_tokens,
@@ -513,9 +516,12 @@ def _run_continuous(strategy, args, ids, predictions, executors, device, replay,
 
 
 def cache_tokens(batch: Batch, prompt_lengths: dict | None) -> int:
-    """KV-cache tokens a static batch holds at once: rows x (longest prompt + cap); the dry run knows no prompts and
-    counts the generated tokens only."""
-    longest_prompt = max((prompt_lengths or {}).get(sample_id, 0) for sample_id in batch.ids)
+    """KV-cache tokens a static batch holds at once: rows x (longest prompt, with the tokens a resumed member
+    continues from, + cap); the dry run knows no prompts and counts the generated tokens only."""
+    progress = batch.resume_from or (0,) * len(batch.ids)
+    longest_prompt = max(
+        (prompt_lengths or {}).get(sample_id, 0) + done for sample_id, done in zip(batch.ids, progress, strict=True)
+    )
     return len(batch.ids) * (longest_prompt + batch.max_new_tokens)
 
 

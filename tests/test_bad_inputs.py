@@ -40,6 +40,7 @@ CASES = [
     (benchmark, "--dry-run {replay} --fcr-retry-quantiles 0.8 1", "--fcr-retry-quantiles must be above 0 and below 1"),
     (benchmark, "--dry-run {replay} --fcr-retry-quantiles high", "--fcr-retry-quantiles expected levels"),
     (benchmark, "--dry-run {replay} --strategies gt+resume", "+resume continues FCR's failures, so it needs +fcr"),
+    (benchmark, "--dry-run {replay} --strategies gt+fcr --fcr-retry-quantiles 0.8", "none is asked for"),
     (benchmark, "--dry-run {replay} --prediction-batch-size 0", "--prediction-batch-size"),
     (benchmark, "--dry-run {replay} --strategy constant --constant-length 0", "--constant-length"),
     (benchmark, "--dry-run {replay} --vbs-table 50:x", "--vbs-table"),

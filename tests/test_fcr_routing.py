@@ -20,13 +20,14 @@ PROMPTS = {
 }
 
 
-def executor_and_answers(model_dir) -> tuple[StaticBatchExecutor, dict]:
-    """The eager engine's executor, and each prompt's greedy answer (length, text) when it runs alone to 24 tokens."""
+def executor_and_answers(model_dir, max_length: int = 24) -> tuple[StaticBatchExecutor, dict]:
+    """The eager engine's executor, and each prompt's greedy answer (length, text) when it runs alone to
+    `max_length` tokens."""
     model, tokenizer, formatter, _ = load_model_and_formatter(str(model_dir), "cpu", "float32")
     engine = build_engine("transformers", model, tokenizer)
     prompt_ids = {sample_id: formatter.encode(text) for sample_id, text in PROMPTS.items()}
     executor = StaticBatchExecutor(engine, prompt_ids, temperature=0.0, replay=None)
-    alone = {sample_id: executor(Batch((sample_id,), 24, group=0)) for sample_id in PROMPTS}
+    alone = {sample_id: executor(Batch((sample_id,), max_length, group=0)) for sample_id in PROMPTS}
     return executor, {
         sample_id: (result.lengths[sample_id], result.texts[sample_id]) for sample_id, result in alone.items()
     }
@@ -61,3 +62,34 @@ def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir):
         assert any(timing["kv_reused_tokens"] for timing in executor.timings) == reuses
         assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
         assert not executor.kv_caches and executor.kv_cache_bytes == 0  # every kept cache was taken back
+
+
+def test_resumed_failures_chain_kept_caches_through_capped_retries(tiny_model_dir):
+    """Retries capped twice below max_length: a batch fed kept caches keeps its unfinished rows' caches again, and a
+    last retry of members at different points cuts whoever passes max_length, as the scheduler counts it. (The tiny
+    model without the EOS boost rarely ends an answer, so every sample goes through every retry.)"""
+    executor, answers = executor_and_answers(tiny_model_dir, max_length=120)
+    predictions = {"a": 3, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
+    retry_caps = [{sample_id: 3 for sample_id in PROMPTS}] * 2  # each raised to 50 past where the sample stopped
+    config = ScheduleConfig(batch_size=2, max_length=120, fcr=True, resume=True)
+    record = run_schedule(list(PROMPTS), predictions, config, executor, retry_caps=retry_caps)
+    assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
+    reused = [timing["kv_reused_tokens"] for timing in executor.timings[len(PROMPTS) :]]
+    attempts = [batch.batch.attempt for batch in record.batches]
+    assert any(count for count, attempt in zip(reused, attempts, strict=True) if attempt == 2)
+    assert not executor.kv_caches
+
+    # members at different points: first caps 2 and 4; b's retry cap 100 sorts the retries into (a, c) and (d, b),
+    # which stop at 52, 54, 102 and 100; the last retry (d, b) runs 20 more, so d passes 120 and its text is cut
+    # there (the answers alone are 120 tokens)
+    ids = ["a", "b", "c", "d"]
+    predictions = {"a": 1, "b": 2, "c": 3, "d": 4}
+    retry_caps = [{"a": 3, "b": 100, "c": 3, "d": 3}]
+    record = run_schedule(ids, predictions, config, executor, retry_caps=retry_caps)
+    assert [(batch.batch.ids, batch.batch.resume_from) for batch in record.batches if batch.batch.attempt == 2] == [
+        (("d", "b"), (102, 100)),
+        (("c", "a"), (54, 52)),
+    ]
+    assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == {
+        sample_id: answers[sample_id] for sample_id in ids
+    }
