@@ -372,6 +372,12 @@ def main(argv: list[str] | None = None) -> dict:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
             if PREDICTORS[strategy.predictor].uses_length_file:
                 predictors[strategy.predictor].predict(all_samples)  # checks every id has a row
+        levels = [args.fcr_quantile] if strategy.fcr and args.fcr_quantile is not None else []
+        available = getattr(predictors.get(strategy.predictor), "quantile_levels", None)
+        levels += resume_retry_levels(strategy, args.fcr_retry_quantiles, available)
+        if levels and hasattr(predictors.get(strategy.predictor), "require_quantile"):
+            for level in levels:  # a level the predictor lacks fails here, not after earlier strategies ran
+                predictors[strategy.predictor].require_quantile(level)
 
     if args.dry_run:
         model_path, device = None, "cpu"

@@ -195,6 +195,10 @@ class ProxyPredictor(Predictor):
         self.quantile_rows = {sample.id: row for sample, row in zip(samples, rows, strict=True)}
         return {sample_id: row[0] for sample_id, row in self.quantile_rows.items()}
 
+    def require_quantile(self, quantile: float) -> None:
+        """A one-line error unless the predictor was trained with this quantile level."""
+        self.proxy.quantile_index(quantile)
+
     def predict_quantile(self, samples: list[Sample], quantile: float) -> dict[str, int]:
         """Each sample's `quantile` length, clamped; from the last predict() of the same samples."""
         index = self.proxy.quantile_index(quantile)

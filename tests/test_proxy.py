@@ -15,6 +15,7 @@ from src.data import load_conversations
 from src.predictors import PredictorContext, build_predictor
 from src.proxy import CONFIG_NAME, HEAD_NAME, LoadedProxy
 from src.schedule import ScheduleConfig, plan_first_batches
+from src.utils import UserError
 
 DEMO = Path(__file__).resolve().parents[1] / "data"
 
@@ -104,6 +105,8 @@ def test_resumed_fcr_retries_at_the_quantiles_the_predictor_has(trained_proxy):
     assert resumed["token_slots"] < plain["token_slots"]  # the failures' first tokens are not made again
     explicit = benchmark.main(common[:-2] + ["proxy+fcr+resume", "--fcr-retry-quantiles", "none"])["results"][0]
     assert explicit["fcr_retry_quantiles"] == []
+    with pytest.raises(UserError, match="no quantile 0.7"):  # before vanilla runs
+        benchmark.main(common[:-2] + ["vanilla", "proxy+fcr+resume", "--fcr-retry-quantiles", "0.7"])
 
 
 @needs_encoder
