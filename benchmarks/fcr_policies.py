@@ -17,7 +17,14 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from src.cli import add_predictor_arguments, check_output_file, check_range, predictor_context, run_cli
+from src.cli import (
+    add_predictor_arguments,
+    check_output_file,
+    check_predictor_arguments,
+    check_range,
+    predictor_context,
+    run_cli,
+)
 from src.data import (
     PAPER_TRAIN_DATA,
     default_length_path,
@@ -63,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for flag in ("--last", "--num-data", "--max-length", "--batch-size", "--group-size"):
         check_range(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+    check_predictor_arguments(args)
     check_output_file("--output-json", args.output_json)
     if args.last is None and args.num_data is None:
         args.last = 1000
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"best: first cap {best['first_cap']}, vbs {best['vbs']}, resume {best['resume']}, retries "
         f"{best['retry_quantiles']}: {best['effective_token_ratio'] * 100:.2f} %"
     )
-    output = {"args": {key: value for key, value in vars(args).items()}, "policies": rows}
+    output = {"args": dict(vars(args)), "policies": rows}
     if args.output_json:
         write_json_atomic(args.output_json, output)
     return output

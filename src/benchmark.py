@@ -20,6 +20,7 @@ from .cli import (
     add_model_arguments,
     add_predictor_arguments,
     check_output_file,
+    check_predictor_arguments,
     check_range,
     predictor_context,
     run_cli,
@@ -176,11 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("--batch-size", args.batch_size),
         ("--group-size", args.group_size),
         ("--num-data", args.num_data),
-        ("--prediction-batch-size", args.prediction_batch_size),
-        ("--constant-length", args.constant_length),
         ("--inject-oom-above", args.inject_oom_above),
     ):
         check_range(flag, value, 1)
+    check_predictor_arguments(args)
     if args.slots is not None and args.slots != AUTO_SLOTS:
         try:
             args.slots = int(args.slots)

@@ -81,6 +81,12 @@ def add_predictor_arguments(parser) -> None:
     )
 
 
+def check_predictor_arguments(args) -> None:
+    """The ranges of the flags `add_predictor_arguments` adds (not given: passes)."""
+    check_range("--prediction-batch-size", args.prediction_batch_size, 1)
+    check_range("--constant-length", args.constant_length, 1)
+
+
 def predictor_context(args):
     """The PredictorContext of a CLI's parsed flags (`add_predictor_arguments`, --max-length, --length-path,
     --device, and --gt-field where the CLI has it); the model is attached once it is loaded."""

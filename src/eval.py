@@ -23,6 +23,7 @@ from .cli import (
     add_predictor_arguments,
     attach_model_if_needed,
     check_output_file,
+    check_predictor_arguments,
     check_range,
     predictor_context,
     run_cli,
@@ -58,10 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (
         ("--num-data", args.num_data),
         ("--max-length", args.max_length),
-        ("--prediction-batch-size", args.prediction_batch_size),
-        ("--constant-length", args.constant_length),
     ):
         check_range(flag, value, 1)
+    check_predictor_arguments(args)
     check_output_file("--output-json", args.output_json)
     if args.strategy not in PREDICTORS:
         raise UserError(f"unknown strategy {args.strategy!r}: choose from {', '.join(sorted(PREDICTORS))}")

@@ -48,8 +48,8 @@ class ScheduleConfig:
     sort: bool = True  # False keeps the data order (vanilla)
     vbs: bool = False
     fcr: bool = False
-    # FCR failures keep the tokens they generated and continue from them (prompt + those tokens prefilled again)
-    # instead of starting over, as the paper's recomputation does
+    # FCR failures keep the tokens they generated and continue from them (from their kept KV cache where the
+    # executor has one, else prefilling prompt and tokens again) instead of starting over as the paper's FCR does
     resume: bool = False
     vbs_table: Mapping[int, int] = field(default_factory=lambda: dict(PAPER_VBS_TABLE))
     vbs_default_batch_size: int = VBS_DEFAULT_BATCH_SIZE

@@ -120,6 +120,7 @@ class StaticBatchExecutor:
         self.kv_caches: dict[str, tuple] = {}  # id -> the KV cache of that attempt (engine.generate's kv_cache)
         self.kv_cache_bytes = 0
         self.kv_budget_bytes: int | None = None  # set at the first batch that keeps caches
+        self.engine_keeps_kv_caches = engine_keeps_kv_caches(engine)
 
     def count_split(self) -> None:
         self.oom_splits += 1
@@ -171,7 +172,7 @@ class StaticBatchExecutor:
 
         run_sizes = []  # the rows of each generate call that completed, in order
         timings = []
-        with_caches = engine_keeps_kv_caches(self.engine)
+        with_caches = self.engine_keeps_kv_caches
         keep_caches = with_caches and batch.resume_below is not None
 
         def generate(prompts, lengths, prefix_caches):
