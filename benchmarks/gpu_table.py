@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-data", type=int, default=128, help="the same samples for every strategy")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--predictor-path", default="ckpts/proxy-minilm", help="adds proxy+vbs+fcr when present")
+    parser.add_argument(
+        "--predictor-path", default="predictors/proxy-vicuna-7b", help="adds proxy+vbs+fcr when present"
+    )
     parser.add_argument("--budget-s", type=float, default=450, help="no part starts, and none runs, past this")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     return parser.parse_args(argv)

@@ -72,12 +72,17 @@ def add_model_arguments(parser) -> None:
 
 def add_predictor_arguments(parser) -> None:
     """The flags of the length predictors that src.benchmark and src.eval share."""
+    from .proxy import SHIPPED_PROXY_PATH
+
     parser.add_argument(
         "--prediction-batch-size", type=int, default=128, help="prompts per length-prediction batch (po, seqsch)"
     )
     parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
     parser.add_argument(
-        "--predictor-path", default=None, help="folder of a proxy predictor (python -m src.train_proxy)"
+        "--predictor-path",
+        default=SHIPPED_PROXY_PATH,
+        help="folder of a proxy predictor (python -m src.train_proxy or src.fit_proxy); default: the one that ships, "
+        "trained on Vicuna-7B's lengths",
     )
 
 

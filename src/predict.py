@@ -79,14 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def predictor_fingerprint(folder: str | None) -> str | None:
-    """The sha256 of a proxy predictor's config (which holds its calibration): retraining or recalibrating it in
-    place changes the predictions under the same path."""
+    """The sha256 of every file of a proxy predictor's folder (config with its calibration, head, encoder): retraining,
+    recalibrating or swapping its weights in place changes the predictions under the same path."""
     import hashlib
 
-    config = Path(folder) / "proxy_config.json" if folder else None
-    if config is None or not config.is_file():
+    if not folder or not (Path(folder) / "proxy_config.json").is_file():
         return None
-    return hashlib.sha256(config.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as handle:
+                for block in iter(lambda handle=handle: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def partial_path(output: str) -> Path:

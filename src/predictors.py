@@ -184,7 +184,9 @@ class ProxyPredictor(Predictor):
 
         path = context.options.get("predictor_path")
         if not path:
-            raise UserError("strategy proxy needs --predictor-path: a folder written by python -m src.train_proxy")
+            raise UserError(
+                "strategy proxy needs --predictor-path: a folder written by python -m src.train_proxy or src.fit_proxy"
+            )
         self.proxy = LoadedProxy(path, context.options.get("predictor_device") or "cpu")
         self.quantile_levels = self.proxy.quantiles  # the levels of each row of `quantile_rows`
         self.quantile_rows: dict[str, list[float]] = {}  # id -> lengths at each level, from the last predict()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .cli import check_output_dir, run_cli
 from .data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, default_length_path
-from .proxy import DEFAULT_PROXY_PATH
+from .proxy import SHIPPED_PROXY_PATH
 from .utils import UserError, cpu_has_bf16_instructions, read_json
 
 DATA = PAPER_VAL_DATA
@@ -116,7 +116,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="cpu: the Quickstart's 96 samples in bfloat16, vanilla and gt (3 minutes)"
     )
     parser.add_argument("--strategies", nargs="+", default=None, help="run these instead of each part's own strategies")
-    parser.add_argument("--predictor-path", default=DEFAULT_PROXY_PATH, help="the proxy predictor of the proxy rows")
+    parser.add_argument(
+        "--predictor-path",
+        default=SHIPPED_PROXY_PATH,
+        help="the proxy predictor of the proxy rows (part proxy trains one into ckpts/proxy-minilm: pass that path)",
+    )
     parser.add_argument("--runs-dir", default=str(RUNS), help="where each part's benchmark JSON goes")
     parser.add_argument("--images-dir", default=str(IMAGES), help="where the figures go")
     parser.add_argument("--table-only", action="store_true", help="run nothing: print the side-by-side table")

