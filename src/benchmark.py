@@ -19,6 +19,7 @@ from .cli import (
     MAX_SEED,
     add_model_arguments,
     add_predictor_arguments,
+    check_output_dir,
     check_output_file,
     check_predictor_arguments,
     check_range,
@@ -171,6 +172,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
+    parser.add_argument(
+        "--answers-dir",
+        default=None,
+        help="keep the answers: one JSON line per sample, as src.infer writes them, in DIR/STRATEGY.jsonl (static "
+        "strategies of real runs)",
+    )
     args = parser.parse_args(argv)
     for flag, value in (
         ("--max-length", args.max_length),
@@ -196,6 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--fcr-quantile", args.fcr_quantile, 0, 1, open_low=True, open_high=True)
     args.fcr_retry_quantiles = parse_retry_quantiles(args.fcr_retry_quantiles)
     check_output_file("--output-json", args.output_json)
+    check_output_dir("--answers-dir", args.answers_dir)
+    if args.answers_dir and args.dry_run:
+        raise UserError("--answers-dir keeps generated answers, and a dry run generates none: leave out --dry-run")
     args.vbs_table_parsed = None  # auto: chosen per strategy from a calibration on the device
     if args.vbs_table != "auto":
         try:
@@ -350,6 +360,35 @@ def prepare_model(args, samples, replay, context, processes=None):
     )
 
 
+def answer_rows(result: dict, finals: dict, prompt_lengths: dict | None) -> list[dict]:
+    """This process's answer lines of a static strategy (src.answers), from the final results run_schedule told."""
+    from .answers import answer_row
+
+    rows = []
+    for sample in result["samples"]:
+        if sample["id"] in finals:
+            final, attempts = finals[sample["id"]]
+            prompt_tokens = (prompt_lengths or {}).get(sample["id"], 0)
+            rows.append(
+                answer_row(
+                    final.id, final.text, prompt_tokens, final.length, final.finished, sample["prediction"], attempts
+                )
+            )
+    return rows
+
+
+def keep_answers(folder: str, label: str, rows: list[dict], ids: list[str]) -> str:
+    """DIR/LABEL.jsonl, in data order, written in one step."""
+    from pathlib import Path
+
+    from .answers import write_answer_file
+
+    order = {sample_id: index for index, sample_id in enumerate(ids)}
+    path = Path(folder) / f"{label.replace(':', '-')}.jsonl"
+    write_answer_file(path, sorted(rows, key=lambda row: order[row["id"]]))
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     processes = start_processes(args.device)
@@ -411,12 +450,29 @@ def main(argv: list[str] | None = None) -> dict:
             slots = processes.broadcast(slots if processes.is_main else None)
             if processes.is_main:
                 print(f"slots auto for {strategy.label}: {slots} (the KV cache of the largest static batch before it)")
+        finals = {}  # id -> (its final result, the attempt that gave it)
         result = run_strategy(
-            strategy, args, samples, predictors[strategy.predictor], executors, device, replay, processes.is_main, slots
+            strategy,
+            args,
+            samples,
+            predictors[strategy.predictor],
+            executors,
+            device,
+            replay,
+            processes.is_main,
+            slots,
+            on_result=lambda final, executed, finals=finals: finals.update(
+                {final.id: (final, executed.batch.attempt + 1)}
+            ),
         )
+        answers = answer_rows(result, finals, executors.prompt_lengths) if args.answers_dir else []
         result = merge_process_results(processes.gather(result), all_ids)
+        answers = [row for rows in processes.gather(answers) for row in rows]
         if not processes.is_main:
             continue
+        if answers:
+            path = keep_answers(args.answers_dir, strategy.label, answers, all_ids)
+            print(f"answers of {strategy.label}: {path}")
         print_result(result)
         output["results"].append(result)
         if args.output_json:  # after each strategy, so finished results survive a later failure

@@ -94,7 +94,9 @@ class CompiledEngine(TransformersEngine):
         self.warmed_shapes.append(key)
         return cache
 
-    def _run(self, prompts, max_new_tokens, temperature, replay_lengths, cache, clock=None) -> list[GeneratedSample]:
+    def _run(
+        self, prompts, max_new_tokens, temperature, replay_lengths, cache, clock=None, top_p: float = 1.0
+    ) -> list[GeneratedSample]:
         cache.reset()  # a kept cache still holds the previous batch; generate reads its length from the cache
         options = {"past_key_values": cache, "compile_config": self.compile_config}
         return generate_batch(
@@ -108,6 +110,7 @@ class CompiledEngine(TransformersEngine):
             clock,
             options,
             inference_mode=False,  # transformers' compiled decoding runs under no_grad, as its own generate does
+            top_p=top_p,
         )
 
     def generate(
@@ -116,6 +119,7 @@ class CompiledEngine(TransformersEngine):
         max_new_tokens: int,
         temperature: float = 0.0,
         replay_lengths: list[int] | None = None,
+        top_p: float = 1.0,
     ) -> list[GeneratedSample]:
         rows = padded_rows(len(prompts))
         width = max(len(prompt) for prompt in prompts)
@@ -128,7 +132,7 @@ class CompiledEngine(TransformersEngine):
         start = time.perf_counter()
         clock = StepClock(self.model.device)
         padded = prompts + [self.filler_prompt] * fillers
-        samples = self._run(padded, max_new_tokens, temperature, lengths, cache, clock)
+        samples = self._run(padded, max_new_tokens, temperature, lengths, cache, clock, top_p)
         self.last_timing = clock.timing(time.perf_counter() - start)
         return samples[: len(prompts)]
 

@@ -37,6 +37,7 @@ class TransformersEngine:
         replay_lengths: list[int] | None = None,
         prefix_caches: list[tuple] | None = None,
         keep_caches: bool = False,
+        top_p: float = 1.0,
     ) -> list[GeneratedSample]:
         start = time.perf_counter()
         clock = StepClock(self.model.device)
@@ -51,6 +52,7 @@ class TransformersEngine:
             clock,
             prefix_caches=prefix_caches,
             keep_caches=keep_caches,
+            top_p=top_p,
         )
         self.last_timing = clock.timing(time.perf_counter() - start)
         return samples

@@ -164,12 +164,12 @@ def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch
     return input_ids.to(device), attention_mask.to(device)
 
 
-def sampling_arguments(temperature: float) -> dict:
-    """Greedy at temperature 0, as the paper; above it plain sampling from softmax(logits / T), with
-    top-k and top-p switched off so that a model's generation_config cannot change the distribution."""
+def sampling_arguments(temperature: float, top_p: float = 1.0) -> dict:
+    """Greedy at temperature 0, as the paper; above it sampling from softmax(logits / T) within the nucleus `top_p`
+    (1: plain sampling), with top-k off, so that a model's generation_config cannot change the distribution."""
     if temperature <= 0:
         return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
-    return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": 1.0}
+    return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": float(top_p)}
 
 
 def generate_batch(
@@ -185,6 +185,7 @@ def generate_batch(
     inference_mode: bool = True,
     prefix_caches: list[tuple] | None = None,
     keep_caches: bool = False,
+    top_p: float = 1.0,
 ) -> list[GeneratedSample]:
     """Generate for a batch of tokenised prompts; the batch stops when every row finished or at the cap.
     `clock` times the steps; `generate_options` go to `generate` as they are (a static cache, a compile config);
@@ -215,7 +216,7 @@ def generate_batch(
             eos_token_id=eos_token_ids,
             pad_token_id=tokenizer.pad_token_id,
             logits_processor=processors,
-            **sampling_arguments(temperature),
+            **sampling_arguments(temperature, top_p),
             **options,
         )
         cache = None

@@ -86,6 +86,15 @@ def token_ratios(num_samples: int, token_slots: int, generated_tokens: int, reco
 # --------------------------------------------------------------------------- one run
 
 
+def data_order_token_slots(lengths: Sequence[int], batch_size: int) -> int:
+    """The token slots of the same samples batched as they come (vanilla): consecutive batches of `batch_size`,
+    each running as long as its longest member; `lengths` in data order, each at most the cap."""
+    return sum(
+        max(lengths[start : start + batch_size]) * len(lengths[start : start + batch_size])
+        for start in range(0, len(lengths), batch_size)
+    )
+
+
 def percentile(values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile: the smallest value with at least `fraction` of the values at or below it."""
     if not values:

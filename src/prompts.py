@@ -63,22 +63,38 @@ class PromptFormatter:
 
     def text(self, message: str, suffix: str | None = None) -> str:
         """The prompt text; `suffix` (a length prompt) goes on a new line inside the user's turn."""
-        message = with_length_prompt(message, suffix)
+        return self.conversation_text([("user", with_length_prompt(message, suffix))])
+
+    def conversation_text(self, messages) -> str:
+        """The prompt text of a conversation: (role, text) turns, roles user, assistant and system, ending with the
+        user's turn that the model answers next."""
         if self.template == TOKENIZER_TEMPLATE:
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+                [{"role": role, "content": content} for role, content in messages],
+                tokenize=False,
+                add_generation_prompt=True,
             )
         from fastchat.conversation import get_conv_template
 
         conversation = get_conv_template(self.template)
-        conversation.append_message(conversation.roles[0], message)
+        for role, content in messages:
+            if role == "system":
+                conversation.set_system_message(content)
+            else:
+                conversation.append_message(conversation.roles[0 if role == "user" else 1], content)
         conversation.append_message(conversation.roles[1], None)
         return conversation.get_prompt()
 
     def encode(self, message: str, suffix: str | None = None) -> list[int]:
+        return self._tokens(self.text(message, suffix))
+
+    def encode_conversation(self, messages) -> list[int]:
+        return self._tokens(self.conversation_text(messages))
+
+    def _tokens(self, text: str) -> list[int]:
         # A chat template writes its own special tokens; a fastchat prompt relies on the tokenizer's BOS.
         add_special_tokens = self.template != TOKENIZER_TEMPLATE
-        return self.tokenizer(self.text(message, suffix), add_special_tokens=add_special_tokens).input_ids
+        return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
 
 # Stanford Alpaca's training template, as FastChat's alpaca converter writes the human turn of the paper's data.

@@ -263,6 +263,7 @@ def run_schedule(
     clock: Callable[[], float] | None = None,
     caps: Mapping[str, int] | None = None,
     retry_caps: Sequence[Mapping[str, int]] = (),
+    on_result: Callable[[SampleResult, ExecutedBatch], None] | None = None,
 ) -> RunRecord:
     """Run every group: its first batches, then (FCR) its failures again: once per entry of `retry_caps` (an upper
     quantile of each length, see `plan_recompute`), and a last time at max_length.
@@ -272,7 +273,7 @@ def run_schedule(
     A resumed sample's length is the tokens it had plus those of its last batch, at most max_length (a batch of
     resumed samples runs as far as its least advanced member may, and a row that goes past max_length is cut there
     and counted unfinished). `on_batch(batch, done)` is told how many samples have their final result after each
-    batch.
+    batch, after `on_result(result, batch)` was told each final result that batch gave.
     """
     if len(set(ids)) != len(ids):
         raise ValueError("ids must be unique")
@@ -311,6 +312,8 @@ def run_schedule(
                 batch.recompute,
                 first_caps[sample_id],
             )
+            if on_result:
+                on_result(results[sample_id], done)
         if on_batch:
             on_batch(done, len(results))
         return failed_here

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from .distributed import Processes
 from .metrics import (
@@ -114,6 +115,7 @@ class StaticBatchExecutor:
     def __init__(self, engine, prompt_ids, temperature, replay, debug=False, fail_above=None):
         self.engine, self.prompt_ids, self.temperature, self.replay = engine, prompt_ids, temperature, replay
         self.debug, self.fail_above = debug, fail_above
+        self.top_p = 1.0  # the nucleus of sampling (temperature above 0); 1 samples from the whole distribution
         self.oom_splits = 0
         self.timings: list[dict] = []  # one per executed batch, in order: where its time went (engine's BatchTiming)
         self.unfinished_tokens: dict[str, list[int]] = {}  # id -> every token of its latest unfinished attempt
@@ -182,6 +184,8 @@ class StaticBatchExecutor:
                 extras["prefix_caches"] = prefix_caches
             if keep_caches:
                 extras["keep_caches"] = True
+            if self.top_p < 1.0 and self.temperature > 0:
+                extras["top_p"] = self.top_p
             samples = self.engine.generate(prompts, batch.max_new_tokens, self.temperature, lengths, **extras)
             run_sizes.append(len(prompts))
             if self.engine.last_timing is not None:
@@ -317,30 +321,81 @@ def equal_memory_slots(results: list, longest_prompt: int, max_length: int, batc
     return max(1, largest // (longest_prompt + max_length))
 
 
+class SchedulePredictions(NamedTuple):
+    """What a strategy schedules from: each sample's predicted length, its FCR cap where an upper quantile sets it
+    (None: the batch's largest prediction), and the caps of +resume's retries, one map per quantile level."""
+
+    lengths: dict[str, int]
+    caps: dict[str, int] | None
+    retry_caps: list[dict[str, int]]
+    retry_levels: list[float]
+
+
+def predict_for_schedule(
+    strategy: Strategy,
+    predictor,
+    samples: list,
+    max_length: int,
+    bucket_predictions: bool = False,
+    fcr_quantile: float | None = None,
+    retry_quantiles: list[float] | None = None,
+) -> SchedulePredictions:
+    """The predictor's lengths for `samples` and the caps the strategy takes from its quantiles, each within [1,
+    max_length]. `bucket_predictions` rounds each prediction up to its 50-token bucket, the form of the paper's seqsch
+    answers."""
+
+    def clamped(values: dict) -> dict[str, int]:
+        return {key: clamp_prediction(value, max_length) for key, value in values.items()}
+
+    predictions = clamped(predictor.predict(samples))
+    if bucket_predictions:
+        predictions = clamped({key: bucket_of(value) for key, value in predictions.items()})
+    caps = None
+    if strategy.fcr and fcr_quantile is not None:
+        require_quantiles(strategy)
+        caps = clamped(predictor.predict_quantile(samples, fcr_quantile))
+    levels = resume_retry_levels(strategy, retry_quantiles, getattr(predictor, "quantile_levels", None))
+    retry_caps = [clamped(predictor.predict_quantile(samples, level)) for level in levels]
+    return SchedulePredictions(predictions, caps, retry_caps, levels)
+
+
+def schedule_config(
+    strategy: Strategy, batch_size: int, group_size: int, max_length: int, vbs_table=None
+) -> ScheduleConfig:
+    """The scheduler's settings for a static strategy; `vbs_table` None: the paper's."""
+    return ScheduleConfig(
+        batch_size=batch_size,
+        group_size=group_size,
+        max_length=max_length,
+        sort=strategy.predictor != "vanilla",
+        vbs=strategy.vbs,
+        fcr=strategy.fcr,
+        resume=strategy.resume,
+        vbs_table=vbs_table or PAPER_VBS_TABLE,
+    )
+
+
 def run_strategy(
-    strategy, args, samples, predictor, executors, device, replay=None, show=True, slots=None
+    strategy, args, samples, predictor, executors, device, replay=None, show=True, slots=None, on_result=None
 ) -> StrategyResult:
     """Predict, schedule and generate for one strategy; returns its result object. `show` off keeps the
     progress bar and notes of a process that is not the main one off the terminal. `slots`: continuous batching's
-    slot budget (default --slots)."""
+    slot budget (default --slots). `on_result(result, batch)`: told each static sample's final result (run_schedule)."""
     slots = args.slots if slots is None else slots
     from tqdm import tqdm
 
     set_seed(args.seed)  # sampling runs repeat exactly, whatever ran before
-    caps = None
     with Timer(device) as prediction_timer:
-        predictions = predictor.predict(samples)
-        if args.bucket_predictions:
-            predictions = {
-                key: clamp_prediction(bucket_of(value), args.max_length) for key, value in predictions.items()
-            }
-        if strategy.fcr and args.fcr_quantile is not None:
-            require_quantiles(strategy)
-            caps = predictor.predict_quantile(samples, args.fcr_quantile)
-        retry_levels = resume_retry_levels(
-            strategy, getattr(args, "fcr_retry_quantiles", None), getattr(predictor, "quantile_levels", None)
+        predicted = predict_for_schedule(
+            strategy,
+            predictor,
+            samples,
+            args.max_length,
+            args.bucket_predictions,
+            args.fcr_quantile,
+            getattr(args, "fcr_retry_quantiles", None),
         )
-        retry_caps = [predictor.predict_quantile(samples, level) for level in retry_levels]
+    predictions, caps, retry_caps, retry_levels = predicted
     ids = [sample.id for sample in samples]
     splits_before = getattr(executors.run_batch, "oom_splits", 0)
     with tqdm(total=len(ids), desc=strategy.label, unit="sample", leave=False, disable=not show) as progress:
@@ -350,7 +405,7 @@ def run_strategy(
             )
         else:
             batches, sample_rows, metrics, seconds, generation_seconds = _run_static(
-                strategy, args, ids, predictions, executors, device, progress, caps, show, retry_caps
+                strategy, args, ids, predictions, executors, device, progress, caps, show, retry_caps, on_result
             )
     if not args.dry_run:  # a sample's latency: its finish time since the run (prediction included) began
         for sample_id, value in seconds.items():
@@ -395,17 +450,10 @@ def run_strategy(
     return result
 
 
-def _run_static(strategy, args, ids, predictions, executors, device, progress, caps=None, show=True, retry_caps=()):
-    config = ScheduleConfig(
-        batch_size=args.batch_size,
-        group_size=args.group_size,
-        max_length=args.max_length,
-        sort=strategy.predictor != "vanilla",
-        vbs=strategy.vbs,
-        fcr=strategy.fcr,
-        resume=strategy.resume,
-        vbs_table=args.vbs_table_parsed or PAPER_VBS_TABLE,
-    )
+def _run_static(
+    strategy, args, ids, predictions, executors, device, progress, caps=None, show=True, retry_caps=(), on_result=None
+):
+    config = schedule_config(strategy, args.batch_size, args.group_size, args.max_length, args.vbs_table_parsed)
     if strategy.vbs and args.vbs_table_parsed is None:
         from .vbs_auto import choose_schedule
 
@@ -433,7 +481,15 @@ def _run_static(strategy, args, ids, predictions, executors, device, progress, c
 
     with Timer(device) as generation_timer:
         record = run_schedule(
-            ids, predictions, config, executors.run_batch, advance, clock, caps=caps, retry_caps=retry_caps
+            ids,
+            predictions,
+            config,
+            executors.run_batch,
+            advance,
+            clock,
+            caps=caps,
+            retry_caps=retry_caps,
+            on_result=on_result,
         )
     warmup = engine_warmup_seconds(engine) - warmup_before
     batch_timings = timings[timings_before:] if timings is not None else []

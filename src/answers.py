@@ -1,0 +1,103 @@
+"""Answer files: one JSON line per request, keyed by id, appended as requests finish and kept through a kill.
+
+A line is {"id", "text", "prompt_tokens", "generated_tokens", "finish_reason", "predicted_length", "attempts"}, or
+{"id", "error"} for a request that could not run. `finish_reason` is "stop" when the answer ended (EOS), "length"
+when it reached its cap. `attempts` counts the batches it ran in (more than one when FCR stopped it at its predicted
+length and ran it again). Lines are written in chunks (one batch's finished requests), each flushed to disk, so a
+kill loses at most the batch that was running; a line the kill cut short is dropped when the file is read again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+
+
+def answer_row(
+    sample_id: str,
+    text: str | None,
+    prompt_tokens: int,
+    generated_tokens: int,
+    finished: bool,
+    predicted_length: int,
+    attempts: int,
+) -> dict:
+    return {
+        "id": sample_id,
+        "text": text,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated_tokens,
+        "finish_reason": FINISH_STOP if finished else FINISH_LENGTH,
+        "predicted_length": predicted_length,
+        "attempts": attempts,
+    }
+
+
+def error_row(sample_id: str, message: str) -> dict:
+    return {"id": sample_id, "error": message}
+
+
+def read_complete_lines(path: Path, repair: bool = False) -> list[dict]:
+    """The rows of every complete line of an answer file ([] when there is none). A last line that a kill cut short
+    (no newline, or not a JSON object with an id) is dropped; with `repair` the file is cut back to the complete
+    lines, so that appending continues a clean file."""
+    if not path.is_file():
+        return []
+    rows, kept_bytes = [], 0
+    with open(path, "rb") as handle:
+        for raw in handle:
+            try:
+                row = json.loads(raw)
+                if not raw.endswith(b"\n") or not isinstance(row, dict) or not isinstance(row.get("id"), str):
+                    raise ValueError
+            except ValueError:
+                break
+            rows.append(row)
+            kept_bytes += len(raw)
+    if repair and kept_bytes != path.stat().st_size:
+        with open(path, "r+b") as handle:
+            handle.truncate(kept_bytes)
+    return rows
+
+
+class AnswerWriter:
+    """Appends rows to an answer file: `add` buffers, `flush` writes the buffered lines and syncs them to disk."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.pending: list[str] = []
+        self.written = 0
+
+    def add(self, row: dict) -> None:
+        self.pending.append(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.handle.write("".join(self.pending))
+        self.handle.flush()
+        os.fsync(self.handle.fileno())  # a chunk on disk is a chunk that a rerun will not redo
+        self.written += len(self.pending)
+        self.pending = []
+
+    def close(self) -> None:
+        self.flush()
+        self.handle.close()
+
+    def __enter__(self) -> AnswerWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_answer_file(path: str | Path, rows: list[dict]) -> None:
+    """A whole answer file at once (src.benchmark's answers), replacing any earlier one in one step."""
+    from .utils import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -1,0 +1,205 @@
+"""Request files of `src.infer`: JSON lines (or one JSON list), each record in any of four shapes.
+
+    {"id": "q1", "prompt": "Name three rivers."}                                  # a prompt
+    {"instruction": "Name three rivers.", "input": ""}                           # an Alpaca record
+    {"id": "q1", "conversations": [{"from": "human", "value": "..."}, ...]}       # a FastChat conversation
+    {"custom_id": "q1", "body": {"messages": [{"role": "user", "content": "..."}], "max_tokens": 64}}  # OpenAI batch
+
+A record without an id (`id`, or `custom_id` for an OpenAI line) gets its line number (its position from 1 in a JSON
+list). An Alpaca record becomes the human turn of Stanford Alpaca's template, as in the paper's data; a conversation
+that ends with answers ("gpt"/"assistant" turns, such as the paper's references) is asked its last human turn again.
+
+Two kinds of fault. A malformed file (a line that is not JSON, a record of no known shape, a field of the wrong
+type, an id given twice) is refused before any model loads, naming the line. A well-formed request that cannot run
+(an empty prompt, no user turn) is kept with its `problem`, and `src.infer` writes an error line for its id while the
+others run. The file is read as a stream, twice at most (a check, then the run), so memory holds ids, not prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .prompts import alpaca_human_turn
+from .utils import UserError, open_text, resolve_json_path
+
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+# FastChat's speaker names -> the roles of a chat message
+FASTCHAT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    messages: tuple[tuple[str, str], ...]  # (role, text) turns, the last one the user's
+    line: int  # where it stands in the file, from 1
+    max_tokens: int | None = None  # the record's own cap on new tokens (an OpenAI line's body.max_tokens)
+    temperature: float | None = None  # the record's own temperature (an OpenAI line's body.temperature)
+    problem: str | None = None  # why it cannot run; None when it can
+
+    @property
+    def prompt(self) -> str:
+        """The last user turn: what a length predictor reads."""
+        return self.messages[-1][1] if self.messages else ""
+
+
+class _Malformed(Exception):
+    """A record of no known shape: the file is refused, naming the line."""
+
+
+def _text_content(content, where: str) -> str:
+    """An OpenAI message's content: a string, or a list of parts whose text parts are joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise _Malformed(f"{where}: only text parts are served ({{'type': 'text', 'text': ...}})")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise _Malformed(f"{where}: content must be text")
+
+
+def _openai_messages(messages) -> list[tuple[str, str]]:
+    if not isinstance(messages, list):
+        raise _Malformed("body.messages must be a list of {role, content}")
+    turns = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in (USER, ASSISTANT, SYSTEM):
+            raise _Malformed(f"body.messages[{index}] needs a role of user, assistant or system")
+        turns.append((message["role"], _text_content(message.get("content"), f"body.messages[{index}]")))
+    return turns
+
+
+def _fastchat_messages(conversations) -> list[tuple[str, str]]:
+    if not isinstance(conversations, list):
+        raise _Malformed("conversations must be a list of {from, value}")
+    turns = []
+    for index, turn in enumerate(conversations):
+        role = FASTCHAT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise _Malformed(f"conversations[{index}] needs from (human, gpt or system) and a text value")
+        turns.append((role, turn["value"]))
+    return turns
+
+
+def _number(record: dict, key: str, where: str, integer: bool):
+    """An optional sampling field: a positive integer (max_tokens) or a finite number at least 0 (temperature)."""
+    value = record.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise _Malformed(f"{where}{key} must be a number, got {value!r}")
+    if integer and value < 1 or not integer and (not math.isfinite(value) or value < 0):
+        raise _Malformed(f"{where}{key} must be {'at least 1' if integer else 'a finite number at least 0'}")
+    return value
+
+
+def parse_record(record, line: int) -> Request:
+    """One record of any known shape -> a Request; raises _Malformed when it has none."""
+    if not isinstance(record, dict):
+        raise _Malformed("a record must be a JSON object")
+    max_tokens = temperature = None
+    if "body" in record:
+        body = record["body"]
+        if not isinstance(body, dict) or "messages" not in body:
+            raise _Malformed("an OpenAI batch line needs body.messages")
+        turns = _openai_messages(body["messages"])
+        tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _number(body, tokens_key, "body.", integer=True)
+        temperature = _number(body, "temperature", "body.", integer=False)
+        identifier = record.get("custom_id", record.get("id"))
+    elif "conversations" in record:
+        turns = _fastchat_messages(record["conversations"])
+        identifier = record.get("id")
+    elif "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            raise _Malformed("prompt must be text")
+        turns = [(USER, record["prompt"])]
+        identifier = record.get("id")
+    elif "instruction" in record:
+        instruction, input_text = record["instruction"], record.get("input") or ""
+        if not isinstance(instruction, str) or not isinstance(input_text, str):
+            raise _Malformed("an Alpaca record's instruction and input must be text")
+        turns = [(USER, alpaca_human_turn(instruction, input_text) if instruction.strip() else "")]
+        identifier = record.get("id")
+    else:
+        raise _Malformed(
+            "no known shape: give prompt, instruction (Alpaca), conversations (FastChat) or body.messages (OpenAI)"
+        )
+    if identifier is None:
+        identifier = line
+    if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
+        raise _Malformed(f"the id must be text or an integer, got {identifier!r}")
+    while turns and turns[-1][0] == ASSISTANT:  # answers given with the question (references) are not asked for
+        turns.pop()
+    problem = None
+    if not turns or turns[-1][0] != USER:
+        problem = "no user turn to answer"
+    elif not turns[-1][1].strip():
+        problem = "empty prompt"
+    return Request(str(identifier), tuple(turns), line, max_tokens, temperature, problem)
+
+
+def _records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) of every record: JSON lines (blank lines skipped), or one JSON list."""
+    with open_text(path) as handle:
+        first = ""
+        while not first:
+            character = handle.read(1)
+            if character == "" or not character.isspace():
+                first = character or "\n"
+        handle.seek(0)
+        if first == "[":  # one JSON list: read whole (JSON lines are the form for large inputs)
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise UserError(f"request file {path} is not valid JSON (line {error.lineno}: {error.msg})") from None
+            yield from enumerate(records, start=1)
+            return
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"request file {path}, line {number}: not valid JSON ({error.msg}); one JSON object per line"
+                ) from None
+
+
+def read_requests(path: str | Path) -> Iterator[Request]:
+    """The requests of a file, in file order, as a stream; a malformed record is a UserError naming its line."""
+    path = resolve_json_path(path)
+    for number, record in _records(path):
+        try:
+            yield parse_record(record, number)
+        except _Malformed as error:
+            raise UserError(f"request file {path}, line {number}: {error}") from None
+
+
+def check_request_file(path: str | Path) -> list[str]:
+    """Every record's id, in file order, after reading the whole file once: malformed records and repeated ids are
+    refused here, before any model loads."""
+    resolved = resolve_json_path(path)
+    if not resolved.is_file():
+        raise UserError(f"request file not found: {path}")
+    ids, lines = [], {}
+    try:
+        for request in read_requests(resolved):
+            if request.id in lines:
+                raise UserError(
+                    f"request file {resolved}, line {request.line}: id {request.id!r} was already given on line "
+                    f"{lines[request.id]}; ids must be unique"
+                )
+            lines[request.id] = request.line
+            ids.append(request.id)
+    except UnicodeDecodeError:
+        raise UserError(f"request file {resolved} is not UTF-8 text") from None
+    if not ids:
+        raise UserError(f"request file {resolved} holds no requests")
+    return ids

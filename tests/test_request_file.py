@@ -1,0 +1,106 @@
+"""Request files of src.infer: the four record shapes, ids by line, what is refused (naming the line) and what only
+becomes an error line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from src.prompts import alpaca_human_turn
+from src.request_file import check_request_file, read_requests
+from src.utils import UserError
+
+
+def write_lines(path, records: list) -> str:
+    path.write_text("".join((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records))
+    return str(path)
+
+
+def test_every_shape_becomes_a_conversation_with_its_own_id(tmp_path):
+    path = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "p", "prompt": "Name a color."},
+            {"instruction": "Add the numbers.", "input": "2 and 3"},  # no id: its line number, 2
+            "",  # blank lines are skipped, and lines keep their numbers
+            {"id": 7, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+            {
+                "custom_id": "o",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "x",
+                    "messages": [
+                        {"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": [{"type": "text", "text": "One"}, {"type": "text", "text": "Two"}]},
+                    ],
+                    "max_tokens": 9,
+                    "temperature": 0.5,
+                },
+            },
+        ],
+    )
+    requests = list(read_requests(path))
+    assert [(request.id, request.line) for request in requests] == [("p", 1), ("2", 2), ("7", 4), ("o", 5)]
+    assert requests[0].messages == (("user", "Name a color."),)
+    assert requests[1].prompt == alpaca_human_turn("Add the numbers.", "2 and 3")
+    assert requests[2].messages == (("user", "Hi"),)  # the reference answer is not asked for
+    assert requests[3].messages == (("system", "Be brief."), ("user", "One\nTwo"))
+    assert (requests[3].max_tokens, requests[3].temperature) == (9, 0.5)
+    assert all(request.problem is None for request in requests)
+    assert check_request_file(path) == ["p", "2", "7", "o"]
+
+
+def test_a_json_list_numbers_records_from_one(tmp_path):
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}]))
+    assert [request.id for request in read_requests(path)] == ["1", "2"]
+
+
+def test_requests_that_cannot_run_are_kept_with_their_problem(tmp_path):
+    path = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "empty", "prompt": "  \n"},
+            {"id": "system-only", "body": {"messages": [{"role": "system", "content": "x"}]}},
+            {"id": "no-instruction", "instruction": ""},
+        ],
+    )
+    assert {request.id: request.problem for request in read_requests(path)} == {
+        "empty": "empty prompt",
+        "system-only": "no user turn to answer",
+        "no-instruction": "empty prompt",
+    }
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('"a string"', "a JSON object"),
+        ('{"text": "hi"}', "no known shape"),
+        ('{"prompt": 3}', "prompt must be text"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}}', "number"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}}', "at least"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}}', "finite"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "bot", "content": "hi"}]}}', "role"),
+        ('{"id": "x", "body": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}}', "text parts"),
+        ('{"id": "x", "conversations": [{"from": "robot", "value": "hi"}]}', "from"),
+        ('{"id": ["x"], "prompt": "hi"}', "id must be"),
+        ('{"id": "first", "prompt": "again"}', "already given on line 1"),
+    ],
+)
+def test_a_malformed_record_refuses_the_file_naming_its_line(tmp_path, line, message):
+    path = write_lines(tmp_path / "in.jsonl", [{"id": "first", "prompt": "hi"}, line])
+    with pytest.raises(UserError, match=message) as error:
+        check_request_file(path)
+    assert "line 2" in str(error.value)
+
+
+def test_an_empty_or_missing_file_is_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="holds no requests"):
+        check_request_file(tmp_path / "empty.jsonl")
+    with pytest.raises(UserError, match="not found"):
+        check_request_file(tmp_path / "nowhere.jsonl")
