@@ -14,8 +14,9 @@ room in the model's context) gets an error line and the others run.
 
 The default strategy is proxy+fcr+resume with the predictor that ships in the clone (Vicuna-7B's lengths on
 Alpaca prompts; `python -m src.fit_proxy` fits one to your model): requests are predicted, sorted and cut at their
-predicted length, and the few that run past it continue from their own tokens. Under greedy decoding the schedule
-changes the order in which requests run, not their answers. Requests are read, scheduled and written one group
+predicted length, and the few that run past it continue from their own tokens. Under greedy decoding in float32 the
+schedule changes the order in which requests run, not their answers (docs/INFER.md: in 16-bit types any batching,
+plain batching's too, changes some). Requests are read, scheduled and written one group
 (`--group-size`) at a time, so memory stays bounded on large files. Under torchrun or `accelerate launch` each
 process answers every K-th group into a file of its own, and the main process appends those to the output at the end.
 """
@@ -77,10 +78,12 @@ ANSWER_SETTINGS = (
 )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     parser.add_argument("--input", required=True, help="requests: JSON lines or a JSON list")
     parser.add_argument("--output", required=True, help="answers: JSON lines, appended as requests finish")
     parser.add_argument("--summary-json", default=None, help="also write the summary here")
@@ -251,7 +254,6 @@ class Totals:
     generation_s: float = 0.0
     engine_warmup_s: float = 0.0
     oom_splits: int = 0
-    groups: list[int] = field(default_factory=list)
 
 
 def groups_of(requests, group_size: int, default_cap: int, default_temperature: float):
@@ -308,11 +310,9 @@ class Runner:
         with Timer(device) as prediction_timer:
             predicted = predict_for_schedule(self.strategy, self.predictor, samples, cap)
         config = schedule_config(self.strategy, self.args.batch_size, len(runnable), cap, self.args.vbs_table_parsed)
-        attempts: dict[str, int] = {}
-        started = time.perf_counter()
-        generated_before = self.totals.generated_tokens
+        started, generated_before, done_before = time.perf_counter(), self.totals.generated_tokens, 0
 
-        def on_result(result, executed) -> None:
+        def on_result(result, executed) -> None:  # a request's final answer: written with its batch
             self.writer.add(
                 answer_row(
                     result.id,
@@ -321,26 +321,19 @@ class Runner:
                     result.length,
                     result.finished,
                     predicted.lengths[result.id],
-                    attempts[result.id],
+                    executed.batch.attempt + 1,
                 )
             )
             self.totals.generated_tokens += result.length
 
-        def count_attempts(batch):
-            for sample_id in batch.ids:
-                attempts[sample_id] = attempts.get(sample_id, 0) + 1
-            return self.executor(batch)
-
-        def after_batch(executed, done) -> None:
+        def on_batch(_executed, done) -> None:
+            nonlocal done_before
             self.writer.flush()
-            progress.update(done - after_batch.done)
-            after_batch.done = done
-            seconds = time.perf_counter() - started
-            if seconds > 0:
-                rate = (self.totals.generated_tokens - generated_before) / seconds
-                progress.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
+            progress.update(done - done_before)
+            done_before = done
+            rate = (self.totals.generated_tokens - generated_before) / max(1e-9, time.perf_counter() - started)
+            progress.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
 
-        after_batch.done = 0
         warmup_before = engine_warmup_seconds(self.engine)
         splits_before = self.executor.oom_splits
         with Timer(device) as generation_timer:
@@ -348,8 +341,8 @@ class Runner:
                 [sample.id for sample in samples],
                 predicted.lengths,
                 config,
-                count_attempts,
-                after_batch,
+                self.executor,
+                on_batch,
                 caps=predicted.caps,
                 retry_caps=predicted.retry_caps,
                 on_result=on_result,
@@ -366,7 +359,6 @@ class Runner:
         totals.generation_s += generation_timer.seconds - warmup
         totals.engine_warmup_s += warmup
         totals.oom_splits += self.executor.oom_splits - splits_before
-        totals.groups.append(len(runnable))
 
     def refuse(self, sample_id: str, message: str, progress) -> None:
         self.writer.add(error_row(sample_id, message))
@@ -447,9 +439,10 @@ def main(argv: list[str] | None = None) -> dict:
     ids = check_request_file(args.input)  # a malformed file stops here, before any model loads
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
+    check_settings(args, len(answered_ids(args.output, repair=False)))  # in every process: all stop alike
+    processes.wait()
     if processes.is_main:
-        answered = answered_ids(args.output, repair=True)
-        check_settings(args, len(answered))
+        answered_ids(args.output, repair=True)  # a line a kill cut short is cut off before anything is appended
     processes.wait()  # every process reads the repaired files
     answered = answered_ids(args.output, repair=False) & set(ids)
     pending = [sample_id for sample_id in ids if sample_id not in answered]

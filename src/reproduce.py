@@ -4,7 +4,7 @@
     python -m src.reproduce cpu --quick      # SmolLM2-135M on the CPU, a few minutes
     python -m src.reproduce cpu              # README's CPU table (about 35 minutes on 2 cores)
     python -m src.reproduce gpu              # Vicuna-7B's architecture, random float16 weights, on CUDA
-    python -m src.reproduce proxy dry        # train the proxy predictor first, then the dry run with its rows
+    python -m src.reproduce proxy dry --predictor-path ckpts/proxy-minilm   # train a proxy first, then the dry run
 
 Each part runs `src.benchmark` with the arguments README prints, writes `runs/<part>.json` (its --output-json)
 and `imgs/<prefix>-*.png`, and prints its table. The run ends with the side-by-side table of README: the
@@ -12,8 +12,8 @@ paper's figures against every part whose results are in `runs/`, from this run o
 
 Every sample replays the length Vicuna-7B produced at temperature 0 (`L_t0.0` of the paper's val length file):
 a logits processor ends it exactly there, so any model, even random weights, serves the paper's length
-distribution. The proxy rows need the proxy predictor in `ckpts/proxy-minilm` (part `proxy` trains it);
-without it they are left out, with a note.
+distribution. The proxy rows use the predictor that ships (`predictors/proxy-vicuna-7b`), or `--predictor-path`
+(part `proxy` trains one into that path when it holds none); without one they are left out, with a note.
 """
 
 from __future__ import annotations
