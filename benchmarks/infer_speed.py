@@ -5,7 +5,7 @@
     python -m benchmarks.infer_speed real --predictor-path predictors/proxy-vicuna-7b ckpts/proxy-smollm2 \\
         --output-json runs/infer-real.json
 
-replay: every request ends at Vicuna-7B's greedy length (`L_t0.0`), max 512 new tokens, as README's CPU table;
+replay: every request ends at Vicuna-7B's greedy length (`L_t0.0`), max 512 new tokens, as docs/CPU.md's table;
 src.infer with --strategy vanilla, then with its default strategy, then src.benchmark with that strategy on the same
 samples (the tool should cost nothing over the benchmark).
 real: the model stops where it stops, max 256 new tokens; vanilla, then the default strategy once per predictor;

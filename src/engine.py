@@ -23,7 +23,7 @@ ENGINES = {
     "transformers": "src.engine_transformers:TransformersEngine",
     "compiled": "src.engine_compiled:CompiledEngine",
 }
-# `--engine auto`: the compiled engine where it pays (CUDA graphs), eager elsewhere (README's CPU measurement)
+# `--engine auto`: the compiled engine where it pays (CUDA graphs), eager elsewhere (docs/CPU.md's measurement)
 AUTO_ENGINE = "auto"
 DEFAULT_ENGINE = AUTO_ENGINE
 

@@ -58,7 +58,7 @@ from .strategies import (
 )
 from .utils import Timer, UserError, write_json_atomic, write_text_atomic
 
-# The best schedule a predictor with quantiles allows (README: "Failures that resume"); without one, none.
+# The best schedule a predictor with quantiles allows (docs/RESUME.md); without one, none.
 DEFAULT_STRATEGY = "proxy+fcr+resume"
 FALLBACK_STRATEGY = "vanilla"
 # Settings that change what a request's answer is: an output written under others is not continued.

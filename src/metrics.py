@@ -1,7 +1,7 @@
 """The metrics, one definition each: a static schedule's, continuous batching's, several processes' merged, and
 the length predictors' accuracy.
 
-For one run over N samples (README's "Metrics"): a batch's steps are its longest generated length; token slots are
+For one run over N samples (docs/METRICS.md): a batch's steps are its longest generated length; token slots are
 steps x batch size over every batch run, failed FCR first attempts included; `average_length` = token slots / N;
 `effective_token_ratio` = generated tokens of the final results / token slots (under FCR's +resume a final result
 holds the tokens of its earlier attempts too, whose slots counted when they ran); `failure_ratio` = recomputed

@@ -1,12 +1,12 @@
-"""Regenerate README's result tables and figures from the clone alone.
+"""Regenerate the result tables and figures of README and docs/ from the clone alone.
 
     python -m src.reproduce                  # dry: the paper's setting without a model, in seconds
     python -m src.reproduce cpu --quick      # SmolLM2-135M on the CPU, a few minutes
-    python -m src.reproduce cpu              # README's CPU table (about 35 minutes on 2 cores)
+    python -m src.reproduce cpu              # docs/CPU.md's table (42 minutes on 2 cores)
     python -m src.reproduce gpu              # Vicuna-7B's architecture, random float16 weights, on CUDA
     python -m src.reproduce proxy dry --predictor-path ckpts/proxy-minilm   # train a proxy first, then the dry run
 
-Each part runs `src.benchmark` with the arguments README prints, writes `runs/<part>.json` (its --output-json)
+Each part runs `src.benchmark` with the arguments docs/ prints, writes `runs/<part>.json` (its --output-json)
 and `imgs/<prefix>-*.png`, and prints its table. The run ends with the side-by-side table of README: the
 paper's figures against every part whose results are in `runs/`, from this run or an earlier one.
 
@@ -144,7 +144,7 @@ def proxy_present(path: str) -> bool:
 
 
 def train_proxy(path: str) -> None:
-    """The proxy predictor as README trained it: all-MiniLM-L6-v2, train_proxy's defaults, on the paper's train file."""
+    """The proxy of docs/PERCEPTION.md: all-MiniLM-L6-v2, train_proxy's defaults, on the paper's train file."""
     if proxy_present(path):
         print(f"proxy: {path} is there already (delete it to train again)")
         return
@@ -156,7 +156,7 @@ def train_proxy(path: str) -> None:
 
 
 def run_module(module: str, argv: list[str]) -> None:
-    """`python -m src.<module> ARGV`, as README prints it, in a process of its own; a failure stops this command."""
+    """`python -m src.<module> ARGV`, as docs/ prints it, in a process of its own; a failure stops this command."""
     done = subprocess.run([sys.executable, "-m", f"src.{module}", *argv])
     if done.returncode != 0:
         raise UserError(f"python -m src.{module} stopped with exit status {done.returncode} (its output is above)")
@@ -190,7 +190,7 @@ def run_part(part: Part, args: argparse.Namespace) -> Path:
 
 
 def part_table(output: dict) -> str:
-    """README's per-part table, in Markdown."""
+    """A part's table as docs/ shows it, in Markdown."""
     results = output["results"]
     dry = results[0]["dry_run"]
     unit = "steps" if dry else "s"

@@ -39,7 +39,7 @@ from .utils import Timer, UserError, set_seed
 
 STRATEGY_MODIFIERS = ("vbs", "fcr", "resume")
 # +resume retries its failures at these upper quantiles of their predicted lengths, one retry each, before the
-# last retry at max_length; chosen on 1000 held-out train rows (README, "Failures that resume")
+# last retry at max_length; chosen on 1000 held-out train rows (docs/RESUME.md)
 RESUME_RETRY_QUANTILES = (0.8, 0.95)
 CONTINUOUS = "continuous"
 AUTO_SLOTS = "auto"

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         "output_dir": DEFAULT_PROXY_PATH,
         "num_train_epochs": 2,
         "per_device_train_batch_size": 32,
-        "learning_rate": 8e-5,  # the rate of the proxy that README reports
+        "learning_rate": 8e-5,  # the rate of the proxy that docs/PERCEPTION.md reports
         "lr_scheduler_type": "linear",
         "warmup_steps": 0.05,
         "weight_decay": 0.01,
