@@ -17,8 +17,10 @@ import argparse
 
 from .cli import (
     MAX_SEED,
+    HelpFormatter,
     add_model_arguments,
     add_predictor_arguments,
+    check_model_arguments,
     check_output_dir,
     check_output_file,
     check_predictor_arguments,
@@ -74,11 +76,17 @@ def parse_retry_quantiles(values: list[str] | None) -> list[float] | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-path", default=PAPER_VAL_DATA, help="FastChat conversation file")
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=42, help="seed of the sample draw and of sampling")
-    parser.add_argument("--num-data", type=int, default=None, help="draw this many samples as upstream; default all")
+    parser.add_argument(
+        "--num-data",
+        type=int,
+        default=None,
+        help="a random draw of this many samples, seeded by --seed, as upstream (src.eval takes the first rows "
+        "instead); default all",
+    )
     parser.add_argument("--debug", action="store_true", help="print one line per batch")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the paper's setting)")
     parser.add_argument("--max-length", type=int, default=512, help="most new tokens a sample may generate")
@@ -216,6 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--vbs-table auto calibrates on the device and cannot run with --dry-run: pass a table")
     if args.dry_run and not args.replay_lengths:
         raise UserError("--dry-run needs --replay-lengths: the lengths stand in for the model")
+    check_model_arguments(args, needs_model=not args.dry_run)
     if args.slots is None:
         args.slots = args.batch_size
     texts = args.strategies or [args.strategy]

@@ -3,6 +3,7 @@ and the argument groups of the model and of the length predictors."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import Any
 
 from .distributed import end_processes
 from .engine import AUTO_ENGINE, DEFAULT_ENGINE, ENGINES
-from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS
+from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS, check_adapter_path, check_model_name
 from .utils import UserError, resolve_device
 
 
@@ -32,6 +33,16 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         end_processes(finished=False)
         raise
     end_processes()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every command's --help: its docstring as written, and each flag's default where it has one (and its help does
+    not already say it)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_model_arguments(parser) -> None:
@@ -68,6 +79,13 @@ def add_model_arguments(parser) -> None:
         help="fastchat template name, or chat_template for the tokenizer's own; "
         "default: vicuna_v1.1 for Vicuna models, else the tokenizer's chat template",
     )
+
+
+def check_model_arguments(args, needs_model: bool = True) -> None:
+    """Before any load: --model names a model's folder (when the command will load one) and --lora-path an adapter."""
+    if needs_model:
+        check_model_name("--model", args.model)
+    check_adapter_path("--lora-path", getattr(args, "lora_path", None))
 
 
 def add_predictor_arguments(parser) -> None:

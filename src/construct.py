@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import check_output_file, run_cli
+from .cli import HelpFormatter, check_output_file, run_cli
 from .data import PAPER_TRAIN_DATA, default_length_path, json_stem, load_conversations, load_max_lengths, require_ids
 from .prompts import QUERY_PROMPT, with_length_prompt
 from .schedule import bucket_of
@@ -19,7 +19,7 @@ from .utils import write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-path", default=PAPER_TRAIN_DATA, help="FastChat conversation file")
     parser.add_argument("--length-path", default=None, help="its length file; default: data path + -length")
     parser.add_argument("--output-path", default=None, help="default: data path + -instruct")

@@ -19,9 +19,11 @@ import argparse
 from pathlib import Path
 
 from .cli import (
+    HelpFormatter,
     add_model_arguments,
     add_predictor_arguments,
     attach_model_if_needed,
+    check_model_arguments,
     check_output_file,
     check_predictor_arguments,
     check_range,
@@ -39,13 +41,18 @@ DEFAULT_ADAPTER = "./ckpts/vicuna-response-length-perception-module"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-path", default=PAPER_VAL_DATA, help="FastChat conversation file")
     parser.add_argument("--length-path", default=None, help="its length file; default: data path + -length")
     add_model_arguments(parser)
     parser.add_argument("--strategy", default="seqsch", help=f"predictor: {', '.join(sorted(PREDICTORS))}")
     parser.add_argument("--lora-path", default=None, help=f"adapter for seqsch; default {DEFAULT_ADAPTER}")
-    parser.add_argument("--num-data", type=int, default=1000, help="the first N rows, in file order (the paper's)")
+    parser.add_argument(
+        "--num-data",
+        type=int,
+        default=1000,
+        help="the first N rows, in file order, as the paper evaluates (src.benchmark draws at random instead)",
+    )
     parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
     add_predictor_arguments(parser)
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
@@ -67,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"unknown strategy {args.strategy!r}: choose from {', '.join(sorted(PREDICTORS))}")
     if args.strategy == "seqsch" and args.lora_path is None:
         args.lora_path = DEFAULT_ADAPTER
+    check_model_arguments(args, PREDICTORS[args.strategy].needs_model)
     args.length_path = args.length_path or default_length_path(args.data_path)
     args.plot = args.plot or f"imgs/eval-{args.strategy}.png"
     check_output_file("--plot", args.plot)

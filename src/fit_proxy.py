@@ -26,7 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cli import MAX_SEED, add_model_arguments, check_output_dir, check_range, run_cli
+from .cli import (
+    MAX_SEED,
+    HelpFormatter,
+    add_model_arguments,
+    check_model_arguments,
+    check_output_dir,
+    check_range,
+    run_cli,
+)
 from .data import PAPER_TRAIN_DATA, length_field
 from .proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, proxy_available
 from .request_file import check_request_file, read_requests
@@ -34,7 +42,7 @@ from .utils import UserError, write_json_atomic, write_text_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--input", default=PAPER_TRAIN_DATA, help="your prompts, any request file of src.infer (default: %(default)s)"
     )
@@ -67,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--learning-rate", args.learning_rate, 0, open_low=True)
     if args.holdout >= args.num_data:
         raise UserError(f"--holdout {args.holdout} leaves none of --num-data {args.num_data} to train on")
+    check_model_arguments(args)
     check_output_dir("--output-dir", args.output_dir)
     if (Path(args.output_dir) / CONFIG_NAME).is_file() and not args.overwrite:
         raise UserError(f"{args.output_dir} holds a predictor: choose another --output-dir, or pass --overwrite")

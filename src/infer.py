@@ -34,8 +34,10 @@ from pathlib import Path
 from .answers import AnswerWriter, answer_row, error_row, read_complete_lines
 from .cli import (
     MAX_SEED,
+    HelpFormatter,
     add_model_arguments,
     add_predictor_arguments,
+    check_model_arguments,
     check_output_file,
     check_predictor_arguments,
     check_range,
@@ -76,10 +78,6 @@ ANSWER_SETTINGS = (
     "replay_lengths",
     "replay_field",
 )
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -126,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--top-p", args.top_p, 0, 1, open_low=True)
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_predictor_arguments(args)
+    check_model_arguments(args)
     try:
         args.vbs_table_parsed = parse_vbs_table(args.vbs_table)
     except ValueError as error:

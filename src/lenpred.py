@@ -21,19 +21,33 @@ import json
 import os
 from pathlib import Path
 
-from .cli import MAX_SEED, add_model_arguments, check_output_file, check_range, run_cli
+from .cli import (
+    MAX_SEED,
+    HelpFormatter,
+    add_model_arguments,
+    check_model_arguments,
+    check_output_file,
+    check_range,
+    run_cli,
+)
 from .data import PAPER_TRAIN_DATA, TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
 from .distributed import Processes, start_processes
 from .utils import UserError, set_seed, write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-path", default=PAPER_TRAIN_DATA, help="FastChat conversation file")
     add_model_arguments(parser)
     parser.add_argument("--output-path", default=None, help="length file to write; default: data path + -length")
     parser.add_argument("--seed", type=int, default=42, help="seed of the sample draw and of sampling")
-    parser.add_argument("--num-data", type=int, default=None, help="draw this many samples as upstream; default all")
+    parser.add_argument(
+        "--num-data",
+        type=int,
+        default=None,
+        help="a random draw of this many samples, seeded by --seed, as upstream (src.eval takes the first rows "
+        "instead); default all",
+    )
     parser.add_argument("--batch-size", "--bs", type=int, default=16, help="prompts generated together")
     parser.add_argument("--max-length", type=int, default=512, help="most new tokens per response")
     parser.add_argument(
@@ -52,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output_path is None:
         args.output_path = default_length_path(args.data_path)
     check_output_file("--output-path", args.output_path)
+    check_model_arguments(args)
     return args
 
 

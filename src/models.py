@@ -165,6 +165,28 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+def model_hint(flag: str) -> str:
+    return (
+        f"pass {flag} a folder with config.json, tokenizer and weights, a hub id, "
+        f"or {SMOLLM2_ALIAS}; Vicuna-7B goes in ./ckpts/vicuna-7b (see README)"
+    )
+
+
+def check_model_name(flag: str, name_or_path: str) -> None:
+    """Before any load: a name that is a local path must be a model's folder (aliases and hub ids pass)."""
+    if name_or_path in (SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS):
+        return
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.path.isdir(name_or_path)
+    if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
+        raise UserError(f"cannot load model {name_or_path!r}: no config.json in it; {model_hint(flag)}")
+
+
+def check_adapter_path(flag: str, path: str | None) -> None:
+    """Before any load: a LoRA adapter folder in peft's format."""
+    if path is not None and not (Path(path) / "adapter_config.json").is_file():
+        raise UserError(f"{flag} {path}: no LoRA adapter there (expected adapter_config.json, peft format)")
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -200,14 +222,8 @@ def load_model(
             "note: this CPU has no bfloat16 instructions, so bfloat16 runs emulated and slowly: try --dtype float32",
             file=sys.stderr,
         )
+    check_model_name("--model", name_or_path)
     path = resolve_model_path(name_or_path)
-    hint = (
-        "pass --model a folder with config.json, tokenizer and weights, a hub id, "
-        f"or {SMOLLM2_ALIAS}; Vicuna-7B goes in ./ckpts/vicuna-7b (see README)"
-    )
-    looks_local = path.startswith((".", "/", "~")) or os.path.isdir(path)
-    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
-        raise UserError(f"cannot load model {name_or_path!r}: no config.json in {path}; {hint}")
     try:
         tokenizer = load_tokenizer(path)
         if load_format == "dummy":
@@ -220,11 +236,10 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **placement).to(device)
     except (OSError, ValueError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load model {name_or_path!r}: {first_line}; {hint}") from None
+        raise UserError(f"cannot load model {name_or_path!r}: {first_line}; {model_hint('--model')}") from None
     model.eval()
     if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"no LoRA adapter at {adapter}: expected adapter_config.json (peft format)")
+        check_adapter_path("--lora-path", adapter)
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import check_output_dir, run_cli
+from .cli import HelpFormatter, check_output_dir, run_cli
 from .figures import plot_batches, plot_strategies
 from .utils import UserError, read_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--input", required=True, help="a benchmark --output-json file")
     parser.add_argument("--output-dir", default="imgs", help="where the PNG files go")
     parser.add_argument("--prefix", default="benchmark", help="file names start with this")

@@ -22,9 +22,11 @@ import os
 from pathlib import Path
 
 from .cli import (
+    HelpFormatter,
     add_model_arguments,
     add_predictor_arguments,
     attach_model_if_needed,
+    check_model_arguments,
     check_output_file,
     check_predictor_arguments,
     check_range,
@@ -53,7 +55,7 @@ RESUME_KEYS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data-path", required=True, help="FastChat conversation file of the requests")
     parser.add_argument("--output", required=True, help="the JSON-lines file to write")
     parser.add_argument("--strategy", default="proxy", help=f"predictor: {', '.join(sorted(PREDICTORS))}")
@@ -72,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_predictor_arguments(args)
     if args.strategy not in PREDICTORS:
         raise UserError(f"unknown strategy {args.strategy!r}: choose from {', '.join(sorted(PREDICTORS))}")
+    check_model_arguments(args, PREDICTORS[args.strategy].needs_model)
     check_output_file("--output", args.output)
     check_output_file("--output", partial_path(args.output))
     args.length_path = args.length_path or default_length_path(args.data_path)

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import check_output_dir, run_cli
+from .cli import HelpFormatter, check_output_dir, run_cli
 from .data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, default_length_path
 from .proxy import SHIPPED_PROXY_PATH
 from .utils import UserError, cpu_has_bf16_instructions, read_json
@@ -105,7 +105,7 @@ SIDE_BY_SIDE_ROWS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "parts",
         nargs="*",
@@ -183,7 +183,12 @@ def run_part(part: Part, args: argparse.Namespace) -> Path:
     argv = [*arguments, "--strategies", *strategies, *extra, "--output-json", str(output)]
     print(f"\n== {part.name}: python -m src.benchmark {' '.join(argv)}", flush=True)
     run_module("benchmark", argv)
-    run_module("plots", ["--input", str(output), "--output-dir", args.images_dir, "--prefix", part.plot_prefix])
+    images_dir = args.images_dir
+    if Path(images_dir) == IMAGES and not set(part.strategies) | set(part.proxy_strategies) <= set(strategies):
+        # imgs/ holds the figures that docs/ shows, of every strategy of the part: a smaller run draws elsewhere
+        images_dir = str(Path(args.runs_dir) / "imgs")
+        print(f"{part.name}: not every strategy of the part ran, so its figures go to {images_dir}, not {IMAGES}")
+    run_module("plots", ["--input", str(output), "--output-dir", images_dir, "--prefix", part.plot_prefix])
     print()
     print(part_table(read_json(output, "benchmark output")))
     return output

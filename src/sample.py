@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import MAX_SEED, check_output_dir, check_range, run_cli
+from .cli import MAX_SEED, HelpFormatter, check_output_dir, check_range, run_cli
 from .prompts import alpaca_human_turn
 from .utils import UserError, read_json, write_json_atomic
 
@@ -25,7 +25,7 @@ HUB_DATASET = "tatsu-lab/alpaca"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--source", default=None, help=f"local alpaca_data.json; default: {HUB_DATASET} from the hub")
     parser.add_argument("--output-dir", default="data", help="where alpaca-{train,val}-10k.json go")
     parser.add_argument("--seed", type=int, default=42, help="seed of the draw (the paper's: 42)")

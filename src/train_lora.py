@@ -2,8 +2,13 @@
 
     bash train.sh            # the paper's run on Vicuna-7B (under accelerate launch)
     bash train.sh cpu        # a small preset for SmolLM2-135M on CPU
+    bash train.sh --help     # the presets' settings
 
 Arguments are dataclasses read by HfArgumentParser; every transformers TrainingArguments flag works too.
+Every check (flags, the data file, the base model's folder, the output folder) runs before the model loads
+(`--check_only True` stops there). With `--save_strategy steps` a checkpoint is saved every `--save_steps`, and the
+same command after an interruption resumes from the last one in `--output_dir`; a folder that holds a finished
+adapter is refused unless `--overwrite True`.
 The prompt is built by the same PromptFormatter as at inference, and the loss covers only the answer tokens
 (the bucket and its end-of-turn token), masked by prompt length and attention mask rather than by pad id,
 since some tokenizers (SmolLM2's) pad with their EOS.
@@ -20,6 +25,7 @@ import torch
 
 from .cli import check_output_dir, check_range, run_cli
 from .generate import right_pad
+from .models import check_model_name
 from .utils import UserError
 
 
@@ -41,6 +47,18 @@ class DataArguments:
     )
     model_max_length: int = field(default=1024, metadata={"help": "longer examples lose the start of their prompt"})
     num_data: int | None = field(default=None, metadata={"help": "use only the first N examples"})
+
+
+@dataclass
+class RunArguments:
+    check_only: bool = field(default=False, metadata={"help": "check the arguments and files, then stop (train.sh)"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a finished adapter in --output_dir and start again from step 0"}
+    )
+
+
+# Written last, once the adapter is saved: its presence marks a finished run.
+ARGUMENTS_FILE = "length_perception_args.json"
 
 
 @dataclass
@@ -83,51 +101,87 @@ class AnswerOnlyCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def load_examples(data_args: DataArguments, formatter, end_token_id: int) -> list[dict]:
+def read_conversations(data_args: DataArguments) -> list[tuple[str, str]]:
+    """The (human, answer) pairs of the instruction file (its first --num_data), checked before any model loads."""
     from .utils import read_json
 
     records = read_json(data_args.data_path, "instruction-tuning file", " (make it with python -m src.construct)")
+    if not isinstance(records, list):
+        raise UserError(f"{data_args.data_path} is not a list of FastChat conversations (python -m src.construct)")
     if data_args.num_data is not None:
         records = records[: data_args.num_data]
-    examples = []
+    pairs = []
     for index, record in enumerate(records):
         try:
             human, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
         except (KeyError, IndexError, TypeError):
             raise UserError(f"{data_args.data_path}: record {index} is not a two-turn FastChat conversation") from None
-        examples.append(encode_example(formatter, human, answer, end_token_id, data_args.model_max_length))
-    if not examples:
+        pairs.append((human, answer))
+    if not pairs:
         raise UserError(f"{data_args.data_path} holds no examples")
-    return examples
+    return pairs
+
+
+def check_output_folder(output_dir: str, overwrite: bool) -> str | None:
+    """Refuse to replace a finished adapter without --overwrite; return the checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    check_output_dir("--output_dir", output_dir)
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    if (folder / ARGUMENTS_FILE).is_file() and not overwrite:
+        raise UserError(
+            f"--output_dir {output_dir} holds a finished adapter: choose another folder, or pass --overwrite True"
+        )
+    return None if overwrite else get_last_checkpoint(output_dir)
+
+
+def forget_earlier_run(folder: Path) -> None:
+    """--overwrite: the finished adapter's marker and the checkpoints of the run it replaces go, so that an
+    interruption of this run resumes from this run's checkpoints only."""
+    import shutil
+
+    (folder / ARGUMENTS_FILE).unlink(missing_ok=True)
+    for checkpoint in folder.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
 
 
 def main(argv: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
-    from transformers import HfArgumentParser, Trainer, TrainingArguments
+    from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
     from .generate import eos_token_ids_of
     from .models import load_model_and_formatter
     from .utils import write_json_atomic
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, RunArguments, TrainingArguments))
     try:
-        model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
+        model_args, data_args, lora_args, run_args, training_args = parser.parse_args_into_dataclasses(
             args=sys.argv[1:] if argv is None else argv
         )
     except ValueError as error:  # unknown flags, or values TrainingArguments rejects
         raise UserError(f"train_lora arguments: {error}") from None
-    check_output_dir("--output_dir", training_args.output_dir)
     check_range("--lora_r", lora_args.lora_r, 1)
     check_range("--lora_alpha", lora_args.lora_alpha, 0, open_low=True)
     check_range("--lora_dropout", lora_args.lora_dropout, 0, 1, open_high=True)
     check_range("--model_max_length", data_args.model_max_length, 1)
     check_range("--num_data", data_args.num_data, 1)
+    check_model_name("--model_name_or_path", model_args.model_name_or_path)
+    resume_from = check_output_folder(training_args.output_dir, run_args.overwrite)
+    pairs = read_conversations(data_args)
+    if run_args.check_only:
+        return None
+    if run_args.overwrite and training_args.process_index == 0:
+        forget_earlier_run(Path(training_args.output_dir))
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
     model, tokenizer, formatter, path = load_model_and_formatter(
         model_args.model_name_or_path, "cpu", model_args.model_dtype, conv_template=model_args.conv_template
     )
     end_token_id = eos_token_ids_of(model, tokenizer)[0]
-    examples = load_examples(data_args, formatter, end_token_id)
+    examples = [
+        encode_example(formatter, human, answer, end_token_id, data_args.model_max_length) for human, answer in pairs
+    ]
 
     model.config.use_cache = False  # no KV cache while training
     lora_config = LoraConfig(
@@ -138,10 +192,13 @@ def main(argv: list[str] | None = None):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    set_seed(training_args.seed)  # the adapter's initial weights too: the same command trains the same adapter
     model = get_peft_model(model, lora_config)
     if training_args.local_process_index == 0:
         model.print_trainable_parameters()
         print(f"{len(examples)} examples from {data_args.data_path}, template {formatter.template}, on {device}")
+        if resume_from is not None:
+            print(f"resuming from {resume_from}")
     training_args.remove_unused_columns = False  # the collator needs prompt_length
     trainer = Trainer(
         model=model,
@@ -149,7 +206,7 @@ def main(argv: list[str] | None = None):
         train_dataset=examples,
         data_collator=AnswerOnlyCollator(tokenizer.pad_token_id),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
@@ -157,12 +214,13 @@ def main(argv: list[str] | None = None):
             "model": asdict(model_args),
             "data": asdict(data_args),
             "lora": asdict(lora_args),
+            "resumed_from": resume_from,
             "training": json.loads(training_args.to_json_string()),
             "base_model_path": path,
             "template": formatter.template,
             "processes": training_args.world_size,
         }
-        write_json_atomic(Path(training_args.output_dir) / "length_perception_args.json", arguments)
+        write_json_atomic(Path(training_args.output_dir) / ARGUMENTS_FILE, arguments)
         print(f"adapter saved to {training_args.output_dir}")
     return trainer
 

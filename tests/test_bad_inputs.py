@@ -80,6 +80,19 @@ CASES = [
     (benchmark, "--dry-run {replay} --arrival-rate 0.1 --strategies continuous gt", "'gt' is a static strategy"),
     (benchmark, "--dry-run {replay} --arrival-rate 0", "--arrival-rate must be above 0"),
     (benchmark, "{data} --arrival-rate 0.1 --strategies continuous", "--arrival-rate runs in the dry run only"),
+    # models, adapters and training folders, checked before any model loads
+    (benchmark, "{data} --model {tmp}/folder", "no config.json"),
+    (lenpred, "{data} --model {tmp}/folder", "no config.json"),
+    (length_eval, "--strategy seqsch {data} --model smollm2-135m --lora-path {tmp}/folder", "no LoRA adapter there"),
+    (length_eval, "--strategy seqsch {data} --model smollm2-135m", "--lora-path ./ckpts/vicuna-response-length"),
+    (predict, "{data} --strategy seqsch --model smollm2-135m --lora-path {tmp}/folder --output {tmp}/o.jsonl", "LoRA"),
+    (train_lora, "--model_name_or_path {tmp}/folder --output_dir {tmp}/out", "no config.json"),
+    (
+        train_lora,
+        "--model_name_or_path smollm2-135m --data_path {tmp}/missing.json --output_dir {tmp}/out",
+        "not found",
+    ),
+    (train_lora, "--model_name_or_path smollm2-135m --data_path {tmp}/small.json --output_dir {tmp}/done", "finished"),
 ]
 
 
@@ -98,6 +111,8 @@ def workspace(small_data, tmp_path):
     (tmp_path / "result.json").write_text(json.dumps({"results": []}))
     lacking = {"results": [{"strategy": "vanilla", "dry_run": True, "batches": [], "mean_latency_steps": 1.0}]}
     (tmp_path / "lacking.json").write_text(json.dumps(lacking))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / train_lora.ARGUMENTS_FILE).write_text("{}")  # a finished adapter's folder
     return tmp_path
 
 

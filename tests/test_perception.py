@@ -258,25 +258,101 @@ def test_training_lowers_the_loss_and_saves_a_loadable_adapter(tiny_model_dir, s
 
 @pytest.mark.parametrize("preset", ["paper", "cpu"])
 def test_train_sh_presets_parse(preset):
-    """Every flag train.sh passes is one that src.train_lora accepts."""
-    import re
+    """Every flag that `bash train.sh --help` shows a preset passing is one that src.train_lora accepts."""
     import shlex
+    import subprocess
     from pathlib import Path
 
     from transformers import HfArgumentParser, TrainingArguments
 
-    script = (Path(__file__).resolve().parents[1] / "train.sh").read_text()
-    block = re.search(rf"\n  {preset}\)\n(.*?)\n    ;;", script, re.S).group(1)
-    command = block[block.index("-m src.train_lora") + len("-m src.train_lora") : block.index('"$@"')]
-    argv = shlex.split(command.replace("\\\n", " "))
+    shown = subprocess.run(
+        ["bash", "train.sh", "--help"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+    )
+    assert shown.returncode == 0
+    line = next(line for line in shown.stdout.splitlines() if line.strip().startswith(preset + " "))
+    argv = shlex.split(line[line.index("-m src.train_lora") + len("-m src.train_lora") :])
     parser = HfArgumentParser(
-        (train_lora.ModelArguments, train_lora.DataArguments, train_lora.LoraArguments, TrainingArguments)
+        (
+            train_lora.ModelArguments,
+            train_lora.DataArguments,
+            train_lora.LoraArguments,
+            train_lora.RunArguments,
+            TrainingArguments,
+        )
     )
     if preset == "paper":
         argv = [arg if arg != "--bf16" else "--fp16" for arg in argv]  # parse-only: this CPU has no bf16 training
         argv[argv.index("--fp16") + 1] = "False"
     parsed = parser.parse_args_into_dataclasses(args=argv)
     assert parsed[-1].num_train_epochs == 3
+    assert parsed[-1].save_strategy == "steps"  # an interrupted run keeps its checkpoints
+
+
+def lora_weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_training_interrupted_after_a_checkpoint_resumes_there(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    """A run stopped right after its step-2 checkpoint, started again with the same command, trains steps 3 and 4
+    only, and ends with the weights of a run that was never stopped; a finished folder is then refused."""
+    from transformers import Trainer
+
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+
+    def argv(output_dir):
+        return [
+            *("--model_name_or_path", str(tiny_model_dir), "--data_path", str(instruct)),
+            *("--output_dir", str(output_dir), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
+            *("--learning_rate", "0.02", "--per_device_train_batch_size", "2", "--lora_r", "4", "--seed", "3"),
+            *("--use_cpu", "True", "--report_to", "none", "--logging_steps", "1"),
+        ]
+
+    whole = train_lora.main(argv(tmp_path / "whole"))
+    assert whole.state.global_step == 4
+
+    class Killed(Exception):
+        pass
+
+    save_checkpoint = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save_checkpoint(self, *args, **kwargs)
+        if self.state.global_step == 2:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_lora.main(argv(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "cut" / train_lora.ARGUMENTS_FILE).exists()
+
+    steps_run = []
+    training_step = Trainer.training_step
+
+    def count_step(self, *args, **kwargs):
+        steps_run.append(self.state.global_step + 1)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", count_step)
+    resumed = train_lora.main(argv(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert steps_run == [3, 4] and resumed.state.global_step == 4
+    saved = json.loads((tmp_path / "cut" / train_lora.ARGUMENTS_FILE).read_text())
+    assert saved["resumed_from"].endswith("checkpoint-2")
+    expected, got = lora_weights(tmp_path / "whole"), lora_weights(tmp_path / "cut")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+
+    from src.utils import UserError
+
+    with pytest.raises(UserError, match="holds a finished adapter"):
+        train_lora.main(argv(tmp_path / "cut"))
 
 
 def test_train_sh_cpu_preset_trains_in_two_processes(tiny_model_dir, small_data, tmp_path):

@@ -34,6 +34,18 @@ def test_dry_part_gives_the_paper_setting_from_the_shipped_data(tmp_path, capsys
     assert "| vanilla (no scheduling) | 1.39 (1.00x), 370.84, 33.9 % | 362.69, 34.5 % |" in out  # side by side
 
 
+def test_a_run_of_fewer_strategies_leaves_the_shown_figures_alone(tmp_path, monkeypatch, capsys):
+    """imgs/ keeps the figures of a part's every strategy: a run without the proxy's rows draws beside its JSON."""
+    shown = tmp_path / "imgs"
+    shown.mkdir()
+    (shown / "dry-run-paper-strategies.png").write_bytes(b"the figure docs/ shows")
+    monkeypatch.setattr(reproduce, "IMAGES", shown)
+    reproduce.main(["dry", "--runs-dir", str(tmp_path / "runs"), "--predictor-path", str(tmp_path / "no-proxy")])
+    assert (shown / "dry-run-paper-strategies.png").read_bytes() == b"the figure docs/ shows"
+    assert (tmp_path / "runs" / "imgs" / "dry-run-paper-strategies.png").stat().st_size > 1000
+    assert "its figures go to" in capsys.readouterr().out
+
+
 def fake_result(strategy: str, throughput: float, average_length: float, effective: float) -> dict:
     return {
         "strategy": strategy,
