@@ -38,7 +38,7 @@ step "record SmolLM2's response lengths on the train slice"
 step "build the instruction-tuning set"
 python -m src.construct --data-path "$OUT/train.json"
 step "train the LoRA adapter"
-[ -f "$OUT/adapter/adapter_config.json" ] || time bash train.sh cpu --data_path "$OUT/train-instruct.json" --output_dir "$OUT/adapter" --num_train_epochs "$EPOCHS"
+[ -f "$OUT/adapter/adapter_config.json" ] || time bash train.sh cpu --data_path "$OUT/train-instruct.json" --output_dir "$OUT/adapter" --num_train_epochs "$EPOCHS" --num_data "$TRAIN_N"
 step "record SmolLM2's response lengths on the val slice"
 [ -f "$OUT/val-length.json" ] || time python -m src.lenpred --model smollm2-135m --data-path "$OUT/val.json" --max-length "$MAX_LENGTH" \
   --temperatures $TEMPERATURES

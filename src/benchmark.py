@@ -224,7 +224,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--vbs-table auto calibrates on the device and cannot run with --dry-run: pass a table")
     if args.dry_run and not args.replay_lengths:
         raise UserError("--dry-run needs --replay-lengths: the lengths stand in for the model")
-    check_model_arguments(args, needs_model=not args.dry_run)
     if args.slots is None:
         args.slots = args.batch_size
     texts = args.strategies or [args.strategy]
@@ -320,6 +319,7 @@ def prepare_model(args, samples, replay, context, processes=None):
     """Load the model, give it to the predictors that need one, and build the generation executor.
     Under several processes each prepares its own samples and the main one calibrates VBS auto for all."""
     processes = processes or Processes()
+    check_model_arguments(args)  # after the data and flag checks, so that a mistake there is named first
     from .engine import build_engine
     from .models import load_model_and_formatter
 

@@ -124,7 +124,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--top-p", args.top_p, 0, 1, open_low=True)
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_predictor_arguments(args)
-    check_model_arguments(args)
     try:
         args.vbs_table_parsed = parse_vbs_table(args.vbs_table)
     except ValueError as error:
@@ -458,6 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"all {len(ids)} requests of {args.input} are answered in {args.output}", file=sys.stderr)
         return {"requests": 0, "answered_before": len(answered)}
 
+    check_model_arguments(args)  # the last check before the load, so that a mistake above is named first
     from .engine import build_engine
     from .models import load_model_and_formatter
 

@@ -93,7 +93,7 @@ PARTS = {
         needs_cuda=True,
     ),
 }
-PART_ORDER = ("proxy", "dry", "cpu", "cpu-quick", "gpu")
+PART_ORDER = ("proxy", "dry", "cpu", "cpu-quick", "gpu", "pipeline")
 # The rows of the side-by-side table: (label, strategy in our results, key of the paper's figures)
 SIDE_BY_SIDE_ROWS = (
     ("vanilla (no scheduling)", "vanilla", "vanilla"),
@@ -110,7 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "parts",
         nargs="*",
         default=["dry"],
-        help="any of proxy, dry, cpu, gpu, all (proxy if missing, dry, cpu, gpu if CUDA is present); default dry",
+        help="any of proxy, dry, cpu, gpu, all (proxy if missing, dry, cpu, gpu if CUDA is present), pipeline (the "
+        "paper's length-perception pipeline on SmolLM2: python -m src.pipeline); default dry",
     )
     parser.add_argument(
         "--quick", action="store_true", help="cpu: the Quickstart's 96 samples in bfloat16, vanilla and gt (3 minutes)"
@@ -125,9 +126,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images-dir", default=str(IMAGES), help="where the figures go")
     parser.add_argument("--table-only", action="store_true", help="run nothing: print the side-by-side table")
     args = parser.parse_args(argv)
-    unknown = [part for part in args.parts if part not in ("proxy", "dry", "cpu", "gpu", "all")]
+    unknown = [part for part in args.parts if part not in ("proxy", "dry", "cpu", "gpu", "all", "pipeline")]
     if unknown:
-        raise UserError(f"unknown part {unknown[0]!r}: use proxy, dry, cpu, gpu or all")
+        raise UserError(f"unknown part {unknown[0]!r}: use proxy, dry, cpu, gpu, all or pipeline")
     check_output_dir("--runs-dir", args.runs_dir)
     check_output_dir("--images-dir", args.images_dir)
     return args
@@ -279,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         for part in parts:
             if part == "proxy":
                 train_proxy(args.predictor_path)
+            elif part == "pipeline":
+                run_module("pipeline", ["--output-dir", str(Path(args.runs_dir) / "pipeline-cpu")])
             else:
                 run_part(PARTS[part], args)
     paths = {name: Path(args.runs_dir) / f"{name}.json" for name in PARTS}
