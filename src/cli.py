@@ -4,6 +4,7 @@ and the argument groups of the model and of the length predictors."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -153,9 +154,12 @@ MAX_SEED = 2**32 - 1
 
 
 def check_range(flag: str, value, low=None, high=None, *, open_low: bool = False, open_high: bool = False) -> None:
-    """A numeric flag outside its range is one line naming the flag and the range; None (not given) passes."""
+    """A numeric flag outside its range is one line naming the flag and the range; None (not given) passes, and NaN
+    or an infinity, which every comparison would let through, is refused."""
     if value is None:
         return
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
     too_low = low is not None and (value <= low if open_low else value < low)
     too_high = high is not None and (value >= high if open_high else value > high)
     if too_low or too_high:

@@ -80,6 +80,14 @@ CASES = [
     (benchmark, "--dry-run {replay} --arrival-rate 0.1 --strategies continuous gt", "'gt' is a static strategy"),
     (benchmark, "--dry-run {replay} --arrival-rate 0", "--arrival-rate must be above 0"),
     (benchmark, "{data} --arrival-rate 0.1 --strategies continuous", "--arrival-rate runs in the dry run only"),
+    # NaN and infinities, which every comparison lets through
+    (benchmark, "--dry-run {replay} --arrival-rate nan --strategies continuous", "--arrival-rate must be a finite"),
+    (benchmark, "--dry-run {replay} --aging nan", "--aging must be a finite number, got nan"),
+    (benchmark, "--dry-run {replay} --fcr-quantile nan", "--fcr-quantile must be a finite number"),
+    (benchmark, "{data} --temperature inf", "--temperature must be a finite number, got inf"),
+    (lenpred, "{data} --temperatures 0.0 nan", "--temperatures must be a finite number"),
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --quantiles 0.5 nan", "finite"),
+    (benchmark, "--dry-run {replay} --fcr-retry-quantiles 0.8 nan", "--fcr-retry-quantiles"),
     # models, adapters and training folders, checked before any model loads
     (benchmark, "{data} --model {tmp}/folder", "no config.json"),
     (lenpred, "{data} --model {tmp}/folder", "no config.json"),
