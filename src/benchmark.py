@@ -19,6 +19,7 @@ from .cli import (
     MAX_SEED,
     HelpFormatter,
     add_model_arguments,
+    add_num_data_draw_argument,
     add_predictor_arguments,
     check_model_arguments,
     check_output_dir,
@@ -80,13 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-path", default=PAPER_VAL_DATA, help="FastChat conversation file")
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=42, help="seed of the sample draw and of sampling")
-    parser.add_argument(
-        "--num-data",
-        type=int,
-        default=None,
-        help="a random draw of this many samples, seeded by --seed, as upstream (src.eval takes the first rows "
-        "instead); default all",
-    )
+    add_num_data_draw_argument(parser)
     parser.add_argument("--debug", action="store_true", help="print one line per batch")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (the paper's setting)")
     parser.add_argument("--max-length", type=int, default=512, help="most new tokens a sample may generate")

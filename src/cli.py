@@ -82,6 +82,17 @@ def add_model_arguments(parser) -> None:
     )
 
 
+def add_num_data_draw_argument(parser) -> None:
+    """--num-data of the commands that draw their samples as upstream did (src.eval takes the first rows instead)."""
+    parser.add_argument(
+        "--num-data",
+        type=int,
+        default=None,
+        help="a random draw of this many samples, seeded by --seed, as upstream (src.eval takes the first rows "
+        "instead); default all",
+    )
+
+
 def check_model_arguments(args, needs_model: bool = True) -> None:
     """Before any load: --model names a model's folder (when the command will load one) and --lora-path an adapter."""
     if needs_model:

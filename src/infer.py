@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     answered = answered_ids(args.output, repair=False) & set(ids)
     pending = [sample_id for sample_id in ids if sample_id not in answered]
     replay = load_replay(args, pending)
+    check_model_arguments(args)  # after the file checks, so that a mistake there is named first; before any load
     context = predictor_context(args)
     predictor = None
     if not PREDICTORS[args.strategy_parsed.predictor].needs_model:  # a missing predictor fails before the model
@@ -457,7 +458,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"all {len(ids)} requests of {args.input} are answered in {args.output}", file=sys.stderr)
         return {"requests": 0, "answered_before": len(answered)}
 
-    check_model_arguments(args)  # the last check before the load, so that a mistake above is named first
     from .engine import build_engine
     from .models import load_model_and_formatter
 

@@ -25,6 +25,7 @@ from .cli import (
     MAX_SEED,
     HelpFormatter,
     add_model_arguments,
+    add_num_data_draw_argument,
     check_model_arguments,
     check_output_file,
     check_range,
@@ -41,13 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--output-path", default=None, help="length file to write; default: data path + -length")
     parser.add_argument("--seed", type=int, default=42, help="seed of the sample draw and of sampling")
-    parser.add_argument(
-        "--num-data",
-        type=int,
-        default=None,
-        help="a random draw of this many samples, seeded by --seed, as upstream (src.eval takes the first rows "
-        "instead); default all",
-    )
+    add_num_data_draw_argument(parser)
     parser.add_argument("--batch-size", "--bs", type=int, default=16, help="prompts generated together")
     parser.add_argument("--max-length", type=int, default=512, help="most new tokens per response")
     parser.add_argument(

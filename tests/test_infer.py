@@ -152,6 +152,7 @@ def test_other_settings_are_refused_before_the_model_loads(eos_model_dir, tmp_pa
         ("gt-without-lengths", "--length-path"),
         ("top-p", "--top-p"),
         ("missing-predictor", "proxy predictor not found"),
+        ("missing-model", "no config.json"),
     ],
 )
 def test_mistakes_are_one_line_before_any_model_loads(tmp_path, capsys, case, message):
@@ -167,14 +168,14 @@ def test_mistakes_are_one_line_before_any_model_loads(tmp_path, capsys, case, me
         flags["strategy"] = "gt"
     elif case == "top-p":
         flags["top_p"] = 0
-    else:
-        flags |= {"strategy": "proxy", "predictor_path": tmp_path / "nowhere"}
+    elif case == "missing-predictor":  # a model alias passes the model check without loading anything
+        flags |= {"strategy": "proxy", "predictor_path": tmp_path / "nowhere", "model": "smollm2-135m"}
     with pytest.raises(SystemExit) as exit_info:
         run_cli(infer.main, cli_args(**flags))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]
-    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.settings.json").exists()
 
 
 def test_kill_9_at_a_random_point_then_the_same_command_finishes_the_work(eos_model_dir, tmp_path):
