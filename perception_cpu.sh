@@ -25,7 +25,7 @@ step() { echo; echo "== $1 ($(date +%H:%M:%S))"; }
 step "slice the data: first $TRAIN_N train rows, first $VAL_N val rows"
 python - "$DATA_DIR" "$OUT" "$TRAIN_N" "$VAL_N" <<'PY'
 import sys
-from src.utils import read_json, write_json_atomic
+from src.common.utils import read_json, write_json_atomic
 data_dir, out, train_n, val_n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 for name, count in (("train", train_n), ("val", val_n)):  # plain .json or the shipped .json.gz
     write_json_atomic(f"{out}/{name}.json", read_json(f"{data_dir}/alpaca-{name}-10k.json", "paper data")[:count])
@@ -45,7 +45,7 @@ step "record SmolLM2's response lengths on the val slice"
 
 MEDIAN=$(python -c "
 import statistics, sys
-from src.data import load_max_lengths
+from src.common.data import load_max_lengths
 print(int(statistics.median(load_max_lengths(sys.argv[1]).values())))" "$OUT/train-length.json")
 for strategy in seqsch po constant; do
   step "evaluate $strategy on the val slice"

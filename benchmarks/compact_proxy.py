@@ -15,9 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
-from src.cli import check_output_dir, check_output_file, run_cli
-from src.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths
-from src.utils import UserError, write_json_atomic
+from src.common.cli import check_output_dir, check_output_file, run_cli
+from src.common.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths
+from src.common.utils import UserError, write_json_atomic
 
 
 def folder_megabytes(folder: Path) -> float:
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise UserError("--output is --input: write the compact copy elsewhere")
 
-    from src.metrics import length_metrics
-    from src.proxy import LoadedProxy, resolve_encoder, save_proxy
+    from src.predictors.proxy import LoadedProxy, resolve_encoder, save_proxy
+    from src.scheduling.metrics import length_metrics
 
     full = LoadedProxy(args.input)
     config = {key: value for key, value in full.config.items() if key not in ("format", "quantiles", "encoder_storage")}

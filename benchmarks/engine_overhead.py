@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from src.cli import add_model_arguments, run_cli
-from src.data import load_conversations, select_samples
-from src.engine import build_engine
-from src.generate import left_pad
-from src.models import load_model_and_formatter
-from src.utils import synchronize, write_json_atomic
+from src.common.cli import add_model_arguments, run_cli
+from src.common.data import load_conversations, select_samples
+from src.common.models import load_model_and_formatter
+from src.common.utils import synchronize, write_json_atomic
+from src.engines.generate import left_pad
+from src.engines.registry import build_engine
 
 
 def main(argv=None):

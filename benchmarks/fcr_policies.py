@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from src.cli import (
+from src.common.cli import (
     add_predictor_arguments,
     check_output_file,
     check_predictor_arguments,
@@ -25,7 +25,7 @@ from src.cli import (
     predictor_context,
     run_cli,
 )
-from src.data import (
+from src.common.data import (
     PAPER_TRAIN_DATA,
     default_length_path,
     load_conversations,
@@ -33,10 +33,10 @@ from src.data import (
     require_ids,
     select_samples,
 )
-from src.metrics import compute_metrics
-from src.predictors import build_predictor
-from src.schedule import ScheduleConfig, replay_executor, run_schedule
-from src.utils import UserError, write_json_atomic
+from src.common.utils import UserError, write_json_atomic
+from src.predictors.registry import build_predictor
+from src.scheduling.metrics import compute_metrics
+from src.scheduling.schedule import ScheduleConfig, replay_executor, run_schedule
 
 DEFAULT_RETRY_POLICIES = ("none", "0.8", "0.9", "0.95", "0.8,0.95", "0.7,0.9", "0.6,0.8,0.95", "0.7,0.8,0.9,0.95")
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.first_levels, (False, True), (False, True), args.retry_levels
     ):
         if retry and not resume:
-            continue  # capped retries are +resume's (src.strategies.resume_retry_levels)
+            continue  # capped retries are +resume's (src.running.strategies.resume_retry_levels)
         config = ScheduleConfig(
             batch_size=args.batch_size,
             group_size=args.group_size,

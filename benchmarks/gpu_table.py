@@ -35,8 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.strategies import equal_memory_slots  # noqa: E402
-from src.utils import write_json_atomic, write_text_atomic  # noqa: E402
+from src.common.utils import write_json_atomic, write_text_atomic  # noqa: E402
+from src.running.strategies import equal_memory_slots  # noqa: E402
 
 PARTS = ("compiled", "eager", "continuous")
 

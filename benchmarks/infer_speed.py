@@ -27,11 +27,11 @@ import statistics
 from pathlib import Path
 
 from src import benchmark, infer
-from src.answers import read_complete_lines
-from src.cli import check_output_dir, check_output_file, run_cli
-from src.data import PAPER_VAL_DATA, default_length_path, load_conversations, select_samples
-from src.metrics import length_metrics
-from src.utils import UserError, write_json_atomic
+from src.common.answers import read_complete_lines
+from src.common.cli import check_output_dir, check_output_file, run_cli
+from src.common.data import PAPER_VAL_DATA, default_length_path, load_conversations, select_samples
+from src.common.utils import UserError, write_json_atomic
+from src.scheduling.metrics import length_metrics
 
 LENGTHS = default_length_path(PAPER_VAL_DATA)
 

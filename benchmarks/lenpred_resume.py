@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from src import lenpred
-from src.cli import run_cli
-from src.utils import write_json_atomic
+from src.common.cli import run_cli
+from src.common.utils import write_json_atomic
 
 
 def child_pids(parent: int) -> list[int]:

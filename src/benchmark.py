@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import (
+from .common.cli import (
     MAX_SEED,
     HelpFormatter,
     add_model_arguments,
@@ -29,16 +29,23 @@ from .cli import (
     predictor_context,
     run_cli,
 )
-from .data import PAPER_VAL_DATA, default_length_path, load_conversations, load_length_file, require_ids, select_samples
-from .distributed import Processes, start_processes
-from .metrics import merge_process_results
-from .predictors import PREDICTORS, build_predictor
-from .schedule import (
-    PAPER_VBS_TABLE,
-    parse_vbs_table,
-    replay_executor,
+from .common.data import (
+    PAPER_VAL_DATA,
+    default_length_path,
+    load_conversations,
+    load_length_file,
+    require_ids,
+    select_samples,
 )
-from .strategies import (
+from .common.distributed import Processes, start_processes
+from .common.utils import (
+    UserError,
+    describe_device,
+    library_versions,
+    write_json_atomic,
+)
+from .predictors.registry import PREDICTORS, build_predictor
+from .running.strategies import (
     AUTO_SLOTS,
     CONTINUOUS,
     RESUME_RETRY_QUANTILES,
@@ -51,13 +58,13 @@ from .strategies import (
     run_strategy,
     share_groups,
 )
-from .utils import (
-    UserError,
-    describe_device,
-    library_versions,
-    write_json_atomic,
+from .running.vbs_auto import CANDIDATE_BATCH_SIZES
+from .scheduling.metrics import merge_process_results
+from .scheduling.schedule import (
+    PAPER_VBS_TABLE,
+    parse_vbs_table,
+    replay_executor,
 )
-from .vbs_auto import CANDIDATE_BATCH_SIZES
 
 
 def parse_retry_quantiles(values: list[str] | None) -> list[float] | None:
@@ -315,8 +322,8 @@ def prepare_model(args, samples, replay, context, processes=None):
     Under several processes each prepares its own samples and the main one calibrates VBS auto for all."""
     processes = processes or Processes()
     check_model_arguments(args)  # after the data and flag checks, so that a mistake there is named first
-    from .engine import build_engine
-    from .models import load_model_and_formatter
+    from .common.models import load_model_and_formatter
+    from .engines.registry import build_engine
 
     model, tokenizer, formatter, model_path = load_model_and_formatter(
         args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template
@@ -346,7 +353,7 @@ def prepare_model(args, samples, replay, context, processes=None):
     step_costs, calibration = None, None
     mean_prompt_length = sum(len(ids) for ids in prompt_ids.values()) / len(prompt_ids)
     if args.vbs_table_parsed is None and any(strategy.vbs for strategy in args.strategy_list):
-        from .vbs_auto import describe, timed_calibration
+        from .running.vbs_auto import describe, timed_calibration
 
         # on a CPU the calibration's prefills of more than 64 rows take minutes; larger sizes are extrapolated
         largest = max(CANDIDATE_BATCH_SIZES) if model.device.type == "cuda" else 64
@@ -365,8 +372,9 @@ def prepare_model(args, samples, replay, context, processes=None):
 
 
 def answer_rows(result: dict, finals: dict, prompt_lengths: dict | None) -> list[dict]:
-    """This process's answer lines of a static strategy (src.answers), from the final results run_schedule told."""
-    from .answers import answer_row
+    """This process's answer lines of a static strategy (src.common.answers), from the final results that
+    run_schedule told."""
+    from .common.answers import answer_row
 
     rows = []
     for sample in result["samples"]:
@@ -385,7 +393,7 @@ def keep_answers(folder: str, label: str, rows: list[dict], ids: list[str]) -> s
     """DIR/LABEL.jsonl, in data order, written in one step."""
     from pathlib import Path
 
-    from .answers import write_answer_file
+    from .common.answers import write_answer_file
 
     order = {sample_id: index for index, sample_id in enumerate(ids)}
     path = Path(folder) / f"{label.replace(':', '-')}.jsonl"

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import HelpFormatter, check_output_file, run_cli
-from .data import PAPER_TRAIN_DATA, default_length_path, json_stem, load_conversations, load_max_lengths, require_ids
-from .prompts import QUERY_PROMPT, with_length_prompt
-from .schedule import bucket_of
-from .utils import write_json_atomic
+from .common.cli import HelpFormatter, check_output_file, run_cli
+from .common.data import (
+    PAPER_TRAIN_DATA,
+    default_length_path,
+    json_stem,
+    load_conversations,
+    load_max_lengths,
+    require_ids,
+)
+from .common.prompts import QUERY_PROMPT, with_length_prompt
+from .common.utils import write_json_atomic
+from .scheduling.schedule import bucket_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

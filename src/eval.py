@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import (
+from .common.cli import (
     HelpFormatter,
     add_model_arguments,
     add_predictor_arguments,
@@ -30,12 +30,12 @@ from .cli import (
     predictor_context,
     run_cli,
 )
-from .data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths, require_ids
-from .distributed import start_processes
-from .figures import plot_predictions, plot_reliability
-from .metrics import length_metrics, quantile_coverage
-from .predictors import PREDICTORS, build_predictor
-from .utils import Timer, UserError, write_json_atomic
+from .common.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths, require_ids
+from .common.distributed import start_processes
+from .common.figures import plot_predictions, plot_reliability
+from .common.utils import Timer, UserError, write_json_atomic
+from .predictors.registry import PREDICTORS, build_predictor
+from .scheduling.metrics import length_metrics, quantile_coverage
 
 DEFAULT_ADAPTER = "./ckpts/vicuna-response-length-perception-module"
 

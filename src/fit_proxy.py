@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cli import (
+from .common.cli import (
     MAX_SEED,
     HelpFormatter,
     add_model_arguments,
@@ -35,10 +35,10 @@ from .cli import (
     check_range,
     run_cli,
 )
-from .data import PAPER_TRAIN_DATA, length_field
-from .proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, proxy_available
-from .request_file import check_request_file, read_requests
-from .utils import UserError, write_json_atomic, write_text_atomic
+from .common.data import PAPER_TRAIN_DATA, length_field
+from .common.request_file import check_request_file, read_requests
+from .common.utils import UserError, write_json_atomic, write_text_atomic
+from .predictors.proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, proxy_available
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -128,8 +128,8 @@ def model_flags(args) -> list[str]:
 def write_training_files(answers: Path, requests: Path, data_path: Path) -> tuple[list[dict], str]:
     """The answered requests as a conversation file (the last user turn, what the predictor reads) and its length
     file (L_t<temperature>: generated tokens); requests that got an error line are left out."""
-    from .answers import read_complete_lines
-    from .data import default_length_path
+    from .common.answers import read_complete_lines
+    from .common.data import default_length_path
 
     rows = {row["id"]: row for row in read_complete_lines(answers) if "error" not in row}
     conversations, lengths = [], []

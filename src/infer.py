@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .answers import AnswerWriter, answer_row, error_row, read_complete_lines
-from .cli import (
+from .common.answers import AnswerWriter, answer_row, error_row, read_complete_lines
+from .common.cli import (
     MAX_SEED,
     HelpFormatter,
     add_model_arguments,
@@ -44,21 +44,21 @@ from .cli import (
     predictor_context,
     run_cli,
 )
-from .data import Sample, load_length_file, require_ids
-from .distributed import start_processes
-from .metrics import data_order_token_slots, token_ratios
-from .predictors import PREDICTORS, build_predictor
-from .proxy import SHIPPED_PROXY_PATH, proxy_available
-from .request_file import Request, check_request_file, read_requests
-from .schedule import PAPER_VBS_TABLE, parse_vbs_table, run_schedule
-from .strategies import (
+from .common.data import Sample, load_length_file, require_ids
+from .common.distributed import start_processes
+from .common.request_file import Request, check_request_file, read_requests
+from .common.utils import Timer, UserError, write_json_atomic, write_text_atomic
+from .predictors.proxy import SHIPPED_PROXY_PATH, proxy_available
+from .predictors.registry import PREDICTORS, build_predictor
+from .running.strategies import (
     StaticBatchExecutor,
     engine_warmup_seconds,
     parse_strategy,
     predict_for_schedule,
     schedule_config,
 )
-from .utils import Timer, UserError, write_json_atomic, write_text_atomic
+from .scheduling.metrics import data_order_token_slots, token_ratios
+from .scheduling.schedule import PAPER_VBS_TABLE, parse_vbs_table, run_schedule
 
 # The best schedule a predictor with quantiles allows (docs/RESUME.md); without one, none.
 DEFAULT_STRATEGY = "proxy+fcr+resume"
@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"all {len(ids)} requests of {args.input} are answered in {args.output}", file=sys.stderr)
         return {"requests": 0, "answered_before": len(answered)}
 
-    from .engine import build_engine
-    from .models import load_model_and_formatter
+    from .common.models import load_model_and_formatter
+    from .engines.registry import build_engine
 
     model, tokenizer, formatter, model_path = load_model_and_formatter(
         args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template

@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import (
+from .common.cli import (
     MAX_SEED,
     HelpFormatter,
     add_model_arguments,
@@ -31,9 +31,16 @@ from .cli import (
     check_range,
     run_cli,
 )
-from .data import PAPER_TRAIN_DATA, TEMPERATURES, default_length_path, length_field, load_conversations, select_samples
-from .distributed import Processes, start_processes
-from .utils import UserError, set_seed, write_json_atomic
+from .common.data import (
+    PAPER_TRAIN_DATA,
+    TEMPERATURES,
+    default_length_path,
+    length_field,
+    load_conversations,
+    select_samples,
+)
+from .common.distributed import Processes, start_processes
+from .common.utils import UserError, set_seed, write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -214,8 +221,8 @@ def generate_lengths(args, batches, processes: Processes, identity: dict, initia
     """Generate this process's batches at every temperature, appending each finished batch to its partial file."""
     from tqdm import tqdm
 
-    from .engine import build_engine
-    from .models import load_model_and_formatter
+    from .common.models import load_model_and_formatter
+    from .engines.registry import build_engine
 
     model, tokenizer, formatter, _ = load_model_and_formatter(
         args.model, args.device, args.dtype, None, args.load_format, args.conv_template

@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import HelpFormatter, check_output_dir, check_range, run_cli
-from .data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, load_max_lengths
-from .models import check_model_name
-from .utils import UserError, read_json, write_json_atomic
+from .common.cli import HelpFormatter, check_output_dir, check_range, run_cli
+from .common.data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, load_max_lengths
+from .common.models import check_model_name
+from .common.utils import UserError, read_json, write_json_atomic
 
 
 @dataclass(frozen=True)

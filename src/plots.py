@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli import HelpFormatter, check_output_dir, run_cli
-from .figures import plot_batches, plot_strategies
-from .utils import UserError, read_json
+from .common.cli import HelpFormatter, check_output_dir, run_cli
+from .common.figures import plot_batches, plot_strategies
+from .common.utils import UserError, read_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .cli import (
+from .common.cli import (
     HelpFormatter,
     add_model_arguments,
     add_predictor_arguments,
@@ -33,10 +33,10 @@ from .cli import (
     predictor_context,
     run_cli,
 )
-from .data import default_length_path, load_conversations
-from .predictors import PREDICTORS, build_predictor
-from .schedule import clamp_prediction
-from .utils import UserError, write_text_atomic
+from .common.data import default_length_path, load_conversations
+from .common.utils import UserError, write_text_atomic
+from .predictors.registry import PREDICTORS, build_predictor
+from .scheduling.schedule import clamp_prediction
 
 # Settings that change the predictions: a partial file made under others cannot be resumed.
 RESUME_KEYS = (

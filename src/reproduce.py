@@ -24,10 +24,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import HelpFormatter, check_output_dir, run_cli
-from .data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, default_length_path
-from .proxy import SHIPPED_PROXY_PATH
-from .utils import UserError, cpu_has_bf16_instructions, read_json
+from .common.cli import HelpFormatter, check_output_dir, run_cli
+from .common.data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, default_length_path
+from .common.utils import UserError, cpu_has_bf16_instructions, read_json
+from .predictors.proxy import SHIPPED_PROXY_PATH
 
 DATA = PAPER_VAL_DATA
 LENGTHS = default_length_path(PAPER_VAL_DATA)
@@ -149,7 +149,7 @@ def train_proxy(path: str) -> None:
     if proxy_present(path):
         print(f"proxy: {path} is there already (delete it to train again)")
         return
-    from .proxy import resolve_encoder
+    from .predictors.proxy import resolve_encoder
 
     resolve_encoder("minilm")  # a missing encoder package is a one-line error before anything runs
     print(f"proxy: training {path} on {PAPER_TRAIN_DATA} (9 to 17 minutes on 2 CPU cores as measured)")

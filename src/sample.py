@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import MAX_SEED, HelpFormatter, check_output_dir, check_range, run_cli
-from .prompts import alpaca_human_turn
-from .utils import UserError, read_json, write_json_atomic
+from .common.cli import MAX_SEED, HelpFormatter, check_output_dir, check_range, run_cli
+from .common.prompts import alpaca_human_turn
+from .common.utils import UserError, read_json, write_json_atomic
 
 ALPACA_SIZE = 52002
 SPLIT_SIZE = 10_000

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import check_output_dir, check_range, run_cli
-from .generate import right_pad
-from .models import check_model_name
-from .utils import UserError
+from .common.cli import check_output_dir, check_range, run_cli
+from .common.models import check_model_name
+from .common.utils import UserError
+from .engines.generate import right_pad
 
 
 @dataclass
@@ -103,7 +103,7 @@ class AnswerOnlyCollator:
 
 def read_conversations(data_args: DataArguments) -> list[tuple[str, str]]:
     """The (human, answer) pairs of the instruction file (its first --num_data), checked before any model loads."""
-    from .utils import read_json
+    from .common.utils import read_json
 
     records = read_json(data_args.data_path, "instruction-tuning file", " (make it with python -m src.construct)")
     if not isinstance(records, list):
@@ -151,9 +151,9 @@ def main(argv: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
     from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-    from .generate import eos_token_ids_of
-    from .models import load_model_and_formatter
-    from .utils import write_json_atomic
+    from .common.models import load_model_and_formatter
+    from .common.utils import write_json_atomic
+    from .engines.generate import eos_token_ids_of
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, RunArguments, TrainingArguments))
     try:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .cli import check_output_dir, check_range, run_cli
-from .data import PAPER_TRAIN_DATA
-from .proxy import CONFIG_NAME, DEFAULT_PROXY_PATH
-from .utils import UserError
+from .common.cli import check_output_dir, check_range, run_cli
+from .common.data import PAPER_TRAIN_DATA
+from .common.utils import UserError
+from .predictors.proxy import CONFIG_NAME, DEFAULT_PROXY_PATH
 
 
 @dataclass
@@ -77,7 +77,7 @@ class PaddingCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
-        from .generate import right_pad
+        from .engines.generate import right_pad
 
         input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
         labels = torch.tensor([example["labels"] for example in examples], dtype=torch.float32)  # [B], or [B, 1 + A]
@@ -86,7 +86,7 @@ class PaddingCollator:
 
 def auxiliary_lengths(args: ProxyArguments, ids: list[str]) -> dict[str, list[int]]:
     """--auxiliary_weight: id -> every L_t<temperature> length of its row, in the file's column order."""
-    from .data import default_length_path, load_length_file, temperature_fields
+    from .common.data import default_length_path, load_length_file, temperature_fields
 
     length_path = args.length_path or default_length_path(args.data_path)
     table = load_length_file(length_path)
@@ -101,7 +101,7 @@ def auxiliary_lengths(args: ProxyArguments, ids: list[str]) -> dict[str, list[in
 
 def load_rows(args: ProxyArguments):
     """(samples, target length by id: L_max, or --target_field) of the data file, checked to match."""
-    from .data import default_length_path, load_conversations, load_length_file, load_max_lengths, require_ids
+    from .common.data import default_length_path, load_conversations, load_length_file, load_max_lengths, require_ids
 
     samples = load_conversations(args.data_path)
     if args.num_data is not None:
@@ -119,9 +119,9 @@ def load_rows(args: ProxyArguments):
 def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModel, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-    from .metrics import length_metrics
-    from .proxy import LengthProxy, resolve_encoder, save_proxy
-    from .schedule import clamp_prediction
+    from .predictors.proxy import LengthProxy, resolve_encoder, save_proxy
+    from .scheduling.metrics import length_metrics
+    from .scheduling.schedule import clamp_prediction
 
     parser = HfArgumentParser((ProxyArguments, TrainingArguments))
     defaults = {
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     holdout_metrics, holdout_predictions = None, {}
     if held and trainer.is_world_process_zero():
-        from .proxy import LoadedProxy
+        from .predictors.proxy import LoadedProxy
 
         model.eval()
         loaded = LoadedProxy.__new__(LoadedProxy)  # the in-memory model, without a save and reload
@@ -266,9 +266,9 @@ def start_from_saved(args: ProxyArguments, held: list, max_lengths: dict):
     """--init_from: the saved predictor's model (encoder and head, in training mode), its tokenizer, the folder of the
     packaged encoder it was fine-tuned from (None when it stores its encoder whole) and its accuracy on the held-out
     rows before any training (None without held-out rows)."""
-    from .metrics import length_metrics
-    from .proxy import LoadedProxy, resolve_encoder
-    from .schedule import clamp_prediction
+    from .predictors.proxy import LoadedProxy, resolve_encoder
+    from .scheduling.metrics import length_metrics
+    from .scheduling.schedule import clamp_prediction
 
     loaded = LoadedProxy(args.init_from)
     if list(loaded.quantiles) != list(args.quantiles):
@@ -289,7 +289,7 @@ def start_from_saved(args: ProxyArguments, held: list, max_lengths: dict):
 
 def calibration_record(levels, predicted: list[list[float]], targets: list[int], data_path: str) -> dict:
     """The quantile offsets fitted on the held-out rows, and the coverage of each level before and after, printed."""
-    from .proxy import recalibration_offsets
+    from .predictors.proxy import recalibration_offsets
 
     offsets = recalibration_offsets(levels, predicted, targets)
 
@@ -318,8 +318,8 @@ def calibration_record(levels, predicted: list[list[float]], targets: list[int],
 
 def recalibrate_saved(folder: str, held: list, max_lengths: dict, data_path: str, num_data: int | None) -> dict:
     """--recalibrate_only: fit the offsets of a saved predictor on the held-out rows and rewrite its config."""
-    from .proxy import CONFIG_NAME, LoadedProxy
-    from .utils import write_text_atomic
+    from .common.utils import write_text_atomic
+    from .predictors.proxy import CONFIG_NAME, LoadedProxy
 
     if not held:
         raise UserError("--recalibrate_only fits on the held-out rows: give --holdout a positive number")

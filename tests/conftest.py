@@ -19,7 +19,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer LLaMA with random weights and the real LLaMA sentencepiece vocabulary (from mistral-common)."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    from src.models import llama_tokenizer_file
+    from src.common.models import llama_tokenizer_file
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     shutil.copy(llama_tokenizer_file(), folder / "tokenizer.model")
@@ -61,7 +61,7 @@ def eos_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from src.models import load_model
+    from src.common.models import load_model
 
     model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", "float32")
     return model, tokenizer

@@ -9,7 +9,7 @@ import pytest
 
 from src import benchmark, construct, lenpred, plots, predict, reproduce, sample, train_lora, train_proxy
 from src import eval as length_eval
-from src.cli import run_cli
+from src.common.cli import run_cli
 
 from .conftest import SMALL_LENGTHS
 

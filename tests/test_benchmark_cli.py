@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from src import benchmark
-from src.cli import run_cli
-from src.strategies import BATCH_ENGINE_FIELDS, BATCH_TIMING_FIELDS
+from src.common.cli import run_cli
+from src.running.strategies import BATCH_ENGINE_FIELDS, BATCH_TIMING_FIELDS
 
 from .conftest import SMALL_LENGTHS, cli_args, write_json
 
@@ -277,7 +277,7 @@ def test_continuous_engine_never_starts_under_inference_mode(tiny_model, monkeyp
     under inference mode crashed it ("Inplace update to inference tensor"); a CPU sees the mode it starts in."""
     import torch
 
-    from src.continuous import run_continuous
+    from src.engines.continuous import run_continuous
 
     model, tokenizer = tiny_model
     modes = []
@@ -401,7 +401,7 @@ def test_two_processes_give_the_single_process_metrics(tiny_model_dir, tmp_path)
 
 
 def test_groups_are_shared_round_robin_and_never_split():
-    from src.distributed import Processes
+    from src.common.distributed import Processes
 
     samples = list(range(10))
     shares = [benchmark.share_groups(samples, 3, Processes(rank, 2)) for rank in range(2)]

@@ -9,15 +9,15 @@ import re
 
 import pytest
 
-from src.data import (
+from src.common.data import (
     default_length_path,
     load_conversations,
     load_length_file,
     max_over_temperatures,
     select_samples,
 )
-from src.prompts import PIA_PROMPT, VICUNA_TEMPLATE, PromptFormatter, choose_template
-from src.utils import UserError, read_json, resolve_json_path, write_json_atomic
+from src.common.prompts import PIA_PROMPT, VICUNA_TEMPLATE, PromptFormatter, choose_template
+from src.common.utils import UserError, read_json, resolve_json_path, write_json_atomic
 
 from .conftest import PAPER_DATA, PROJECT
 

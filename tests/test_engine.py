@@ -1,13 +1,14 @@
 """The engine boundary: the benchmark, the generative predictors, lenpred and the VBS calibration reach the model
-only through `src.engine`, and a new engine is one class and one registry entry."""
+only through `src.engines.registry`, and a new engine is one class and one registry entry."""
 
 from __future__ import annotations
 
 import pytest
 
-from src import benchmark, engine
-from src.engine_transformers import TransformersEngine
-from src.utils import UserError
+from src import benchmark
+from src.engines import registry
+from src.common.utils import UserError
+from src.engines.eager import TransformersEngine
 
 from .conftest import SMALL_LENGTHS, cli_args
 
@@ -35,7 +36,7 @@ class RecordingEngine(TransformersEngine):
 def test_every_model_call_of_the_benchmark_goes_through_the_chosen_engine(
     tiny_model_dir, small_data, tmp_path, monkeypatch
 ):
-    monkeypatch.setitem(engine.ENGINES, "recording", "tests.test_engine:RecordingEngine")
+    monkeypatch.setitem(registry.ENGINES, "recording", "tests.test_engine:RecordingEngine")
     CALLS.clear()
     data, lengths = small_data
     flags = cli_args(
@@ -60,4 +61,4 @@ def test_every_model_call_of_the_benchmark_goes_through_the_chosen_engine(
 def test_an_unknown_engine_is_a_user_error(tiny_model):
     model, tokenizer = tiny_model
     with pytest.raises(UserError, match="unknown --engine 'vllm': choose from auto, compiled, transformers"):
-        engine.build_engine("vllm", model, tokenizer)
+        registry.build_engine("vllm", model, tokenizer)

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from src import benchmark
-from src.engine import build_engine, resolve_engine_name
-from src.engine_compiled import CACHE_LENGTH_STEP, CompiledEngine, cache_length, padded_rows
-from src.engine_transformers import TransformersEngine
-from src.models import load_model
+from src.common.models import load_model
+from src.engines.compiled import CACHE_LENGTH_STEP, CompiledEngine, cache_length, padded_rows
+from src.engines.eager import TransformersEngine
+from src.engines.registry import build_engine, resolve_engine_name
 
 from .conftest import PROJECT, cli_args, run_command
 

@@ -5,10 +5,10 @@ decoding wrote for each prompt."""
 
 from __future__ import annotations
 
-from src.engine import build_engine
-from src.models import load_model_and_formatter
-from src.schedule import Batch, ScheduleConfig, run_schedule
-from src.strategies import StaticBatchExecutor
+from src.common.models import load_model_and_formatter
+from src.engines.registry import build_engine
+from src.running.strategies import StaticBatchExecutor
+from src.scheduling.schedule import Batch, ScheduleConfig, run_schedule
 
 PROMPTS = {
     "a": "Name a color.",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.engine import build_engine
-from src.generate import generate_batch
-from src.metrics import compute_metrics
-from src.prompts import VICUNA_TEMPLATE, PromptFormatter
-from src.schedule import ScheduleConfig, replay_executor, run_schedule
-from src.strategies import StaticBatchExecutor
+from src.common.prompts import VICUNA_TEMPLATE, PromptFormatter
+from src.engines.generate import generate_batch
+from src.engines.registry import build_engine
+from src.running.strategies import StaticBatchExecutor
+from src.scheduling.metrics import compute_metrics
+from src.scheduling.schedule import ScheduleConfig, replay_executor, run_schedule
 
 from .conftest import SMALL_LENGTHS
 

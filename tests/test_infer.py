@@ -15,9 +15,9 @@ import time
 import pytest
 
 from src import benchmark, infer
-from src.answers import read_complete_lines
-from src.cli import run_cli
-from src.metrics import data_order_token_slots
+from src.common.answers import read_complete_lines
+from src.common.cli import run_cli
+from src.scheduling.metrics import data_order_token_slots
 
 from .conftest import PROJECT, SMALL_LENGTHS, cli_args, run_command, torchrun, write_json
 
@@ -242,7 +242,7 @@ def test_smollm2_answers_do_not_depend_on_the_schedule(tmp_path):
     """A real model in float32: sorted and capped batches whose failures continue from their own tokens and KV
     caches (a constant cap of 8 tokens, so that every answer is cut and resumed), and the default schedule with the
     shipped predictor, give every prompt the text that plain batches in file order give."""
-    from src.data import PAPER_VAL_DATA, load_conversations
+    from src.common.data import PAPER_VAL_DATA, load_conversations
 
     samples = load_conversations(PROJECT / PAPER_VAL_DATA)[:8]
     requests = tmp_path / "in.jsonl"

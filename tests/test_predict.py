@@ -8,8 +8,8 @@ import json
 import pytest
 
 from src import predict
-from src.cli import run_cli
-from src.predictors import PREDICTORS
+from src.common.cli import run_cli
+from src.predictors.registry import PREDICTORS
 
 from .conftest import cli_args
 

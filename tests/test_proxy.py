@@ -10,12 +10,12 @@ import pytest
 
 from src import benchmark
 from src import eval as length_eval
-from src.cli import run_cli
-from src.data import load_conversations
-from src.predictors import PredictorContext, build_predictor
-from src.proxy import CONFIG_NAME, ENCODER_DELTA_NAME, HEAD_NAME, LoadedProxy
-from src.schedule import ScheduleConfig, plan_first_batches
-from src.utils import UserError
+from src.common.cli import run_cli
+from src.common.data import load_conversations
+from src.common.utils import UserError
+from src.predictors.proxy import CONFIG_NAME, ENCODER_DELTA_NAME, HEAD_NAME, LoadedProxy
+from src.predictors.registry import PredictorContext, build_predictor
+from src.scheduling.schedule import ScheduleConfig, plan_first_batches
 
 DEMO = Path(__file__).resolve().parents[1] / "data"
 
@@ -52,7 +52,7 @@ def test_training_saves_a_predictor_that_reloads_to_the_same_numbers(trained_pro
         assert row == pytest.approx(output["holdout"][sample.id], rel=1e-3)
         assert row == sorted(row)  # quantiles never cross
     # the offsets fitted on the 8 held-out rows give each level at least its share of them
-    from src.data import load_max_lengths
+    from src.common.data import load_max_lengths
 
     lengths = load_max_lengths(DEMO / "demo-length.json")
     for index, level in enumerate(config["quantiles"]):
@@ -202,7 +202,7 @@ def test_missing_or_corrupt_predictor_is_a_clear_error(damage, tmp_path, capsys,
 def test_recalibration_offsets_by_hand():
     import math
 
-    from src.proxy import recalibration_offsets
+    from src.predictors.proxy import recalibration_offsets
 
     predicted = [[10.0], [10.0], [10.0], [10.0]]
     targets = [5, 10, 20, 40]  # log-residuals: log 0.5, 0, log 2, log 4
@@ -212,7 +212,7 @@ def test_recalibration_offsets_by_hand():
 
 
 def test_quantile_coverage_by_hand():
-    from src.metrics import quantile_coverage
+    from src.scheduling.metrics import quantile_coverage
 
     rows = [[10, 20], [10, 20], [30, 40], [50, 60]]  # each sample's 0.5- and 0.9-quantile
     targets = [5, 15, 30, 70]  # at most the median: 5 and 30 (2 of 4); at most the 0.9-quantile: 5, 15, 30 (3 of 4)
@@ -230,7 +230,7 @@ def test_eval_reports_the_calibration_of_every_quantile(trained_proxy, tmp_path,
     assert [row["level"] for row in metrics["calibration"]] == [0.5, 0.8, 0.9]
     # worked out again from the predictions the JSON keeps: the median's coverage is the share at or under it
     output = json.loads((tmp_path / "eval.json").read_text())
-    from src.data import load_max_lengths
+    from src.common.data import load_max_lengths
 
     lengths = load_max_lengths(DEMO / "demo-length.json")
     under = sum(lengths[key] <= value for key, value in output["predictions"].items()) / 40
@@ -283,7 +283,7 @@ def test_a_predictor_saved_without_calibration_loads_and_recalibrate_only_checks
 
 
 def test_the_target_field_chooses_which_length_the_proxy_learns():
-    from src.data import load_length_file, load_max_lengths
+    from src.common.data import load_length_file, load_max_lengths
     from src.train_proxy import ProxyArguments, load_rows
 
     _, greedy = load_rows(ProxyArguments(data_path=str(DEMO / "demo.json"), target_field="L_t0.0"))
@@ -299,7 +299,7 @@ def test_the_auxiliary_loss_learns_every_temperature_and_leaves_the_prediction_a
     import torch
     from transformers import BertConfig, BertModel
 
-    from src.proxy import LengthProxy, pinball_loss
+    from src.predictors.proxy import LengthProxy, pinball_loss
     from src.train_proxy import ProxyArguments, auxiliary_lengths
 
     table = auxiliary_lengths(ProxyArguments(data_path=str(DEMO / "demo.json")), ["demo-1", "demo-2"])

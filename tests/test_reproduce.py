@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from src import reproduce
-from src.utils import UserError
+from src.common.utils import UserError
 
 from .conftest import cli_args
 

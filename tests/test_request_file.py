@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from src.prompts import alpaca_human_turn
-from src.request_file import check_request_file, read_requests
-from src.utils import UserError
+from src.common.prompts import alpaca_human_turn
+from src.common.request_file import check_request_file, read_requests
+from src.common.utils import UserError
 
 
 def write_lines(path, records: list) -> str:

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from src import construct, sample
-from src.data import load_conversations
-from src.prompts import QUERY_PROMPT
-from src.utils import read_json
+from src.common.data import load_conversations
+from src.common.prompts import QUERY_PROMPT
+from src.common.utils import read_json
 
 from .conftest import PAPER_DATA, SMALL_LENGTHS
 
@@ -53,7 +53,7 @@ def test_split_reproduces_the_paper_files(tmp_path):
 def test_split_needs_enough_records(tmp_path, capsys):
     source = tmp_path / "tiny.json"
     source.write_text(json.dumps([{"instruction": "x", "input": "", "output": "y"}] * 10))
-    from src.utils import UserError
+    from src.common.utils import UserError
 
     with pytest.raises(UserError, match="cannot draw two splits"):
         sample.main(["--source", str(source), "--output-dir", str(tmp_path)])

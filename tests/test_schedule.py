@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from src.metrics import compute_continuous_metrics, compute_metrics
-from src.schedule import (
+from src.scheduling.metrics import compute_continuous_metrics, compute_metrics
+from src.scheduling.schedule import (
     PAPER_VBS_TABLE,
     ScheduleConfig,
     admission_order,
@@ -203,7 +203,7 @@ def test_executor_results_are_checked():
     config = ScheduleConfig(batch_size=2, max_length=4)
 
     def broken(batch):
-        from src.schedule import BatchOutcome
+        from src.scheduling.schedule import BatchOutcome
 
         return BatchOutcome({batch.ids[0]: 9}, {batch.ids[0]: True})
 
@@ -247,7 +247,7 @@ def test_admission_order_sorts_within_groups_only():
 
 
 def test_a_batch_split_for_memory_is_charged_as_its_pieces_ran():
-    from src.schedule import Batch, ExecutedBatch
+    from src.scheduling.schedule import Batch, ExecutedBatch
 
     lengths, batch = {"a": 2, "b": 8, "c": 3}, Batch(("a", "b", "c"), 8, 0)
     whole = ExecutedBatch(batch, lengths, dict.fromkeys(lengths, True))
@@ -257,8 +257,8 @@ def test_a_batch_split_for_memory_is_charged_as_its_pieces_ran():
 
 
 def test_continuous_arrivals_fcfs_shortest_first_and_aging_by_hand():
-    from src.metrics import compute_continuous_metrics
-    from src.schedule import simulate_continuous_arrivals
+    from src.scheduling.metrics import compute_continuous_metrics
+    from src.scheduling.schedule import simulate_continuous_arrivals
 
     lengths = {"a": 3, "b": 10, "c": 1, "d": 6, "e": 2, "f": 8}
     arrivals = {sample_id: float(index) for index, sample_id in enumerate(lengths)}  # one per step, in this order
@@ -285,7 +285,7 @@ def test_continuous_arrivals_fcfs_shortest_first_and_aging_by_hand():
 
 
 def test_a_slot_idles_until_the_next_request_arrives():
-    from src.schedule import simulate_continuous_arrivals
+    from src.scheduling.schedule import simulate_continuous_arrivals
 
     record = simulate_continuous_arrivals({"a": 0.0, "b": 10.0}, {"a": 2, "b": 3}, 2, 512)
     assert record.finish_steps == {"a": 2, "b": 13}

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from src import fit_proxy
-from src.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths
-from src.metrics import length_metrics
-from src.proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, LoadedProxy, apply_encoder_delta, encoder_delta
+from src.common.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths
+from src.predictors.proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, LoadedProxy, apply_encoder_delta, encoder_delta
+from src.scheduling.metrics import length_metrics
 
 from .conftest import PROJECT, cli_args
 

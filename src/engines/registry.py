@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from .utils import UserError
+from ..common.utils import UserError
 
 if TYPE_CHECKING:
     from .continuous import ContinuousOutcome
@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 # name -> "module:class", imported when chosen, so that choosing one never imports another's dependencies
 ENGINES = {
-    "transformers": "src.engine_transformers:TransformersEngine",
-    "compiled": "src.engine_compiled:CompiledEngine",
+    "transformers": "src.engines.eager:TransformersEngine",
+    "compiled": "src.engines.compiled:CompiledEngine",
 }
 # `--engine auto`: the compiled engine where it pays (CUDA graphs), eager elsewhere (docs/CPU.md's measurement)
 AUTO_ENGINE = "auto"

@@ -1,8 +1,8 @@
 """Sequence scheduling, as pure Python over lengths: no torch, no model.
 
 The scheduler decides and returns plain data (`Batch`); a runner executes each batch through an injected
-`run_batch` callable and returns a record of what ran, from which src.metrics computes the metrics. Samples are
-identified by id everywhere, so no reordering can send a result to the wrong prompt.
+`run_batch` callable and returns a record of what ran, from which src.scheduling.metrics computes the metrics.
+Samples are identified by id everywhere, so no reordering can send a result to the wrong prompt.
 """
 
 from __future__ import annotations

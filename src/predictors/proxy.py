@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .utils import UserError
+from ..common.utils import UserError
 
 PROXY_FORMAT = "length-proxy/1"
 CONFIG_NAME = "proxy_config.json"

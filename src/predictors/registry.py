@@ -11,10 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .data import Sample, load_length_file, load_max_lengths, require_ids
-from .prompts import PIA_PROMPT, QUERY_PROMPT
-from .schedule import clamp_prediction
-from .utils import UserError
+from ..common.data import Sample, load_length_file, load_max_lengths, require_ids
+from ..common.prompts import PIA_PROMPT, QUERY_PROMPT
+from ..common.utils import UserError
+from ..scheduling.schedule import clamp_prediction
 
 
 @dataclass
@@ -26,7 +26,7 @@ class PredictorContext:
     model: Any = None
     tokenizer: Any = None
     formatter: Any = None
-    engine: Any = None  # src.engine.Engine over `model`: what the generative predictors (po, seqsch) run on
+    engine: Any = None  # src.engines.registry.Engine over `model`: what the generative predictors (po, seqsch) run on
     options: dict = field(default_factory=dict)
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..engines.registry import AUTO_ENGINE, DEFAULT_ENGINE, ENGINES
 from .distributed import end_processes
-from .engine import AUTO_ENGINE, DEFAULT_ENGINE, ENGINES
 from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS, check_adapter_path, check_model_name
 from .utils import UserError, resolve_device
 
@@ -71,7 +71,7 @@ def add_model_arguments(parser) -> None:
         "--engine",
         default=DEFAULT_ENGINE,
         choices=[AUTO_ENGINE, *sorted(ENGINES)],
-        help="how the model runs (src/engine.py): transformers = eager generate and its continuous batching; compiled "
+        help="how the model runs (src/engines/registry.py): transformers = eager generate and its continuous batching; compiled "
         "= a static KV cache and torch.compile (CUDA graphs on a GPU); auto = compiled on CUDA, transformers elsewhere",
     )
     parser.add_argument(
@@ -102,7 +102,7 @@ def check_model_arguments(args, needs_model: bool = True) -> None:
 
 def add_predictor_arguments(parser) -> None:
     """The flags of the length predictors that src.benchmark and src.eval share."""
-    from .proxy import SHIPPED_PROXY_PATH
+    from ..predictors.proxy import SHIPPED_PROXY_PATH
 
     parser.add_argument(
         "--prediction-batch-size", type=int, default=128, help="prompts per length-prediction batch (po, seqsch)"
@@ -125,7 +125,7 @@ def check_predictor_arguments(args) -> None:
 def predictor_context(args):
     """The PredictorContext of a CLI's parsed flags (`add_predictor_arguments`, --max-length, --length-path,
     --device, and --gt-field where the CLI has it); the model is attached once it is loaded."""
-    from .predictors import PredictorContext
+    from ..predictors.registry import PredictorContext
 
     return PredictorContext(
         max_length=args.max_length,
@@ -143,11 +143,11 @@ def predictor_context(args):
 def attach_model_if_needed(args, context, strategy: str) -> str:
     """Load the model, its formatter and its engine into `context` when the predictor generates (po, seqsch), from
     the model flags; returns the device the predictions run on (the proxy's own, else the CPU)."""
-    from .predictors import PREDICTORS
+    from ..predictors.registry import PREDICTORS
 
     if not PREDICTORS[strategy].needs_model:
         return context.options["predictor_device"] if strategy == "proxy" else "cpu"
-    from .engine import build_engine
+    from ..engines.registry import build_engine
     from .models import load_model_and_formatter
 
     model, tokenizer, formatter, _ = load_model_and_formatter(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from .schedule import ScheduleConfig, bucket_of, plan_first_batches
+from ..scheduling.schedule import ScheduleConfig, bucket_of, plan_first_batches
 
 # Batch sizes tried, and the longest one allowed: the paper's largest batch.
 CANDIDATE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -112,8 +112,8 @@ def choose_schedule(
 def kv_token_budget(model, memory_fraction: float = 0.8) -> int | None:
     """Cache tokens (summed over a batch) that fit in the device's free memory. None where the model's shape or
     free memory is unknown."""
-    from .models import kv_cache_bytes_per_token
-    from .utils import free_memory_bytes
+    from ..common.models import kv_cache_bytes_per_token
+    from ..common.utils import free_memory_bytes
 
     bytes_per_token = kv_cache_bytes_per_token(model)
     free = free_memory_bytes(model.device)

@@ -1,5 +1,5 @@
 """The `transformers` engine: static batches through transformers' eager `generate`, continuous batching through its
-`ContinuousBatchingManager` (src.continuous), and decode steps timed through `generate` for VBS auto."""
+`ContinuousBatchingManager` (src.engines.continuous), and decode steps timed through `generate` for VBS auto."""
 
 from __future__ import annotations
 

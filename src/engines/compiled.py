@@ -18,10 +18,10 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from .engine_transformers import TIMED_STEPS, TransformersEngine
+from ..common.models import kv_cache_bytes_per_token
+from ..common.utils import free_memory_bytes
+from .eager import TIMED_STEPS, TransformersEngine
 from .generate import GeneratedSample, StepClock, generate_batch
-from .models import kv_cache_bytes_per_token
-from .utils import free_memory_bytes
 
 # Cache lengths are multiples of this: a longer step wastes attention over empty positions, a shorter one compiles
 # (records) more shapes. 128 keeps a batch of max length 512 within 25 % of its need.

@@ -1,9 +1,9 @@
 """Strategies: the grammar of `--strategies` (`gt+vbs+fcr`, `continuous:proxy`) and how one strategy runs, from
-predictions to a result: static batches through the scheduler (src.schedule) and an injected batch executor, or
-continuous batching through the engine's queue (or its iteration model in a dry run).
+predictions to a result: static batches through the scheduler (src.scheduling.schedule) and an injected batch
+executor, or continuous batching through the engine's queue (or its iteration model in a dry run).
 
 Adding a strategy modifier means a field of `Strategy`, its parsing here, and its use in `_run_static`; adding a
-predictor needs nothing here (src.predictors' registry).
+predictor needs nothing here (src.predictors.registry' registry).
 """
 
 from __future__ import annotations
@@ -12,16 +12,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
-from .distributed import Processes
-from .metrics import (
+from ..common.distributed import Processes
+from ..common.utils import Timer, UserError, set_seed
+from ..predictors.registry import PREDICTORS
+from ..scheduling.metrics import (
     StrategyResult,
     compute_continuous_metrics,
     compute_metrics,
     continuous_latency_steps,
     latency_metrics,
 )
-from .predictors import PREDICTORS
-from .schedule import (
+from ..scheduling.schedule import (
     PAPER_VBS_TABLE,
     Batch,
     BatchOutcome,
@@ -35,7 +36,6 @@ from .schedule import (
     simulate_continuous,
     simulate_continuous_arrivals,
 )
-from .utils import Timer, UserError, set_seed
 
 STRATEGY_MODIFIERS = ("vbs", "fcr", "resume")
 # +resume retries its failures at these upper quantiles of their predicted lengths, one retry each, before the
@@ -151,7 +151,7 @@ class StaticBatchExecutor:
         return caches
 
     def _drop_kv_cache(self, sample_id: str):
-        from .generate import kv_cache_bytes
+        from ..engines.generate import kv_cache_bytes
 
         cache = self.kv_caches.pop(sample_id, None)
         if cache is not None:
@@ -159,8 +159,8 @@ class StaticBatchExecutor:
         return cache
 
     def _keep_kv_cache(self, sample_id: str, cache) -> None:
-        from .generate import kv_cache_bytes
-        from .utils import free_memory_bytes
+        from ..common.utils import free_memory_bytes
+        from ..engines.generate import kv_cache_bytes
 
         if self.kv_budget_bytes is None:
             self.kv_budget_bytes = int(KV_CACHE_BUDGET * (free_memory_bytes(self.engine.device) or 0))
@@ -170,7 +170,7 @@ class StaticBatchExecutor:
             self.kv_cache_bytes += size
 
     def __call__(self, batch: Batch) -> BatchOutcome:
-        from .generate import generate_splitting_on_oom
+        from ..engines.generate import generate_splitting_on_oom
 
         run_sizes = []  # the rows of each generate call that completed, in order
         timings = []
@@ -310,8 +310,8 @@ class Executors:
 def equal_memory_slots(results: list, longest_prompt: int, max_length: int, batch_size: int) -> int:
     """`--slots auto`: the continuous-batching slots that the KV-cache memory of the largest static batch among
     `results` holds. A static batch holds rows x (its longest prompt + its cap) cache tokens; a slot reserves room for
-    the longest request, longest prompt + max_length (src.continuous sizes the cache so). The dry run knows no prompts
-    and counts generated tokens only. Without a static result: --batch-size slots, the static default's memory."""
+    the longest request, longest prompt + max_length (src.engines.continuous sizes the cache so). The dry run
+    knows no prompts and counts generated tokens only. Without a static result: --batch-size slots, the static default's memory."""
     largest = max(
         (row["cache_tokens"] for result in results if not result["continuous"] for row in result["batches"]),
         default=0,
