@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from src import benchmark
-from src.engines import registry
 from src.common.utils import UserError
+from src.engines import registry
 from src.engines.eager import TransformersEngine
 
 from .conftest import SMALL_LENGTHS, cli_args
