@@ -72,7 +72,8 @@ def add_model_arguments(parser) -> None:
         default=DEFAULT_ENGINE,
         choices=[AUTO_ENGINE, *sorted(ENGINES)],
         help="how the model runs (src/engines/registry.py): transformers = eager generate and its continuous "
-        "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); auto = compiled on CUDA, transformers elsewhere",
+        "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); auto = compiled on CUDA, "
+        "transformers elsewhere",
     )
     parser.add_argument(
         "--conv-template",
