@@ -16,12 +16,13 @@ import time
 
 import torch
 
-from src.common.cli import add_model_arguments, run_cli
+from src.common.cli import run_cli
 from src.common.data import load_conversations, select_samples
 from src.common.models import load_model_and_formatter
 from src.common.utils import synchronize, write_json_atomic
 from src.engines.generate import left_pad
 from src.engines.registry import build_engine
+from src.running.setup import add_model_arguments
 
 
 def main(argv=None):

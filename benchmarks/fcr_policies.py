@@ -17,14 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from src.common.cli import (
-    add_predictor_arguments,
-    check_output_file,
-    check_predictor_arguments,
-    check_range,
-    predictor_context,
-    run_cli,
-)
+from src.common.cli import check_output_file, check_range, run_cli
 from src.common.data import (
     PAPER_TRAIN_DATA,
     default_length_path,
@@ -34,9 +27,11 @@ from src.common.data import (
     select_samples,
 )
 from src.common.utils import UserError, write_json_atomic
+from src.predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from src.predictors.registry import build_predictor
+from src.scheduling.batches import ScheduleConfig
 from src.scheduling.metrics import compute_metrics
-from src.scheduling.schedule import ScheduleConfig, replay_executor, run_schedule
+from src.scheduling.schedule import replay_executor, run_schedule
 
 DEFAULT_RETRY_POLICIES = ("none", "0.8", "0.9", "0.95", "0.8,0.95", "0.7,0.9", "0.6,0.8,0.95", "0.7,0.8,0.9,0.95")
 
@@ -118,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.first_levels, (False, True), (False, True), args.retry_levels
     ):
         if retry and not resume:
-            continue  # capped retries are +resume's (src.running.strategies.resume_retry_levels)
+            continue  # capped retries are +resume's (src.running.settings.resume_retry_levels)
         config = ScheduleConfig(
             batch_size=args.batch_size,
             group_size=args.group_size,

@@ -2,7 +2,7 @@
 compared on the same samples, then the other strategies on the compiled engine and continuous batching at equal
 memory.
 
-    python benchmarks/gpu_table.py --output-dir runs/gpu-table          # Vicuna-7B shape, random fp16 weights
+    python -m benchmarks.gpu_table --output-dir runs/gpu-table          # Vicuna-7B shape, random fp16 weights
 
 Each part is one `python -m src.benchmark` process whose JSON is rewritten after every strategy and whose output goes
 to `log.txt` as it comes, so a run cut off by the budget (or by the machine) still returns every strategy that
@@ -32,11 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from src.common.utils import write_json_atomic, write_text_atomic
+from src.running.settings import equal_memory_slots
 
-from src.common.utils import write_json_atomic, write_text_atomic  # noqa: E402
-from src.running.strategies import equal_memory_slots  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("compiled", "eager", "continuous")
 

@@ -22,7 +22,7 @@ from .common.data import (
 )
 from .common.prompts import QUERY_PROMPT, with_length_prompt
 from .common.utils import write_json_atomic
-from .scheduling.schedule import bucket_of
+from .scheduling.batches import bucket_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

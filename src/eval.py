@@ -18,23 +18,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common.cli import (
-    HelpFormatter,
-    add_model_arguments,
-    add_predictor_arguments,
-    attach_model_if_needed,
-    check_model_arguments,
-    check_output_file,
-    check_predictor_arguments,
-    check_range,
-    predictor_context,
-    run_cli,
-)
+from .common.cli import HelpFormatter, check_output_file, check_range, run_cli
 from .common.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths, require_ids
 from .common.distributed import start_processes
 from .common.figures import plot_predictions, plot_reliability
 from .common.utils import Timer, UserError, write_json_atomic
+from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor
+from .running.setup import add_model_arguments, attach_model_if_needed, check_model_arguments
 from .scheduling.metrics import length_metrics, quantile_coverage
 
 DEFAULT_ADAPTER = "./ckpts/vicuna-response-length-perception-module"
@@ -84,6 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def print_metrics(args: argparse.Namespace, metrics: dict) -> None:
+    print(f"Strategy: {args.strategy}, samples: {metrics['num_samples']} (first rows of {args.data_path})")
+    print(f"Error: {metrics['error']:.1f} tokens")
+    print(f"Acc-50: {metrics['acc_50'] * 100:.1f} %")
+    print(f"Acc-100: {metrics['acc_100'] * 100:.1f} %")
+    print(f"Kendall's tau: {metrics['kendall_tau']:.3f}, Spearman: {metrics['spearman']:.3f}")
+    print(f"Bucket accuracy: {metrics['bucket_accuracy'] * 100:.1f} %")
+    print(f"Unparsable: {metrics['unparsable']}")
+    print(f"Prediction cost: {metrics['seconds_per_1000']:.2f} s per 1000 prompts")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     processes = start_processes(args.device)
@@ -100,13 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     processes.wait()  # start together: the slowest process's time is the run's
     with Timer(device) as timer:
         predicted = predictor.predict(mine) if mine else {}
-    quantile_rows = getattr(predictor, "quantile_rows", None)  # id -> [q-quantile for each level], proxy only
+    quantile_rows = predictor.quantile_rows  # id -> [q-quantile for each level]; None without quantiles
     shares = processes.gather(
         {
             "predictions": predicted,
             "quantiles": None if quantile_rows is None else {sample.id: quantile_rows[sample.id] for sample in mine},
             "seconds": timer.seconds,
-            "unparsable": getattr(predictor, "unparsable", 0),
+            "unparsable": predictor.unparsable,
         }
     )
     if not processes.is_main:
@@ -119,14 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["seconds_per_1000"] = max(share["seconds"] for share in shares) / len(samples) * 1000
     metrics["processes"] = processes.count
     metrics["process_prediction_counts"] = [len(share["predictions"]) for share in shares]
-    print(f"Strategy: {args.strategy}, samples: {metrics['num_samples']} (first rows of {args.data_path})")
-    print(f"Error: {metrics['error']:.1f} tokens")
-    print(f"Acc-50: {metrics['acc_50'] * 100:.1f} %")
-    print(f"Acc-100: {metrics['acc_100'] * 100:.1f} %")
-    print(f"Kendall's tau: {metrics['kendall_tau']:.3f}, Spearman: {metrics['spearman']:.3f}")
-    print(f"Bucket accuracy: {metrics['bucket_accuracy'] * 100:.1f} %")
-    print(f"Unparsable: {metrics['unparsable']}")
-    print(f"Prediction cost: {metrics['seconds_per_1000']:.2f} s per 1000 prompts")
+    print_metrics(args, metrics)
     if quantile_rows is not None:
         rows = {key: value for share in shares for key, value in share["quantiles"].items()}
         levels = list(predictor.quantile_levels)

@@ -26,19 +26,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common.cli import (
-    MAX_SEED,
-    HelpFormatter,
-    add_model_arguments,
-    check_model_arguments,
-    check_output_dir,
-    check_range,
-    run_cli,
-)
+from .common.cli import MAX_SEED, HelpFormatter, check_output_dir, check_range, run_cli
 from .common.data import PAPER_TRAIN_DATA, length_field
 from .common.request_file import check_request_file, read_requests
 from .common.utils import UserError, write_json_atomic, write_text_atomic
 from .predictors.proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, proxy_available
+from .running.setup import add_model_arguments, check_model_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

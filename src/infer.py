@@ -25,40 +25,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from .common.answers import AnswerWriter, answer_row, error_row, read_complete_lines
+from .common.answers import AnswerWriter, answered_ids, merge_rank_files, rank_path, settings_path
 from .common.cli import (
     MAX_SEED,
     HelpFormatter,
-    add_model_arguments,
-    add_predictor_arguments,
-    check_model_arguments,
     check_output_file,
-    check_predictor_arguments,
+    check_outputs_are_not_inputs,
     check_range,
-    predictor_context,
     run_cli,
 )
-from .common.data import Sample, load_length_file, require_ids
+from .common.data import Sample, load_replay_lengths
 from .common.distributed import start_processes
-from .common.request_file import Request, check_request_file, read_requests
-from .common.utils import Timer, UserError, write_json_atomic, write_text_atomic
+from .common.request_file import check_request_file, read_requests
+from .common.utils import UserError, write_json_atomic, write_text_atomic
+from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.proxy import SHIPPED_PROXY_PATH, proxy_available
 from .predictors.registry import PREDICTORS, build_predictor
-from .running.strategies import (
-    StaticBatchExecutor,
-    engine_warmup_seconds,
-    parse_strategy,
-    predict_for_schedule,
-    schedule_config,
-)
-from .scheduling.metrics import data_order_token_slots, token_ratios
-from .scheduling.schedule import PAPER_VBS_TABLE, parse_vbs_table, run_schedule
+from .running.answering import Runner, Totals, groups_of
+from .running.executor import StaticBatchExecutor
+from .running.settings import RunSettings, parse_strategies, parse_vbs_table_flag
+from .running.setup import add_model_arguments, check_model_arguments, load_model_with_engine
+from .scheduling.batches import PAPER_VBS_TABLE
+from .scheduling.metrics import token_ratios
 
 # The best schedule a predictor with quantiles allows (docs/RESUME.md); without one, none.
 DEFAULT_STRATEGY = "proxy+fcr+resume"
@@ -124,20 +114,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--top-p", args.top_p, 0, 1, open_low=True)
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_predictor_arguments(args)
-    try:
-        args.vbs_table_parsed = parse_vbs_table(args.vbs_table)
-    except ValueError as error:
-        raise UserError(f"--vbs-table: {error}") from None
+    parse_vbs_table_flag(args.vbs_table)  # a bad table is named before the paths
     check_paths(args)
-    args.strategy_parsed = choose_strategy(args)
     return args
 
 
-def _same_file(first: str | Path, second: str | Path) -> bool:
-    first, second = Path(first), Path(second)
-    if first.exists() and second.exists():
-        return os.path.samefile(first, second)
-    return first.resolve() == second.resolve()
+def infer_settings(args) -> RunSettings:
+    """The one strategy (--strategy, or the default that loads) and what it runs with; each group's cap and
+    temperature are its requests' own."""
+    return RunSettings(
+        strategies=(choose_strategy(args),),
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        group_size=args.group_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        vbs_table=parse_vbs_table_flag(args.vbs_table),
+    )
 
 
 def check_paths(args) -> None:
@@ -145,13 +139,7 @@ def check_paths(args) -> None:
     check_output_file("--output", args.output)
     check_output_file("--summary-json", args.summary_json)
     inputs = {"--input": args.input, "--replay-lengths": args.replay_lengths, "--length-path": args.length_path}
-    outputs = {"--output": args.output, "--summary-json": args.summary_json}
-    for out_flag, out_path in outputs.items():
-        for in_flag, in_path in inputs.items():
-            if out_path and in_path and _same_file(out_path, in_path):
-                raise UserError(f"{out_flag} {out_path} is the {in_flag} file; choose another {out_flag}")
-    if args.summary_json and _same_file(args.summary_json, args.output):
-        raise UserError("--summary-json and --output name the same file; choose another --summary-json")
+    check_outputs_are_not_inputs({"--output": args.output, "--summary-json": args.summary_json}, inputs)
 
 
 def choose_strategy(args):
@@ -162,7 +150,7 @@ def choose_strategy(args):
         text = DEFAULT_STRATEGY if ready else FALLBACK_STRATEGY
         if not ready:
             print(f"note: strategy {FALLBACK_STRATEGY}, because {reason}", file=sys.stderr)
-    strategy = parse_strategy(text)
+    strategy = parse_strategies([text])[0]
     if strategy.continuous:
         raise UserError(f"--strategy {text}: src.infer runs static batches; use src.benchmark for continuous batching")
     if strategy.predictor == "gt" and args.length_path is None:
@@ -171,21 +159,6 @@ def choose_strategy(args):
 
 
 # --------------------------------------------------------------------------- the output files
-
-
-def rank_path(output: str, rank: int) -> Path:
-    """Where process `rank` appends: the output itself for the main process, a file beside it for the others."""
-    return Path(output) if rank == 0 else Path(f"{output}.rank{rank}.partial")
-
-
-def rank_paths(output: str) -> list[Path]:
-    """The output and every other process's file of an earlier or this run."""
-    path = Path(output)
-    return [path, *sorted(path.parent.glob(f"{path.name}.rank*.partial"))]
-
-
-def settings_path(output: str) -> Path:
-    return Path(f"{output}.settings.json")
 
 
 def answer_settings(args) -> dict:
@@ -213,156 +186,7 @@ def check_settings(args, answered: int) -> None:
         )
 
 
-def answered_ids(output: str, repair: bool) -> set[str]:
-    """Ids with a complete line in the output or a process's file."""
-    return {row["id"] for path in rank_paths(output) for row in read_complete_lines(path, repair)}
-
-
-def merge_rank_files(output: str) -> None:
-    """The main process appends the other processes' lines to the output, then removes their files."""
-    others = rank_paths(output)[1:]
-    if not others:
-        return
-    with AnswerWriter(Path(output)) as writer:
-        present = {row["id"] for row in read_complete_lines(Path(output))}
-        for path in others:
-            for row in read_complete_lines(path):
-                if row["id"] not in present:
-                    writer.add(row)
-                    present.add(row["id"])
-    for path in others:
-        path.unlink()
-
-
 # --------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Totals:
-    """What this process answered, for the summary."""
-
-    requests: int = 0
-    errors: int = 0
-    generated_tokens: int = 0
-    token_slots: int = 0
-    data_order_token_slots: int = 0  # what the same requests would have cost batched in file order
-    truncated: int = 0
-    recomputed: int = 0
-    prediction_s: float = 0.0
-    generation_s: float = 0.0
-    engine_warmup_s: float = 0.0
-    oom_splits: int = 0
-
-
-def groups_of(requests, group_size: int, default_cap: int, default_temperature: float):
-    """(cap, temperature, requests) groups in file order: requests with the same sampling settings, at most
-    `group_size` of them; a setting's group is yielded when it is full, and the rest at the end."""
-    buffers: dict[tuple[int, float], list[Request]] = {}
-    for request in requests:
-        key = (
-            request.max_tokens if request.max_tokens is not None else default_cap,
-            request.temperature if request.temperature is not None else default_temperature,
-        )
-        buffers.setdefault(key, []).append(request)
-        if len(buffers[key]) == group_size:
-            yield (*key, buffers.pop(key))
-    for key, members in buffers.items():
-        yield (*key, members)
-
-
-@dataclass
-class Runner:
-    """One process's model, predictor and executor, answering one group at a time into `writer`."""
-
-    args: argparse.Namespace
-    strategy: object
-    predictor: object
-    formatter: object
-    engine: object
-    executor: StaticBatchExecutor
-    writer: AnswerWriter
-    context_length: int | None
-    replay: dict[str, int] | None
-    totals: Totals = field(default_factory=Totals)
-
-    def answer_group(self, cap: int, temperature: float, requests: list[Request], progress) -> None:
-        runnable, prompt_ids = [], {}
-        for request in requests:
-            ids = self.formatter.encode_conversation(request.messages)
-            if self.context_length is not None and len(ids) + cap > self.context_length:
-                self.refuse(
-                    request.id,
-                    f"a prompt of {len(ids)} tokens and {cap} new tokens exceed the model's context of "
-                    f"{self.context_length} tokens",
-                    progress,
-                )
-                continue
-            runnable.append(request)
-            prompt_ids[request.id] = ids
-        if not runnable:
-            return
-        self.executor.prompt_ids = prompt_ids
-        self.executor.temperature = temperature
-        samples = [Sample(request.id, request.prompt, None) for request in runnable]
-        device = self.engine.device
-        with Timer(device) as prediction_timer:
-            predicted = predict_for_schedule(self.strategy, self.predictor, samples, cap)
-        config = schedule_config(self.strategy, self.args.batch_size, len(runnable), cap, self.args.vbs_table_parsed)
-        started, generated_before, done_before = time.perf_counter(), self.totals.generated_tokens, 0
-
-        def on_result(result, executed) -> None:  # a request's final answer: written with its batch
-            self.writer.add(
-                answer_row(
-                    result.id,
-                    result.text,
-                    len(prompt_ids[result.id]),
-                    result.length,
-                    result.finished,
-                    predicted.lengths[result.id],
-                    executed.batch.attempt + 1,
-                )
-            )
-            self.totals.generated_tokens += result.length
-
-        def on_batch(_executed, done) -> None:
-            nonlocal done_before
-            self.writer.flush()
-            progress.update(done - done_before)
-            done_before = done
-            rate = (self.totals.generated_tokens - generated_before) / max(1e-9, time.perf_counter() - started)
-            progress.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
-
-        warmup_before = engine_warmup_seconds(self.engine)
-        splits_before = self.executor.oom_splits
-        with Timer(device) as generation_timer:
-            record = run_schedule(
-                [sample.id for sample in samples],
-                predicted.lengths,
-                config,
-                self.executor,
-                on_batch,
-                caps=predicted.caps,
-                retry_caps=predicted.retry_caps,
-                on_result=on_result,
-            )
-        warmup = engine_warmup_seconds(self.engine) - warmup_before
-        lengths = [record.results[request.id].length for request in runnable]
-        totals = self.totals
-        totals.requests += len(runnable)
-        totals.token_slots += sum(executed.token_slots for executed in record.batches)
-        totals.data_order_token_slots += data_order_token_slots(lengths, self.args.batch_size)
-        totals.truncated += sum(not result.finished for result in record.results.values())
-        totals.recomputed += sum(result.recomputed for result in record.results.values())
-        totals.prediction_s += prediction_timer.seconds
-        totals.generation_s += generation_timer.seconds - warmup
-        totals.engine_warmup_s += warmup
-        totals.oom_splits += self.executor.oom_splits - splits_before
-
-    def refuse(self, sample_id: str, message: str, progress) -> None:
-        self.writer.add(error_row(sample_id, message))
-        self.writer.flush()
-        self.totals.errors += 1
-        progress.update(1)
 
 
 def summary(totals: list[Totals], args, strategy_label: str, skipped: int, device: str) -> dict:
@@ -422,35 +246,21 @@ def print_summary(result: dict) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
-def load_replay(args, pending: list[str]) -> dict[str, int] | None:
-    if not args.replay_lengths:
-        return None
-    table = load_length_file(args.replay_lengths, (args.replay_field,))
-    require_ids(table, pending, args.replay_lengths)
-    return {sample_id: int(table[sample_id][args.replay_field]) for sample_id in pending}
-
-
 def main(argv: list[str] | None = None) -> dict:
-    from tqdm import tqdm
-
     args = parse_args(argv)
+    settings = infer_settings(args)
+    strategy = settings.strategies[0]
     ids = check_request_file(args.input)  # a malformed file stops here, before any model loads
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
-    check_settings(args, len(answered_ids(args.output, repair=False)))  # in every process: all stop alike
-    processes.wait()
-    if processes.is_main:
-        answered_ids(args.output, repair=True)  # a line a kill cut short is cut off before anything is appended
-    processes.wait()  # every process reads the repaired files
-    answered = answered_ids(args.output, repair=False) & set(ids)
-    pending = [sample_id for sample_id in ids if sample_id not in answered]
-    replay = load_replay(args, pending)
+    answered, pending = pending_ids(args, ids, processes)
+    replay = load_replay_lengths(args.replay_lengths, args.replay_field, pending)
     check_model_arguments(args)  # after the file checks, so that a mistake there is named first; before any load
     context = predictor_context(args)
     predictor = None
-    if not PREDICTORS[args.strategy_parsed.predictor].needs_model:  # a missing predictor fails before the model
-        predictor = build_predictor(args.strategy_parsed.predictor, context)
-        if PREDICTORS[args.strategy_parsed.predictor].uses_length_file:
+    if not PREDICTORS[strategy.predictor].needs_model:  # a missing predictor fails before the model
+        predictor = build_predictor(strategy.predictor, context)
+        if PREDICTORS[strategy.predictor].uses_length_file:
             predictor.predict([Sample(sample_id, "", None) for sample_id in pending])  # every id has a row
     if processes.is_main:
         write_text_atomic(settings_path(args.output), json.dumps(answer_settings(args), indent=2) + "\n")
@@ -458,70 +268,75 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"all {len(ids)} requests of {args.input} are answered in {args.output}", file=sys.stderr)
         return {"requests": 0, "answered_before": len(answered)}
 
-    from .common.models import load_model_and_formatter
-    from .engines.registry import build_engine
-
-    model, tokenizer, formatter, model_path = load_model_and_formatter(
-        args.model, args.device, args.dtype, args.lora_path, args.load_format, args.conv_template
-    )
-    engine = build_engine(args.engine, model, tokenizer)
-    context.model, context.tokenizer, context.formatter, context.engine = model, tokenizer, formatter, engine
-    if predictor is None:
-        predictor = build_predictor(args.strategy_parsed.predictor, context)
+    loaded = load_model_with_engine(args, context)
+    predictor = predictor or build_predictor(strategy.predictor, context)
+    settings = settings.with_predictors({strategy.predictor: predictor})
     if processes.is_main:
         print(
-            f"{len(pending)} requests to answer ({len(answered)} answered before) with {args.strategy_parsed.label}; "
-            f"model {model_path} on {engine.device}, template {formatter.template}"
+            f"{len(pending)} requests to answer ({len(answered)} answered before) with {strategy.label}; "
+            f"model {loaded.path} on {loaded.engine.device}, template {loaded.formatter.template}"
             + (f", {processes.count} processes" if processes.distributed else ""),
             file=sys.stderr,
         )
     if not args.no_warmup:  # one-off costs (allocator, kernels) before the clock starts
-        engine.generate([formatter.encode("Hello")], 2, 0.0)
-    executor = StaticBatchExecutor(engine, {}, args.temperature, replay)
-    executor.top_p = args.top_p
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        loaded.engine.generate([loaded.formatter.encode("Hello")], 2, 0.0)
+    executor = StaticBatchExecutor(loaded.engine, {}, args.temperature, replay, top_p=args.top_p)
+    writer = AnswerWriter(rank_path(args.output, processes.rank))
     runner = Runner(
-        args,
-        args.strategy_parsed,
-        predictor,
-        formatter,
-        engine,
-        executor,
-        AnswerWriter(rank_path(args.output, processes.rank)),
-        getattr(text_config, "max_position_embeddings", None),
-        replay,
+        settings, predictor, loaded.formatter, loaded.engine, executor, writer, context_length(loaded.model)
     )
-    pending_set = set(pending)
-    total = len(pending) if not processes.distributed else None  # each process shows its own share
-    with (
-        runner.writer,
-        tqdm(total=total, unit="request", desc=args.strategy_parsed.label, disable=not processes.is_main) as progress,
-    ):
+    answer_pending(runner, args, strategy.label, set(pending), processes)
+    totals = processes.gather(runner.totals)
+    processes.wait()
+    if not processes.is_main:
+        return {}
+    merge_rank_files(args.output)
+    result = summary(totals, args, strategy.label, len(answered), loaded.engine.device)
+    print_summary(result)
+    if args.summary_json:
+        write_json_atomic(args.summary_json, result)
+    return result
 
-        def runnable():  # the pending requests in file order, as a stream; the main process answers the bad ones
+
+def pending_ids(args, ids: list[str], processes) -> tuple[set[str], list[str]]:
+    """The ids answered before (under the same settings, else refused) and those still to answer, in file order;
+    a line a kill cut short is cut off first."""
+    check_settings(args, len(answered_ids(args.output, repair=False)))  # in every process: all stop alike
+    processes.wait()
+    if processes.is_main:
+        answered_ids(args.output, repair=True)  # a line a kill cut short is cut off before anything is appended
+    processes.wait()  # every process reads the repaired files
+    answered = answered_ids(args.output, repair=False) & set(ids)
+    return answered, [sample_id for sample_id in ids if sample_id not in answered]
+
+
+def context_length(model) -> int | None:
+    """The model's context in tokens, where its config says."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(text_config, "max_position_embeddings", None)
+
+
+def answer_pending(runner: Runner, args, label: str, pending: set[str], processes) -> None:
+    """The pending requests in file order, as a stream, in groups shared round robin (every process reads the same
+    file); the main process answers the malformed ones with an error line."""
+    from tqdm import tqdm
+
+    total = len(pending) if not processes.distributed else None  # each process shows its own share
+    with runner.writer, tqdm(total=total, unit="request", desc=label, disable=not processes.is_main) as progress:
+
+        def runnable():
             for request in read_requests(args.input):
-                if request.id not in pending_set:
+                if request.id not in pending:
                     continue
                 if request.problem is None:
                     yield request
                 elif processes.is_main:
                     runner.refuse(request.id, request.problem, progress)
 
-        # groups are numbered in file order and shared round robin, every process reading the same file
         groups = groups_of(runnable(), args.group_size, args.max_length, args.temperature)
         for number, (cap, temperature, group) in enumerate(groups):
             if number % processes.count == processes.rank:
                 runner.answer_group(cap, temperature, group, progress)
-    totals = processes.gather(runner.totals)
-    processes.wait()
-    if not processes.is_main:
-        return {}
-    merge_rank_files(args.output)
-    result = summary(totals, args, args.strategy_parsed.label, len(answered), engine.device)
-    print_summary(result)
-    if args.summary_json:
-        write_json_atomic(args.summary_json, result)
-    return result
 
 
 if __name__ == "__main__":

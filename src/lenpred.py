@@ -21,16 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from .common.cli import (
-    MAX_SEED,
-    HelpFormatter,
-    add_model_arguments,
-    add_num_data_draw_argument,
-    check_model_arguments,
-    check_output_file,
-    check_range,
-    run_cli,
-)
+from .common.cli import MAX_SEED, HelpFormatter, add_num_data_draw_argument, check_output_file, check_range, run_cli
 from .common.data import (
     PAPER_TRAIN_DATA,
     TEMPERATURES,
@@ -41,6 +32,7 @@ from .common.data import (
 )
 from .common.distributed import Processes, start_processes
 from .common.utils import UserError, set_seed, write_json_atomic
+from .running.setup import add_model_arguments, check_model_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,22 +21,13 @@ import json
 import os
 from pathlib import Path
 
-from .common.cli import (
-    HelpFormatter,
-    add_model_arguments,
-    add_predictor_arguments,
-    attach_model_if_needed,
-    check_model_arguments,
-    check_output_file,
-    check_predictor_arguments,
-    check_range,
-    predictor_context,
-    run_cli,
-)
+from .common.cli import HelpFormatter, check_output_file, check_range, run_cli
 from .common.data import default_length_path, load_conversations
 from .common.utils import UserError, write_text_atomic
+from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor
-from .scheduling.schedule import clamp_prediction
+from .running.setup import add_model_arguments, attach_model_if_needed, check_model_arguments
+from .scheduling.batches import clamp_prediction
 
 # Settings that change the predictions: a partial file made under others cannot be resumed.
 RESUME_KEYS = (
@@ -178,12 +169,12 @@ def main(argv: list[str] | None = None) -> dict:
         context = predictor_context(args)
         attach_model_if_needed(args, context, args.strategy)
         predictor = build_predictor(args.strategy, context)
-        levels = getattr(predictor, "quantile_levels", None)
+        levels = predictor.quantile_levels or None
         with open(partial, "a") as handle, tqdm(total=len(order), initial=len(done), unit="request") as progress:
             for start in range(0, len(todo), args.chunk_size):
                 chunk = todo[start : start + args.chunk_size]
                 predictions = predictor.predict(chunk)
-                rows = getattr(predictor, "quantile_rows", None)
+                rows = predictor.quantile_rows
                 for sample in chunk:
                     quantiles = rows[sample.id] if levels is not None else None
                     row = prediction_row(sample.id, predictions[sample.id], quantiles, levels, args.max_length)

@@ -25,8 +25,8 @@ import torch
 
 from .common.cli import check_output_dir, check_range, run_cli
 from .common.models import check_model_name
+from .common.training import right_pad
 from .common.utils import UserError
-from .engines.generate import right_pad
 
 
 @dataclass
@@ -147,13 +147,9 @@ def forget_earlier_run(folder: Path) -> None:
         shutil.rmtree(checkpoint)
 
 
-def main(argv: list[str] | None = None):
-    from peft import LoraConfig, get_peft_model
-    from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-
-    from .common.models import load_model_and_formatter
-    from .common.utils import write_json_atomic
-    from .engines.generate import eos_token_ids_of
+def parse_args(argv: list[str] | None = None) -> tuple:
+    """(ModelArguments, DataArguments, LoraArguments, RunArguments, TrainingArguments), their values checked."""
+    from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, RunArguments, TrainingArguments))
     try:
@@ -168,6 +164,35 @@ def main(argv: list[str] | None = None):
     check_range("--model_max_length", data_args.model_max_length, 1)
     check_range("--num_data", data_args.num_data, 1)
     check_model_name("--model_name_or_path", model_args.model_name_or_path)
+    return model_args, data_args, lora_args, run_args, training_args
+
+
+def add_lora_adapter(model, lora_args: LoraArguments, seed: int):
+    """The base model with a fresh LoRA adapter on --lora_target_modules, the only weights that train."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    model.config.use_cache = False  # no KV cache while training
+    lora_config = LoraConfig(
+        r=lora_args.lora_r,
+        lora_alpha=lora_args.lora_alpha,
+        lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_args.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    set_seed(seed)  # the adapter's initial weights too: the same command trains the same adapter
+    return get_peft_model(model, lora_config)
+
+
+def main(argv: list[str] | None = None):
+    from transformers import Trainer
+
+    from .common.models import load_model_and_formatter
+    from .common.utils import write_json_atomic
+    from .engines.generate import eos_token_ids_of
+
+    model_args, data_args, lora_args, run_args, training_args = parse_args(argv)
     resume_from = check_output_folder(training_args.output_dir, run_args.overwrite)
     pairs = read_conversations(data_args)
     if run_args.check_only:
@@ -183,17 +208,7 @@ def main(argv: list[str] | None = None):
         encode_example(formatter, human, answer, end_token_id, data_args.model_max_length) for human, answer in pairs
     ]
 
-    model.config.use_cache = False  # no KV cache while training
-    lora_config = LoraConfig(
-        r=lora_args.lora_r,
-        lora_alpha=lora_args.lora_alpha,
-        lora_dropout=lora_args.lora_dropout,
-        target_modules=lora_args.lora_target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    set_seed(training_args.seed)  # the adapter's initial weights too: the same command trains the same adapter
-    model = get_peft_model(model, lora_config)
+    model = add_lora_adapter(model, lora_args, training_args.seed)
     if training_args.local_process_index == 0:
         model.print_trainable_parameters()
         print(f"{len(examples)} examples from {data_args.data_path}, template {formatter.template}, on {device}")

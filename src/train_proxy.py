@@ -23,8 +23,10 @@ import torch
 
 from .common.cli import check_output_dir, check_range, run_cli
 from .common.data import PAPER_TRAIN_DATA
+from .common.training import right_pad
 from .common.utils import UserError
 from .predictors.proxy import CONFIG_NAME, DEFAULT_PROXY_PATH
+from .predictors.proxy_calibration import calibration_record
 
 
 @dataclass
@@ -77,8 +79,6 @@ class PaddingCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict:
-        from .engines.generate import right_pad
-
         input_ids, attention_mask = right_pad([example["input_ids"] for example in examples], self.pad_token_id)
         labels = torch.tensor([example["labels"] for example in examples], dtype=torch.float32)  # [B], or [B, 1 + A]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
@@ -116,12 +116,9 @@ def load_rows(args: ProxyArguments):
     return samples, max_lengths
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from transformers import AutoModel, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
-
-    from .predictors.proxy import LengthProxy, resolve_encoder, save_proxy
-    from .scheduling.metrics import length_metrics
-    from .scheduling.schedule import clamp_prediction
+def parse_args(argv: list[str] | None = None) -> tuple:
+    """(ProxyArguments, TrainingArguments), checked before any data or model loads."""
+    from transformers import HfArgumentParser, TrainingArguments
 
     parser = HfArgumentParser((ProxyArguments, TrainingArguments))
     defaults = {
@@ -159,6 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"{training_args.output_dir} holds a trained predictor: choose another --output_dir, or pass --overwrite "
             "True to replace it"
         )
+    return args, training_args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from .predictors.proxy import save_proxy
+
+    args, training_args = parse_args(argv)
     samples, max_lengths = load_rows(args)
     if len(samples) <= args.holdout:
         raise UserError(f"{args.data_path}: {len(samples)} rows leave none to train on with --holdout {args.holdout}")
@@ -166,65 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.recalibrate_only:
         return recalibrate_saved(training_args.output_dir, held, max_lengths, args.data_path, args.num_data)
 
-    if args.init_from:
-        model, tokenizer, encoder_path, before = start_from_saved(args, held, max_lengths)
-    else:
-        encoder_path = resolve_encoder(args.encoder)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(encoder_path)
-            encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
-        except OSError as error:
-            message = str(error).splitlines()[0]
-            raise UserError(
-                f"encoder {args.encoder} will not load ({message}): pass minilm or a local folder"
-            ) from None
-        before = None
     median = statistics.median(max_lengths[sample.id] for sample in train)
-    auxiliary = auxiliary_lengths(args, [sample.id for sample in train]) if args.auxiliary_weight else {}
-    auxiliary_count = len(next(iter(auxiliary.values()))) if auxiliary else 0
-    if not args.init_from:
-        model = LengthProxy(
-            encoder,
-            tuple(args.quantiles),
-            math.log(median),
-            args.ranking_weight,
-            auxiliary_count,
-            args.auxiliary_weight,
-        )
-
-    def encode(sample) -> dict:
-        ids = tokenizer(sample.prompt, truncation=True, max_length=args.max_tokens).input_ids
-        label = math.log(max(1, max_lengths[sample.id]))
-        if auxiliary:  # [1 + A]: the target, then each temperature's length
-            label = [label] + [math.log(max(1, length)) for length in auxiliary[sample.id]]
-        return {"input_ids": ids, "labels": label}
-
-    training_args.remove_unused_columns = False
-    training_args.label_names = ["labels"]
+    model, tokenizer, encoder_path, before, auxiliary = build_model(args, train, held, max_lengths, median)
     print(f"{len(train)} training rows, {len(held)} held out, from {args.data_path}; encoder {encoder_path}")
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=[encode(sample) for sample in train],
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
-    )
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
+    trainer, train_seconds = train_model(args, training_args, model, tokenizer, train, max_lengths, auxiliary)
 
     holdout_metrics, holdout_predictions = None, {}
     if held and trainer.is_world_process_zero():
-        from .predictors.proxy import LoadedProxy
-
-        model.eval()
-        loaded = LoadedProxy.__new__(LoadedProxy)  # the in-memory model, without a save and reload
-        loaded.model, loaded.tokenizer, loaded.device = model, tokenizer, str(next(model.parameters()).device)
-        loaded.max_tokens, loaded.quantiles = args.max_tokens, tuple(args.quantiles)
-        quantiles = loaded.predict_quantiles([sample.prompt for sample in held])
-        predictions = [clamp_prediction(row[0], 10**9) for row in quantiles]
-        holdout_predictions = {sample.id: row for sample, row in zip(held, quantiles, strict=True)}
-        holdout_metrics = length_metrics(predictions, [max_lengths[sample.id] for sample in held])
-        print(f"held-out {len(held)} rows, {'after' if before else 'trained'}: {describe_metrics(holdout_metrics)}")
+        holdout_metrics, holdout_predictions = evaluate_held_out(args, model, tokenizer, held, max_lengths, before)
     calibration = None
     if held and args.recalibrate and trainer.is_world_process_zero():
         rows = [holdout_predictions[sample.id] for sample in held]
@@ -255,6 +208,79 @@ def main(argv: list[str] | None = None) -> dict:
     }
 
 
+def build_model(args: ProxyArguments, train: list, held: list, max_lengths: dict, median: float):
+    """The model to train, its tokenizer, the encoder folder it starts from, its held-out accuracy before training
+    (--init_from only, else None) and the auxiliary lengths by id ({} without --auxiliary_weight)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .predictors.proxy import resolve_encoder
+    from .predictors.proxy_model import LengthProxy
+
+    if args.init_from:  # --auxiliary_weight was refused with it
+        model, tokenizer, encoder_path, before = start_from_saved(args, held, max_lengths)
+        return model, tokenizer, encoder_path, before, {}
+    encoder_path = resolve_encoder(args.encoder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+        encoder = AutoModel.from_pretrained(encoder_path, dtype=torch.float32)
+    except OSError as error:
+        message = str(error).splitlines()[0]
+        raise UserError(f"encoder {args.encoder} will not load ({message}): pass minilm or a local folder") from None
+    auxiliary = auxiliary_lengths(args, [sample.id for sample in train]) if args.auxiliary_weight else {}
+    auxiliary_count = len(next(iter(auxiliary.values()))) if auxiliary else 0
+    model = LengthProxy(
+        encoder,
+        tuple(args.quantiles),
+        math.log(median),
+        args.ranking_weight,
+        auxiliary_count,
+        args.auxiliary_weight,
+    )
+    return model, tokenizer, encoder_path, None, auxiliary
+
+
+def train_model(args: ProxyArguments, training_args, model, tokenizer, train: list, max_lengths: dict, auxiliary: dict):
+    """Fit the model to the log lengths of the training rows; (the trainer, the seconds it took)."""
+    from transformers import Trainer
+
+    def encode(sample) -> dict:
+        ids = tokenizer(sample.prompt, truncation=True, max_length=args.max_tokens).input_ids
+        label = math.log(max(1, max_lengths[sample.id]))
+        if auxiliary:  # [1 + A]: the target, then each temperature's length
+            label = [label] + [math.log(max(1, length)) for length in auxiliary[sample.id]]
+        return {"input_ids": ids, "labels": label}
+
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=[encode(sample) for sample in train],
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+    )
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - start
+
+
+def evaluate_held_out(args: ProxyArguments, model, tokenizer, held: list, max_lengths: dict, before: dict | None):
+    """The trained model's metrics on the held-out rows, printed, and its quantile predictions by id."""
+    from .predictors.proxy import LoadedProxy
+    from .scheduling.batches import clamp_prediction
+    from .scheduling.metrics import length_metrics
+
+    model.eval()
+    loaded = LoadedProxy.__new__(LoadedProxy)  # the in-memory model, without a save and reload
+    loaded.model, loaded.tokenizer, loaded.device = model, tokenizer, str(next(model.parameters()).device)
+    loaded.max_tokens, loaded.quantiles = args.max_tokens, tuple(args.quantiles)
+    quantiles = loaded.predict_quantiles([sample.prompt for sample in held])
+    predictions = [clamp_prediction(row[0], 10**9) for row in quantiles]
+    holdout_predictions = {sample.id: row for sample, row in zip(held, quantiles, strict=True)}
+    holdout_metrics = length_metrics(predictions, [max_lengths[sample.id] for sample in held])
+    print(f"held-out {len(held)} rows, {'after' if before else 'trained'}: {describe_metrics(holdout_metrics)}")
+    return holdout_metrics, holdout_predictions
+
+
 def describe_metrics(metrics: dict) -> str:
     return (
         f"Error {metrics['error']:.1f} tokens, Acc-50 {metrics['acc_50'] * 100:.1f} %, "
@@ -267,8 +293,8 @@ def start_from_saved(args: ProxyArguments, held: list, max_lengths: dict):
     packaged encoder it was fine-tuned from (None when it stores its encoder whole) and its accuracy on the held-out
     rows before any training (None without held-out rows)."""
     from .predictors.proxy import LoadedProxy, resolve_encoder
+    from .scheduling.batches import clamp_prediction
     from .scheduling.metrics import length_metrics
-    from .scheduling.schedule import clamp_prediction
 
     loaded = LoadedProxy(args.init_from)
     if list(loaded.quantiles) != list(args.quantiles):
@@ -285,35 +311,6 @@ def start_from_saved(args: ProxyArguments, held: list, max_lengths: dict):
     base = resolve_encoder(storage["base"]) if storage.get("kind") == "int8-delta" else None
     loaded.model.train()
     return loaded.model, loaded.tokenizer, base, before
-
-
-def calibration_record(levels, predicted: list[list[float]], targets: list[int], data_path: str) -> dict:
-    """The quantile offsets fitted on the held-out rows, and the coverage of each level before and after, printed."""
-    from .predictors.proxy import recalibration_offsets
-
-    offsets = recalibration_offsets(levels, predicted, targets)
-
-    def coverage(shift) -> list[float]:
-        return [
-            sum(target <= row[index] * math.exp(shift[index]) for row, target in zip(predicted, targets, strict=True))
-            / len(targets)
-            for index in range(len(levels))
-        ]
-
-    before, after = coverage([0.0] * len(levels)), coverage(offsets)
-    print(
-        "quantile recalibration on the held-out rows (coverage before -> after): "
-        + ", ".join(
-            f"q{level:g} {old * 100:.1f} -> {new * 100:.1f} %"
-            for level, old, new in zip(levels, before, after, strict=True)
-        )
-    )
-    return {
-        "log_offsets": offsets,
-        "fitted_on": f"the last {len(targets)} rows of {data_path}",
-        "coverage_before": before,
-        "coverage_after": after,
-    }
 
 
 def recalibrate_saved(folder: str, held: list, max_lengths: dict, data_path: str, num_data: int | None) -> dict:

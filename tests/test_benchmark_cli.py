@@ -11,7 +11,7 @@ import pytest
 
 from src import benchmark
 from src.common.cli import run_cli
-from src.running.strategies import BATCH_ENGINE_FIELDS, BATCH_TIMING_FIELDS
+from src.running.executor import BATCH_ENGINE_FIELDS, BATCH_TIMING_FIELDS
 
 from .conftest import SMALL_LENGTHS, cli_args, write_json
 

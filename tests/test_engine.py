@@ -20,9 +20,9 @@ class RecordingEngine(TransformersEngine):
 
     name = "recording"
 
-    def generate(self, prompts, max_new_tokens, temperature=0.0, replay_lengths=None):
+    def generate(self, prompts, max_new_tokens, temperature=0.0, replay_lengths=None, **options):
         CALLS.append(("generate", len(prompts)))
-        return super().generate(prompts, max_new_tokens, temperature, replay_lengths)
+        return super().generate(prompts, max_new_tokens, temperature, replay_lengths, **options)
 
     def run_queue(self, order, *args, **kwargs):
         CALLS.append(("run_queue", len(order)))
@@ -62,3 +62,48 @@ def test_an_unknown_engine_is_a_user_error(tiny_model):
     model, tokenizer = tiny_model
     with pytest.raises(UserError, match="unknown --engine 'vllm': choose from auto, compiled, transformers"):
         registry.build_engine("vllm", model, tokenizer)
+
+
+# A whole engine as a user would write one: a module with one class over the contract's defaults (no kept caches,
+# no continuous batching), and nothing else.
+PLAIN_ENGINE_MODULE = """
+from src.engines.base import EngineBase
+from src.engines.generate import eos_token_ids_of, generate_batch
+
+
+class PlainEngine(EngineBase):
+    name = "plain"
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, replay_lengths=None, prefix_caches=None,
+                 keep_caches=False, top_p=1.0):
+        self.check_cache_arguments(prefix_caches, keep_caches)
+        eos = eos_token_ids_of(self.model, self.tokenizer)
+        return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens, temperature, replay_lengths, eos,
+                              top_p=top_p)
+"""
+
+
+def test_a_new_engine_is_one_module_and_one_registry_line(eos_model_dir, small_data, tmp_path, monkeypatch):
+    """The module above and its line in ENGINES run every static strategy, +resume included (its failures prefilled
+    again, since the engine keeps no caches), with the same answers as the eager engine; continuous batching, which
+    it lacks, is refused as a user's mistake naming it."""
+    (tmp_path / "plain_engine.py").write_text(PLAIN_ENGINE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(registry.ENGINES, "plain", "plain_engine:PlainEngine")
+    data, lengths = small_data
+    flags = cli_args(model=eos_model_dir, device="cpu", data_path=data, length_path=lengths, max_length=24)
+    strategies = ["--strategies", "vanilla", "gt+fcr", "gt+fcr+resume", "--gt-field", "L_t0.0", "--batch-size", "2"]
+    answers = {}
+    for engine in ("plain", "transformers"):
+        folder = tmp_path / engine
+        output = benchmark.main([*flags, *strategies, "--engine", engine, "--answers-dir", str(folder)])
+        assert output["args"]["engine_resolved"] == engine
+        resumed = output["results"][2]
+        assert resumed["resumed_tokens"] > 0  # gt's lengths are not this model's: failures continue from their tokens
+        reused = sum(batch["kv_reused_tokens"] for batch in resumed["batches"])
+        assert (reused > 0) == (engine == "transformers")  # only the eager engine keeps caches
+        answers[engine] = {path.name: path.read_text() for path in sorted(folder.iterdir())}
+    assert list(answers["plain"]) == ["gt+fcr+resume.jsonl", "gt+fcr.jsonl", "vanilla.jsonl"]
+    assert answers["plain"] == answers["transformers"]
+    with pytest.raises(UserError, match="engine plain has no continuous batching"):
+        benchmark.main([*flags, "--strategies", "continuous", "--engine", "plain"])

@@ -114,7 +114,7 @@ def test_slots_auto_gives_continuous_batching_the_largest_static_batch_memory(sm
 def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, tmp_path):
     data, lengths = small_data
     out = tmp_path / "table"
-    command = [sys.executable, str(PROJECT / "benchmarks" / "gpu_table.py"), "--output-dir", str(out)]
+    command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out)]
     flags = ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
     flags += ["--replay-lengths", str(lengths), "--num-data", "6", "--batch-size", "2", "--max-length", "8"]
     flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--budget-s", "600"]
@@ -150,7 +150,7 @@ def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
     out.mkdir()
     (out / "compiled.json").write_text(json.dumps({"results": [{"strategy": "stale"}]}))  # an earlier run's
     done = subprocess.run(
-        [sys.executable, str(PROJECT / "benchmarks" / "gpu_table.py"), "--output-dir", str(out), "--budget-s", "0"],
+        [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out), "--budget-s", "0"],
         cwd=PROJECT,
         capture_output=True,
         text=True,

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from src.common.models import load_model_and_formatter
 from src.engines.registry import build_engine
-from src.running.strategies import StaticBatchExecutor
-from src.scheduling.schedule import Batch, ScheduleConfig, run_schedule
+from src.running.executor import StaticBatchExecutor
+from src.scheduling.batches import Batch, ScheduleConfig
+from src.scheduling.schedule import run_schedule
 
 PROMPTS = {
     "a": "Name a color.",
@@ -55,13 +56,12 @@ def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir):
     config = ScheduleConfig(batch_size=2, max_length=24, fcr=True, resume=True)
     # with the failures' KV caches kept (the eager engine does), and with no room to keep them (prefilled again)
     for budget, reuses in ((None, True), (0, False)):
-        executor.timings.clear()
-        executor.kv_budget_bytes = budget
+        executor.kept.budget_bytes = budget
         record = run_schedule(list(PROMPTS), predictions, config, executor, retry_caps=retry_caps)
         assert any(batch.batch.resume_from for batch in record.batches)
-        assert any(timing["kv_reused_tokens"] for timing in executor.timings) == reuses
+        assert any(batch.executor_fields["kv_reused_tokens"] for batch in record.batches) == reuses
         assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
-        assert not executor.kv_caches and executor.kv_cache_bytes == 0  # every kept cache was taken back
+        assert not executor.kept.kv_caches and executor.kept.kv_cache_bytes == 0  # every kept cache was taken back
 
 
 def test_resumed_failures_chain_kept_caches_through_capped_retries(tiny_model_dir):
@@ -74,10 +74,10 @@ def test_resumed_failures_chain_kept_caches_through_capped_retries(tiny_model_di
     config = ScheduleConfig(batch_size=2, max_length=120, fcr=True, resume=True)
     record = run_schedule(list(PROMPTS), predictions, config, executor, retry_caps=retry_caps)
     assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
-    reused = [timing["kv_reused_tokens"] for timing in executor.timings[len(PROMPTS) :]]
+    reused = [batch.executor_fields["kv_reused_tokens"] for batch in record.batches]
     attempts = [batch.batch.attempt for batch in record.batches]
     assert any(count for count, attempt in zip(reused, attempts, strict=True) if attempt == 2)
-    assert not executor.kv_caches
+    assert not executor.kept.kv_caches
 
     # members at different points: first caps 2 and 4; b's retry cap 100 sorts the retries into (a, c) and (d, b),
     # which stop at 52, 54, 102 and 100; the last retry (d, b) runs 20 more, so d passes 120 and its text is cut

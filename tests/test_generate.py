@@ -8,9 +8,10 @@ import torch
 from src.common.prompts import VICUNA_TEMPLATE, PromptFormatter
 from src.engines.generate import generate_batch
 from src.engines.registry import build_engine
-from src.running.strategies import StaticBatchExecutor
+from src.running.executor import StaticBatchExecutor
+from src.scheduling.batches import ScheduleConfig
 from src.scheduling.metrics import compute_metrics
-from src.scheduling.schedule import ScheduleConfig, replay_executor, run_schedule
+from src.scheduling.schedule import replay_executor, run_schedule
 
 from .conftest import SMALL_LENGTHS
 

@@ -15,7 +15,7 @@ from src.common.data import load_conversations
 from src.common.utils import UserError
 from src.predictors.proxy import CONFIG_NAME, ENCODER_DELTA_NAME, HEAD_NAME, LoadedProxy
 from src.predictors.registry import PredictorContext, build_predictor
-from src.scheduling.schedule import ScheduleConfig, plan_first_batches
+from src.scheduling.batches import ScheduleConfig, plan_first_batches
 
 DEMO = Path(__file__).resolve().parents[1] / "data"
 
@@ -202,7 +202,7 @@ def test_missing_or_corrupt_predictor_is_a_clear_error(damage, tmp_path, capsys,
 def test_recalibration_offsets_by_hand():
     import math
 
-    from src.predictors.proxy import recalibration_offsets
+    from src.predictors.proxy_calibration import recalibration_offsets
 
     predicted = [[10.0], [10.0], [10.0], [10.0]]
     targets = [5, 10, 20, 40]  # log-residuals: log 0.5, 0, log 2, log 4
@@ -299,7 +299,7 @@ def test_the_auxiliary_loss_learns_every_temperature_and_leaves_the_prediction_a
     import torch
     from transformers import BertConfig, BertModel
 
-    from src.predictors.proxy import LengthProxy, pinball_loss
+    from src.predictors.proxy_model import LengthProxy, pinball_loss
     from src.train_proxy import ProxyArguments, auxiliary_lengths
 
     table = auxiliary_lengths(ProxyArguments(data_path=str(DEMO / "demo.json")), ["demo-1", "demo-2"])

@@ -6,19 +6,17 @@ import random
 
 import pytest
 
-from src.scheduling.metrics import compute_continuous_metrics, compute_metrics
-from src.scheduling.schedule import (
+from src.scheduling.batches import (
     PAPER_VBS_TABLE,
     ScheduleConfig,
-    admission_order,
     bucket_of,
     parse_vbs_table,
     plan_first_batches,
     plan_recompute,
-    replay_executor,
-    run_schedule,
-    simulate_continuous,
 )
+from src.scheduling.continuous import admission_order, simulate_continuous
+from src.scheduling.metrics import compute_continuous_metrics, compute_metrics
+from src.scheduling.schedule import replay_executor, run_schedule
 
 from .conftest import SMALL_LENGTHS
 
@@ -247,7 +245,8 @@ def test_admission_order_sorts_within_groups_only():
 
 
 def test_a_batch_split_for_memory_is_charged_as_its_pieces_ran():
-    from src.scheduling.schedule import Batch, ExecutedBatch
+    from src.scheduling.batches import Batch
+    from src.scheduling.schedule import ExecutedBatch
 
     lengths, batch = {"a": 2, "b": 8, "c": 3}, Batch(("a", "b", "c"), 8, 0)
     whole = ExecutedBatch(batch, lengths, dict.fromkeys(lengths, True))
@@ -257,8 +256,8 @@ def test_a_batch_split_for_memory_is_charged_as_its_pieces_ran():
 
 
 def test_continuous_arrivals_fcfs_shortest_first_and_aging_by_hand():
+    from src.scheduling.continuous import simulate_continuous_arrivals
     from src.scheduling.metrics import compute_continuous_metrics
-    from src.scheduling.schedule import simulate_continuous_arrivals
 
     lengths = {"a": 3, "b": 10, "c": 1, "d": 6, "e": 2, "f": 8}
     arrivals = {sample_id: float(index) for index, sample_id in enumerate(lengths)}  # one per step, in this order
@@ -285,7 +284,7 @@ def test_continuous_arrivals_fcfs_shortest_first_and_aging_by_hand():
 
 
 def test_a_slot_idles_until_the_next_request_arrives():
-    from src.scheduling.schedule import simulate_continuous_arrivals
+    from src.scheduling.continuous import simulate_continuous_arrivals
 
     record = simulate_continuous_arrivals({"a": 0.0, "b": 10.0}, {"a": 2, "b": 3}, 2, 512)
     assert record.finish_steps == {"a": 2, "b": 13}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from src import benchmark
-from src.running.vbs_auto import StepCosts, choose_schedule, estimate_seconds
-from src.scheduling.schedule import PAPER_VBS_TABLE, ScheduleConfig, plan_first_batches
+from src.scheduling.batches import PAPER_VBS_TABLE, ScheduleConfig, plan_first_batches
+from src.scheduling.vbs_choice import StepCosts, choose_schedule, estimate_seconds
 
 from .test_benchmark_cli import base_args
 from .test_schedule import random_case
@@ -77,9 +77,9 @@ def test_benchmark_with_auto_table(tiny_model_dir, small_data, tmp_path):
 def test_benchmark_plans_from_the_calibrated_costs(tiny_model_dir, small_data, tmp_path, monkeypatch):
     """With GPU-like costs (flat in the batch size, a cache of 256 x 114 tokens) every prediction of the tiny run
     lies in the 50 bucket and one batch of all six is cheapest: 8 steps x 6 rows."""
-    import src.running.vbs_auto
+    import src.running.vbs_calibration
 
-    monkeypatch.setattr(src.running.vbs_auto, "timed_calibration", lambda *args: (GPU_LIKE, 0.0))
+    monkeypatch.setattr(src.running.vbs_calibration, "timed_calibration", lambda *args: (GPU_LIKE, 0.0))
     data, lengths = small_data
     argv = base_args(tiny_model_dir, data, lengths, tmp_path / "auto.json")
     output = benchmark.main(argv + ["--strategies", "gt+vbs+fcr", "--vbs-table", "auto", "--no-warmup"])

@@ -101,3 +101,63 @@ def write_answer_file(path: str | Path, rows: list[dict]) -> None:
     from .utils import write_text_atomic
 
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def answer_rows(result: dict, finals: dict, prompt_lengths: dict | None) -> list[dict]:
+    """src.benchmark --answers-dir: this process's answer lines of a static strategy, from the final results that
+    run_schedule told."""
+    rows = []
+    for sample in result["samples"]:
+        if sample["id"] in finals:
+            final, attempts = finals[sample["id"]]
+            prompt_tokens = (prompt_lengths or {}).get(sample["id"], 0)
+            rows.append(
+                answer_row(
+                    final.id, final.text, prompt_tokens, final.length, final.finished, sample["prediction"], attempts
+                )
+            )
+    return rows
+
+
+def keep_answers(folder: str, label: str, rows: list[dict], ids: list[str]) -> str:
+    """DIR/LABEL.jsonl, in data order, written in one step."""
+    order = {sample_id: index for index, sample_id in enumerate(ids)}
+    path = Path(folder) / f"{label.replace(':', '-')}.jsonl"
+    write_answer_file(path, sorted(rows, key=lambda row: order[row["id"]]))
+    return str(path)
+
+
+def rank_path(output: str, rank: int) -> Path:
+    """Where process `rank` appends: the output itself for the main process, a file beside it for the others."""
+    return Path(output) if rank == 0 else Path(f"{output}.rank{rank}.partial")
+
+
+def rank_paths(output: str) -> list[Path]:
+    """The output and every other process's file of an earlier or this run."""
+    path = Path(output)
+    return [path, *sorted(path.parent.glob(f"{path.name}.rank*.partial"))]
+
+
+def settings_path(output: str) -> Path:
+    return Path(f"{output}.settings.json")
+
+
+def answered_ids(output: str, repair: bool) -> set[str]:
+    """Ids with a complete line in the output or a process's file."""
+    return {row["id"] for path in rank_paths(output) for row in read_complete_lines(path, repair)}
+
+
+def merge_rank_files(output: str) -> None:
+    """The main process appends the other processes' lines to the output, then removes their files."""
+    others = rank_paths(output)[1:]
+    if not others:
+        return
+    with AnswerWriter(Path(output)) as writer:
+        present = {row["id"] for row in read_complete_lines(Path(output))}
+        for path in others:
+            for row in read_complete_lines(path):
+                if row["id"] not in present:
+                    writer.add(row)
+                    present.add(row["id"])
+    for path in others:
+        path.unlink()

@@ -1,5 +1,6 @@
-"""What every command-line entry point shares: `run_cli` (a user's mistake becomes one line and exit status 2)
-and the argument groups of the model and of the length predictors."""
+"""What every command-line entry point shares: `run_cli` (a user's mistake becomes one line and exit status 2), the
+help format, and the checks of numbers and output paths that run before any work. The model's flags are in
+src.running.setup, the length predictors' in src.predictors.flags."""
 
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..engines.registry import AUTO_ENGINE, DEFAULT_ENGINE, ENGINES
 from .distributed import end_processes
-from .models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS, check_adapter_path, check_model_name
-from .utils import UserError, resolve_device
+from .utils import UserError
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
@@ -46,43 +45,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def add_model_arguments(parser) -> None:
-    """The flags every CLI that loads a model shares."""
-    parser.add_argument(
-        "--model",
-        default="./ckpts/vicuna-7b",
-        help=f"local folder, hub id, or an offline alias: {SMOLLM2_ALIAS} (the packaged SmolLM2-135M-Instruct) or "
-        f"{VICUNA_SHAPE_ALIAS} (Vicuna-7B's architecture without weights, with --load-format dummy)",
-    )
-    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        help="weights dtype; auto is float16 on CUDA/MPS (as the paper) and float32 on CPU",
-    )
-    parser.add_argument(
-        "--load-format",
-        default="auto",
-        choices=["auto", "dummy"],
-        help="dummy keeps the architecture and tokenizer but draws random weights (system measurements only)",
-    )
-    parser.add_argument(
-        "--engine",
-        default=DEFAULT_ENGINE,
-        choices=[AUTO_ENGINE, *sorted(ENGINES)],
-        help="how the model runs (src/engines/registry.py): transformers = eager generate and its continuous "
-        "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); auto = compiled on CUDA, "
-        "transformers elsewhere",
-    )
-    parser.add_argument(
-        "--conv-template",
-        default=None,
-        help="fastchat template name, or chat_template for the tokenizer's own; "
-        "default: vicuna_v1.1 for Vicuna models, else the tokenizer's chat template",
-    )
-
-
 def add_num_data_draw_argument(parser) -> None:
     """--num-data of the commands that draw their samples as upstream did (src.eval takes the first rows instead)."""
     parser.add_argument(
@@ -92,71 +54,6 @@ def add_num_data_draw_argument(parser) -> None:
         help="a random draw of this many samples, seeded by --seed, as upstream (src.eval takes the first rows "
         "instead); default all",
     )
-
-
-def check_model_arguments(args, needs_model: bool = True) -> None:
-    """Before any load: --model names a model's folder (when the command will load one) and --lora-path an adapter."""
-    if needs_model:
-        check_model_name("--model", args.model)
-    check_adapter_path("--lora-path", getattr(args, "lora_path", None))
-
-
-def add_predictor_arguments(parser) -> None:
-    """The flags of the length predictors that src.benchmark and src.eval share."""
-    from ..predictors.proxy import SHIPPED_PROXY_PATH
-
-    parser.add_argument(
-        "--prediction-batch-size", type=int, default=128, help="prompts per length-prediction batch (po, seqsch)"
-    )
-    parser.add_argument("--constant-length", type=int, default=None, help="the length of strategy constant")
-    parser.add_argument(
-        "--predictor-path",
-        default=SHIPPED_PROXY_PATH,
-        help="folder of a proxy predictor (python -m src.train_proxy or src.fit_proxy); default: the one that ships, "
-        "trained on Vicuna-7B's lengths",
-    )
-
-
-def check_predictor_arguments(args) -> None:
-    """The ranges of the flags `add_predictor_arguments` adds (not given: passes)."""
-    check_range("--prediction-batch-size", args.prediction_batch_size, 1)
-    check_range("--constant-length", args.constant_length, 1)
-
-
-def predictor_context(args):
-    """The PredictorContext of a CLI's parsed flags (`add_predictor_arguments`, --max-length, --length-path,
-    --device, and --gt-field where the CLI has it); the model is attached once it is loaded."""
-    from ..predictors.registry import PredictorContext
-
-    return PredictorContext(
-        max_length=args.max_length,
-        length_path=args.length_path,
-        options={
-            "prediction_batch_size": args.prediction_batch_size,
-            "constant_length": args.constant_length,
-            "gt_field": getattr(args, "gt_field", None),
-            "predictor_path": args.predictor_path,
-            "predictor_device": resolve_device(args.device),
-        },
-    )
-
-
-def attach_model_if_needed(args, context, strategy: str) -> str:
-    """Load the model, its formatter and its engine into `context` when the predictor generates (po, seqsch), from
-    the model flags; returns the device the predictions run on (the proxy's own, else the CPU)."""
-    from ..predictors.registry import PREDICTORS
-
-    if not PREDICTORS[strategy].needs_model:
-        return context.options["predictor_device"] if strategy == "proxy" else "cpu"
-    from ..engines.registry import build_engine
-    from .models import load_model_and_formatter
-
-    model, tokenizer, formatter, _ = load_model_and_formatter(
-        args.model, args.device, args.dtype, getattr(args, "lora_path", None), args.load_format, args.conv_template
-    )
-    context.model, context.tokenizer, context.formatter = model, tokenizer, formatter
-    context.engine = build_engine(args.engine, model, tokenizer)
-    return str(model.device)
 
 
 # --------------------------------------------------------------------------- checks before any work
@@ -221,3 +118,23 @@ def check_output_dir(flag: str, path) -> None:
             raise UserError(f"{flag} {path} cannot be written; choose a folder you can write to")
         return
     _check_can_create(flag, path)
+
+
+def _same_file(first: str | Path, second: str | Path) -> bool:
+    first, second = Path(first), Path(second)
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
+
+
+def check_outputs_are_not_inputs(outputs: dict, inputs: dict) -> None:
+    """Before any work: no output flag names the file of an input flag or of an earlier output flag (flag -> path;
+    None: not given), so that no run writes over what it reads."""
+    named = dict(inputs)
+    for out_flag, out_path in outputs.items():
+        for in_flag, in_path in named.items():
+            if out_path and in_path and _same_file(out_path, in_path):
+                if in_flag in inputs:
+                    raise UserError(f"{out_flag} {out_path} is the {in_flag} file; choose another {out_flag}")
+                raise UserError(f"{out_flag} and {in_flag} name the same file; choose another {out_flag}")
+        named[out_flag] = out_path

@@ -98,6 +98,16 @@ def require_ids(table: dict, ids: list[str], path: str | Path) -> None:
         )
 
 
+def load_replay_lengths(path: str | Path | None, field_name: str, ids: list[str]) -> dict[str, int] | None:
+    """--replay-lengths: each of `ids` with its recorded length in column `field_name` (every id must have a row);
+    None when no file is given."""
+    if not path:
+        return None
+    table = load_length_file(path, (field_name,))
+    require_ids(table, ids, path)
+    return {sample_id: int(table[sample_id][field_name]) for sample_id in ids}
+
+
 def temperature_fields(row: dict) -> list[str]:
     """The row's length columns, `L_t<temperature>` (the paper records four; a row may hold fewer)."""
     return [key for key in row if key.startswith("L_t")]

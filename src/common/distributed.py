@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from .utils import UserError
+
 Item = TypeVar("Item")
 
 
@@ -132,3 +134,14 @@ def end_processes(finished: bool = True) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
+
+
+def share_groups(samples: list, group_size: int, processes: Processes) -> list:
+    """This process's samples: whole groups, every K-th one, so each group is scheduled as in one process."""
+    groups = -(-len(samples) // group_size)
+    if groups < processes.count:
+        raise UserError(
+            f"{len(samples)} samples make {groups} group(s) of --group-size {group_size}, fewer than the "
+            f"{processes.count} processes: use a smaller --group-size or fewer processes"
+        )
+    return [sample for group in processes.share(samples, group_size) for sample in group]

@@ -151,20 +151,6 @@ def cpu_has_bf16_instructions() -> bool | None:
     return None
 
 
-def free_memory_bytes(device) -> int | None:
-    """Free memory of a CUDA device, or the host's available memory for any other; None where unknown."""
-    import torch
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def describe_device(device: str) -> str:
     """What a result was measured on, in words: the GPU's name, or the CPU's core count."""
     if device.startswith("cuda"):

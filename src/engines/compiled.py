@@ -8,7 +8,8 @@ step, and their results are dropped), and its cache length up to a multiple of `
 compiled once with dynamic shapes; each new (rows, cache length) pair then costs one warm-up (CUDA graphs are recorded
 per shape), run here on filler prompts, timed in `warmup_seconds` and kept out of every throughput. The caches are
 kept per shape, so a replayed graph finds its cache at the same address, and the least recently used ones are dropped
-when they would take more than `CACHE_MEMORY_FRACTION` of the memory that was free when the engine started.
+when they would take more than their share of the memory that was free when the engine started
+(`memory.COMPILED_STATIC_CACHES`).
 
 Continuous batching is the `transformers` engine's (transformers' manager captures its own CUDA graphs).
 """
@@ -18,16 +19,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+from ..common.memory import COMPILED_STATIC_CACHES, budget_bytes
 from ..common.models import kv_cache_bytes_per_token
-from ..common.utils import free_memory_bytes
 from .eager import TIMED_STEPS, TransformersEngine
 from .generate import GeneratedSample, StepClock, generate_batch
 
 # Cache lengths are multiples of this: a longer step wastes attention over empty positions, a shorter one compiles
 # (records) more shapes. 128 keeps a batch of max length 512 within 25 % of its need.
 CACHE_LENGTH_STEP = 128
-# At most this share of the memory free at the start holds the kept caches (the rest is for activations).
-CACHE_MEMORY_FRACTION = 0.5
 # New tokens of a shape's warm-up: CUDA graph trees run a new shape once eagerly, record it on the second call and
 # replay it from the third.
 WARMUP_TOKENS = 4
@@ -58,8 +57,7 @@ class CompiledEngine(TransformersEngine):
         self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
         self.caches: OrderedDict[tuple[int, int], object] = OrderedDict()  # (rows, length) -> StaticCache, LRU first
         self.bytes_per_token = kv_cache_bytes_per_token(model) or 0
-        free = free_memory_bytes(model.device)
-        self.cache_budget_bytes = None if free is None else int(free * CACHE_MEMORY_FRACTION)
+        self.cache_budget_bytes = budget_bytes(COMPILED_STATIC_CACHES, model.device)
         self.filler_prompt = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos_token_ids[0]]
         self.warmed_shapes: list[tuple[int, int]] = []  # in the order they were first prepared
 
@@ -119,8 +117,11 @@ class CompiledEngine(TransformersEngine):
         max_new_tokens: int,
         temperature: float = 0.0,
         replay_lengths: list[int] | None = None,
+        prefix_caches: list[tuple] | None = None,
+        keep_caches: bool = False,
         top_p: float = 1.0,
     ) -> list[GeneratedSample]:
+        self.check_cache_arguments(prefix_caches, keep_caches)
         rows = padded_rows(len(prompts))
         width = max(len(prompt) for prompt in prompts)
         cache = self._cache_for(rows, cache_length(width + max_new_tokens))

@@ -46,6 +46,41 @@ def continuous_config(prompt_lengths: list[int], max_length: int, slots: int) ->
     )
 
 
+def queue_requests(
+    manager, order: list[str], prompt_ids: dict[str, list[int]], max_length: int, replay: dict[str, int] | None
+) -> None:
+    """Queue every request in `order`, the order the engine admits them in."""
+    for sample_id in order:
+        if replay is not None:
+            manager.add_request(
+                prompt_ids[sample_id],
+                request_id=sample_id,
+                max_new_tokens=min(max(1, replay[sample_id]), max_length),
+                eos_token_id=NO_EOS,
+            )
+        else:
+            manager.add_request(prompt_ids[sample_id], request_id=sample_id, max_new_tokens=max_length)
+
+
+def wait_for_results(manager, count: int, on_result: Callable[[int], None] | None) -> dict:
+    """Every one of the `count` queued requests' finished result, by request id; `on_result(done)` after each."""
+    results = {}
+    while len(results) < count:
+        result = manager.get_result(timeout=1)
+        if result is None:
+            if not manager.is_running():
+                raise RuntimeError(f"continuous batching stopped after {len(results)} of {count} requests")
+            continue
+        if not result.is_finished():
+            continue
+        if result.error is not None:
+            raise RuntimeError(f"continuous batching failed on id {result.request_id}: {result.error}")
+        results[result.request_id] = result
+        if on_result:
+            on_result(len(results))
+    return results
+
+
 # no_grad, never inference_mode: the engine's worker thread updates its static tensors outside inference mode,
 # and on CUDA (where its warm-up runs) tensors made under inference mode here made it fail with "Inplace update to
 # inference tensor outside InferenceMode is not allowed". The engine's own steps run under no_grad.
@@ -78,7 +113,6 @@ def run_continuous(
     config = continuous_config([len(prompt_ids[sample_id]) for sample_id in order], max_length, slots)
     if seed is not None:
         config.seed = seed
-    results = {}
     setup_start = time.perf_counter()
     with model.continuous_batching_context_manager(
         generation_config=generation_config,
@@ -89,29 +123,8 @@ def run_continuous(
     ) as manager:
         start = time.perf_counter()
         warmup = start - setup_start
-        for sample_id in order:
-            if replay is not None:
-                manager.add_request(
-                    prompt_ids[sample_id],
-                    request_id=sample_id,
-                    max_new_tokens=min(max(1, replay[sample_id]), max_length),
-                    eos_token_id=NO_EOS,
-                )
-            else:
-                manager.add_request(prompt_ids[sample_id], request_id=sample_id, max_new_tokens=max_length)
-        while len(results) < len(order):
-            result = manager.get_result(timeout=1)
-            if result is None:
-                if not manager.is_running():
-                    raise RuntimeError(f"continuous batching stopped after {len(results)} of {len(order)} requests")
-                continue
-            if not result.is_finished():
-                continue
-            if result.error is not None:
-                raise RuntimeError(f"continuous batching failed on id {result.request_id}: {result.error}")
-            results[result.request_id] = result
-            if on_result:
-                on_result(len(results))
+        queue_requests(manager, order, prompt_ids, max_length, replay)
+        results = wait_for_results(manager, len(order), on_result)
     lengths, finished, texts, finish_seconds = {}, {}, {}, {}
     for sample_id in order:
         result = results[sample_id]

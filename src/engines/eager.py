@@ -8,26 +8,24 @@ from collections.abc import Callable
 
 import torch
 
+from .base import EngineBase
 from .continuous import ContinuousOutcome, run_continuous
-from .generate import BatchTiming, GeneratedSample, StepClock, eos_token_ids_of, generate_batch
+from .generate import GeneratedSample, StepClock, eos_token_ids_of, generate_batch
 
 # Decode steps per timing in `decode_step_seconds`: enough to average out the first step's allocations.
 TIMED_STEPS = 8
 
 
-class TransformersEngine:
+class TransformersEngine(EngineBase):
     name = "transformers"
     # generate() takes and returns rows' KV caches (prefix_caches, keep_caches), so that a resumed FCR failure skips
     # its prefill
     keeps_kv_caches = True
 
     def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
-        self.device = str(model.device)
+        super().__init__(model, tokenizer)
         self.eos_token_ids = eos_token_ids_of(model, tokenizer)
         self._random_prompts = torch.Generator().manual_seed(0)  # the calibration's prompts, the same every run
-        self.last_timing: BatchTiming | None = None  # where the last `generate` call's time went
-        self.warmup_seconds = 0.0  # one-off costs paid inside calls (compilation); the eager engine has none
 
     def generate(
         self,

@@ -142,17 +142,6 @@ def eos_token_ids_of(model, tokenizer) -> list[int]:
     return [int(token_id) for token_id in ids if token_id is not None]
 
 
-def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training batches: each row starts at column 0, padding and a zero mask after it."""
-    width = max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, T]
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    return input_ids, attention_mask
-
-
 def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts end at the same column, so every row's next token is generated at the same position."""
     width = max(len(prompt) for prompt in prompts)
@@ -170,6 +159,31 @@ def sampling_arguments(temperature: float, top_p: float = 1.0) -> dict:
     if temperature <= 0:
         return {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     return {"do_sample": True, "temperature": float(temperature), "top_k": 0, "top_p": float(top_p)}
+
+
+def samples_from_output(
+    tokenizer, output: torch.Tensor, prompt_length: int, prompts: list[list[int]], eos_token_ids: list[int], cache
+) -> list[GeneratedSample]:
+    """Each row of `generate`'s output (output: [B, prompt_length + T], the prompts left-padded) cut after its first
+    EOS, and given the batch's `cache` (None: keep none), each unfinished row's own KV cache."""
+    new_tokens = output[:, prompt_length:].cpu()  # [B, T], T <= max_new_tokens
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids))  # [B, T]
+    samples = []
+    for row in range(new_tokens.shape[0]):
+        eos_positions = is_eos[row].nonzero(as_tuple=True)[0]
+        finished = len(eos_positions) > 0
+        length = int(eos_positions[0]) + 1 if finished else new_tokens.shape[1]
+        token_ids = new_tokens[row, :length].tolist()
+        text = tokenizer.decode(token_ids, skip_special_tokens=True)
+        kv_cache = None
+        if cache is not None and not finished:  # it ran every step: its cache holds no padding after its tokens
+            start = prompt_length - len(prompts[row])
+            kv_cache = tuple(
+                (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
+                for layer in cache.layers
+            )
+        samples.append(GeneratedSample(length, finished, text, token_ids, kv_cache))
+    return samples
 
 
 def generate_batch(
@@ -223,24 +237,7 @@ def generate_batch(
         if keep_caches:
             output, cache = output.sequences, output.past_key_values
             cache = cache if _plain_layers(cache) else None
-        new_tokens = output[:, prompt_length:].cpu()  # [B, T], T <= max_new_tokens
-        is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids))  # [B, T]
-        samples = []
-        for row in range(new_tokens.shape[0]):
-            eos_positions = is_eos[row].nonzero(as_tuple=True)[0]
-            finished = len(eos_positions) > 0
-            length = int(eos_positions[0]) + 1 if finished else new_tokens.shape[1]
-            token_ids = new_tokens[row, :length].tolist()
-            text = tokenizer.decode(token_ids, skip_special_tokens=True)
-            kv_cache = None
-            if cache is not None and not finished:  # it ran every step: its cache holds no padding after its tokens
-                start = prompt_length - len(prompts[row])
-                kv_cache = tuple(
-                    (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
-                    for layer in cache.layers
-                )
-            samples.append(GeneratedSample(length, finished, text, token_ids, kv_cache))
-        return samples
+        return samples_from_output(tokenizer, output, prompt_length, prompts, eos_token_ids, cache)
 
 
 def generate_splitting_on_oom(

@@ -14,7 +14,7 @@ from typing import Any
 from ..common.data import Sample, load_length_file, load_max_lengths, require_ids
 from ..common.prompts import PIA_PROMPT, QUERY_PROMPT
 from ..common.utils import UserError
-from ..scheduling.schedule import clamp_prediction
+from ..scheduling.batches import clamp_prediction
 
 
 @dataclass
@@ -31,12 +31,28 @@ class PredictorContext:
 
 
 class Predictor:
+    """Every member a caller uses, with its default: a predictor gives one length per sample (`predict`), and one
+    with quantiles (`has_quantiles`) also the length at an upper quantile level (`predict_quantile`), which FCR's
+    caps and +resume's retries use."""
+
     name = ""
-    needs_model = False
-    uses_length_file = False
+    needs_model = False  # generates with the served model (po, seqsch): built after the model loads
+    uses_length_file = False  # reads --length-path: every id is checked before the model loads
+    has_quantiles = False
 
     def __init__(self, context: PredictorContext):
         self.context = context
+        self.unparsable = 0  # answers that gave no number (the generative predictors), each given max_length
+        self.quantile_levels: tuple[float, ...] = ()  # the levels of each row of `quantile_rows`
+        self.quantile_rows: dict[str, list[float]] | None = None  # id -> length at each level, from the last predict
+
+    def require_quantile(self, quantile: float) -> None:
+        """A one-line error unless the predictor gives lengths at this quantile level."""
+        raise UserError(f"strategy {self.name} has no quantiles: quantile {quantile} needs a proxy predictor")
+
+    def predict_quantile(self, samples: list[Sample], quantile: float) -> dict[str, int]:
+        self.require_quantile(quantile)
+        raise AssertionError("require_quantile refuses every level of a predictor without quantiles")
 
     def predict(self, samples: list[Sample]) -> dict[str, int]:
         raw = self.predict_raw(samples)
@@ -116,7 +132,6 @@ class GenerativePredictor(Predictor):
 
     def __init__(self, context: PredictorContext):
         super().__init__(context)
-        self.unparsable = 0
         self.answers: dict[str, str] = {}
 
     @contextmanager
@@ -160,7 +175,7 @@ class InstructionTunedPredictor(GenerativePredictor):
 
     def __init__(self, context: PredictorContext):
         super().__init__(context)
-        if not hasattr(context.model, "enable_adapter_layers"):
+        if not hasattr(context.model, "enable_adapter_layers"):  # a peft model: the adapter was loaded
             raise UserError("strategy seqsch needs the length perception adapter: pass --lora-path")
 
     @contextmanager
@@ -177,6 +192,7 @@ class ProxyPredictor(Predictor):
     prompt once, in batches, and gives the median length and upper quantiles (for FCR caps)."""
 
     name = "proxy"
+    has_quantiles = True
 
     def __init__(self, context: PredictorContext):
         super().__init__(context)
@@ -188,8 +204,8 @@ class ProxyPredictor(Predictor):
                 "strategy proxy needs --predictor-path: a folder written by python -m src.train_proxy or src.fit_proxy"
             )
         self.proxy = LoadedProxy(path, context.options.get("predictor_device") or "cpu")
-        self.quantile_levels = self.proxy.quantiles  # the levels of each row of `quantile_rows`
-        self.quantile_rows: dict[str, list[float]] = {}  # id -> lengths at each level, from the last predict()
+        self.quantile_levels = tuple(self.proxy.quantiles)
+        self.quantile_rows = {}
 
     def predict_raw(self, samples):
         batch_size = int(self.context.options.get("prediction_batch_size", 128))

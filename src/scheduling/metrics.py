@@ -14,7 +14,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TypedDict
 
-from .schedule import ContinuousRecord, RunRecord, bucket_of, final_batches
+from .batches import bucket_of
+from .continuous import ContinuousRecord
+from .schedule import RunRecord, final_batches
 
 
 class TokenMetrics(TypedDict):

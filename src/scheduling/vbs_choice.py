@@ -1,4 +1,5 @@
-"""`--vbs-table auto`: a variable-batch-size table fitted to the device instead of the paper's A100 table.
+"""`--vbs-table auto`, the choice: a variable-batch-size table fitted to the device's step costs instead of the paper's
+A100 table, chosen by a cost model over lengths (no torch; src.running.vbs_calibration measures the costs).
 
 The paper's table (50:256 ... 300:16) pays off where a decode step costs about the same for 16 or 256
 sequences and memory caps the long buckets (Vicuna-7B on an A100). Elsewhere the curve of step cost
@@ -6,15 +7,13 @@ against batch size and context differs (on a 2-core CPU a slot at 64 rows costs 
 16, and large batches pad more), so a short calibration measures what a decode step costs here, and the
 table is chosen to minimise the estimated time of the schedule.
 
-The calibration is the only part that touches the device; the cost model and the choice are pure.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, replace
 
-from ..scheduling.schedule import ScheduleConfig, bucket_of, plan_first_batches
+from .batches import ScheduleConfig, bucket_of, plan_first_batches
 
 # Batch sizes tried, and the longest one allowed: the paper's largest batch.
 CANDIDATE_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -107,58 +106,3 @@ def choose_schedule(
         default = min((config.vbs_default_batch_size, 1), key=lambda value: estimate(with_table(table, value)))
     sorted_plans = [replace(config, vbs=False, batch_size=size) for size in sizes_for(config.max_length)]
     return min([with_table(table, default), *sorted_plans], key=estimate)
-
-
-def kv_token_budget(model, memory_fraction: float = 0.8) -> int | None:
-    """Cache tokens (summed over a batch) that fit in the device's free memory. None where the model's shape or
-    free memory is unknown."""
-    from ..common.models import kv_cache_bytes_per_token
-    from ..common.utils import free_memory_bytes
-
-    bytes_per_token = kv_cache_bytes_per_token(model)
-    free = free_memory_bytes(model.device)
-    if bytes_per_token is None or free is None:
-        return None
-    return int(free * memory_fraction // bytes_per_token)
-
-
-def calibrate_step_costs(engine, largest_batch: int, longest_context: int) -> StepCosts:
-    """Time decode steps through the engine on random prompts: every candidate batch size up to `largest_batch` at
-    the short context, then one batch size at `longest_context` for the context term. A batch size that runs out
-    of memory ends the sweep (the memory budget)."""
-    import torch
-
-    step_seconds = engine.decode_step_seconds
-    step_seconds(1, CALIBRATION_PROMPT)  # warm-up: first-call allocations and kernel selection
-    base: dict[int, float] = {}
-    for batch_size in (size for size in CANDIDATE_BATCH_SIZES if size <= largest_batch):
-        try:
-            base[batch_size] = step_seconds(batch_size, CALIBRATION_PROMPT)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            break
-    if not base:
-        raise RuntimeError("vbs auto: even a batch of one ran out of memory during calibration")
-    probe = min(8, max(base))
-    long_context = max(longest_context, CALIBRATION_PROMPT + 1)
-    try:
-        extra = step_seconds(probe, long_context) - base[probe]
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        extra = 0.0
-    per_token = max(0.0, extra / (probe * (long_context - CALIBRATION_PROMPT)))
-    return StepCosts(base, per_token, CALIBRATION_PROMPT, max(base), kv_token_budget(engine.model))
-
-
-def describe(costs: StepCosts, seconds: float) -> str:
-    slots = ", ".join(f"{size}: {value * 1000 / size:.2f}" for size, value in sorted(costs.base.items()))
-    return (
-        f"vbs auto: calibration {seconds:.1f} s; ms per token slot by batch size {{{slots}}}; "
-        f"+{costs.per_context_token * 1e6:.3f} us per slot per context token"
-    )
-
-
-def timed_calibration(engine, largest_batch, longest_context) -> tuple[StepCosts, float]:
-    start = time.perf_counter()
-    costs = calibrate_step_costs(engine, largest_batch, longest_context)
-    return costs, time.perf_counter() - start

@@ -1,0 +1,98 @@
+"""The engine contract: everything the rest of the project asks of an engine, and its defaults.
+
+The scheduler never touches a model. `src.running` hands an engine static batches of token ids (with a cap and,
+optionally, replayed lengths) or a queue for continuous batching; the generative length predictors, `src.lenpred` and
+the VBS calibration use the same methods. `Engine` lists every member those callers use, and `EngineBase` gives each
+optional one its default, so that no caller probes an engine for what it has: a new engine subclasses `EngineBase`,
+writes `generate` (and, where it has them, continuous batching and a kept KV cache per row), and names itself in
+`src.engines.registry.ENGINES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+from ..common.utils import UserError
+
+if TYPE_CHECKING:
+    from .continuous import ContinuousOutcome
+    from .generate import BatchTiming, GeneratedSample
+
+
+class Engine(Protocol):
+    name: str  # its --engine name, recorded in every result
+    model: object
+    tokenizer: object
+    device: str
+    # generate() takes each row's KV cache over all its prompt but the last token (`prefix_caches`) and, with
+    # `keep_caches`, returns each unfinished row's cache (`GeneratedSample.kv_cache`): +resume then continues a
+    # failure from its cache instead of prefilling it again
+    keeps_kv_caches: bool
+    last_timing: BatchTiming | None  # where the last generate() call's time went; None: not measured
+    warmup_seconds: float  # one-off costs paid inside calls so far (compiling new shapes), kept out of every throughput
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        replay_lengths: list[int] | None = None,
+        prefix_caches: list[tuple] | None = None,
+        keep_caches: bool = False,
+        top_p: float = 1.0,
+    ) -> list[GeneratedSample]:
+        """One static batch: every row runs until all finished or `max_new_tokens`; results in prompt order."""
+
+    def run_queue(
+        self,
+        order: list[str],
+        prompt_ids: dict[str, list[int]],
+        max_length: int,
+        slots: int,
+        temperature: float = 0.0,
+        replay: dict[str, int] | None = None,
+        on_result: Callable[[int], None] | None = None,
+        seed: int | None = None,
+    ) -> ContinuousOutcome:
+        """Continuous batching: requests admitted in `order`, at most `slots` at once."""
+
+    def decode_step_seconds(self, batch_size: int, context: int) -> float:
+        """The time of one decode step of `batch_size` sequences at a `context`-token cache (VBS auto)."""
+
+
+class EngineBase:
+    """The defaults of the contract: no kept caches, no timing, no warm-up; continuous batching and step timing
+    refused as a user's mistake naming the engine. Subclasses set `name` and write `generate`."""
+
+    name = "base"
+    keeps_kv_caches = False
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = str(model.device)
+        self.last_timing: BatchTiming | None = None
+        self.warmup_seconds = 0.0
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        replay_lengths: list[int] | None = None,
+        prefix_caches: list[tuple] | None = None,
+        keep_caches: bool = False,
+        top_p: float = 1.0,
+    ) -> list[GeneratedSample]:
+        raise NotImplementedError(f"engine {self.name} does not generate")
+
+    def run_queue(self, order, prompt_ids, max_length, slots, temperature=0.0, replay=None, on_result=None, seed=None):
+        raise UserError(f"engine {self.name} has no continuous batching: run static strategies with it")
+
+    def decode_step_seconds(self, batch_size: int, context: int) -> float:
+        raise UserError(f"engine {self.name} cannot time decode steps: pass --vbs-table as a table")
+
+    def check_cache_arguments(self, prefix_caches, keep_caches) -> None:
+        """For an engine without per-row caches: a caller that passes them broke the contract."""
+        if not self.keeps_kv_caches and (prefix_caches is not None or keep_caches):
+            raise ValueError(f"engine {self.name} keeps no per-row KV caches (keeps_kv_caches is False)")
