@@ -32,7 +32,7 @@ from .common.data import (
 )
 from .common.distributed import Processes, start_processes
 from .common.utils import UserError, set_seed, write_json_atomic
-from .running.setup import add_model_arguments, check_model_arguments
+from .running.setup import add_model_arguments, check_model_arguments, load_model_with_engine
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -213,13 +213,8 @@ def generate_lengths(args, batches, processes: Processes, identity: dict, initia
     """Generate this process's batches at every temperature, appending each finished batch to its partial file."""
     from tqdm import tqdm
 
-    from .common.models import load_model_and_formatter
-    from .engines.registry import build_engine
-
-    model, tokenizer, formatter, _ = load_model_and_formatter(
-        args.model, args.device, args.dtype, None, args.load_format, args.conv_template
-    )
-    engine = build_engine(args.engine, model, tokenizer)
+    loaded = load_model_with_engine(args)
+    formatter, engine = loaded.formatter, loaded.engine
     side_file = partial_path(args.output_path, processes)
     _, has_header = read_partial(side_file, identity)
     header = None if has_header else {"run": identity}
@@ -233,7 +228,7 @@ def generate_lengths(args, batches, processes: Processes, identity: dict, initia
         for batch in batches:
             prompts = [formatter.encode(sample.prompt) for sample in batch]
             rows = [
-                {"id": sample.id, "L_gt": len(tokenizer(sample.reference).input_ids) if sample.reference else 0}
+                {"id": sample.id, "L_gt": len(loaded.tokenizer(sample.reference).input_ids) if sample.reference else 0}
                 for sample in batch
             ]
             for temperature in args.temperatures:
