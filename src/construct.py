@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common.cli import HelpFormatter, check_output_file, run_cli
+from .common.cli import HelpFormatter, check_output_file, check_outputs_are_not_inputs, run_cli
 from .common.data import (
     PAPER_TRAIN_DATA,
     default_length_path,
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output_path is None:
         args.output_path = f"{json_stem(args.data_path)}-instruct.json"
     check_output_file("--output-path", args.output_path)
+    check_outputs_are_not_inputs(
+        {"--output-path": args.output_path}, {"--data-path": args.data_path, "--length-path": args.length_path}
+    )
     return args
 
 

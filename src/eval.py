@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common.cli import HelpFormatter, check_output_file, check_range, run_cli
+from .common.cli import HelpFormatter, check_output_file, check_outputs_are_not_inputs, check_range, run_cli
 from .common.data import PAPER_VAL_DATA, default_length_path, load_conversations, load_max_lengths, require_ids
 from .common.distributed import start_processes
 from .common.figures import plot_predictions, plot_reliability
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
     add_predictor_arguments(parser)
     parser.add_argument("--output-json", default=None, help="write the metrics and arguments here")
-    parser.add_argument("--plot", default=None, help="scatter plot path; default imgs/eval-<strategy>.png")
+    parser.add_argument("--plot", default=None, help="scatter plot path; default runs/eval-<strategy>.png")
     parser.add_argument(
         "--calibration-plot",
         default=None,
@@ -67,11 +67,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.lora_path = DEFAULT_ADAPTER
     check_model_arguments(args, PREDICTORS[args.strategy].needs_model)
     args.length_path = args.length_path or default_length_path(args.data_path)
-    args.plot = args.plot or f"imgs/eval-{args.strategy}.png"
+    # runs/, not imgs/: the figures in imgs/ are the repository's, regenerated only when asked (--plot imgs/...)
+    args.plot = args.plot or f"runs/eval-{args.strategy}.png"
     check_output_file("--plot", args.plot)
     plot = Path(args.plot)
     args.calibration_plot = args.calibration_plot or str(plot.with_name(f"{plot.stem}-calibration{plot.suffix}"))
     check_output_file("--calibration-plot", args.calibration_plot)
+    check_outputs_are_not_inputs(
+        {"--output-json": args.output_json, "--plot": args.plot, "--calibration-plot": args.calibration_plot},
+        {"--data-path": args.data_path, "--length-path": args.length_path},
+    )
     return args
 
 

@@ -21,7 +21,15 @@ import json
 import os
 from pathlib import Path
 
-from .common.cli import MAX_SEED, HelpFormatter, add_num_data_draw_argument, check_output_file, check_range, run_cli
+from .common.cli import (
+    MAX_SEED,
+    HelpFormatter,
+    add_num_data_draw_argument,
+    check_output_file,
+    check_outputs_are_not_inputs,
+    check_range,
+    run_cli,
+)
 from .common.data import (
     PAPER_TRAIN_DATA,
     TEMPERATURES,
@@ -60,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output_path is None:
         args.output_path = default_length_path(args.data_path)
     check_output_file("--output-path", args.output_path)
+    check_outputs_are_not_inputs({"--output-path": args.output_path}, {"--data-path": args.data_path})
     check_model_arguments(args)
     return args
 

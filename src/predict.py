@@ -21,7 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from .common.cli import HelpFormatter, check_output_file, check_range, run_cli
+from .common.answers import read_complete_lines
+from .common.cli import HelpFormatter, check_output_file, check_outputs_are_not_inputs, check_range, run_cli
 from .common.data import default_length_path, load_conversations
 from .common.utils import UserError, write_text_atomic
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_output_file("--output", args.output)
     check_output_file("--output", partial_path(args.output))
     args.length_path = args.length_path or default_length_path(args.data_path)
+    inputs = {"--data-path": args.data_path, "--length-path": args.length_path}
+    check_outputs_are_not_inputs({"--output": args.output}, inputs | {"--predictor-path": args.predictor_path})
     return args
 
 
@@ -97,26 +100,19 @@ def settings_path(output: str) -> Path:
     return Path(f"{output}.partial.settings.json")
 
 
-def read_partial(path: Path) -> list[dict]:
-    """The complete lines of a partial file; a last line cut short by an interruption is dropped (and the file is
-    cut back to the complete lines, so that appending continues a clean file)."""
+def is_prediction_row(row: dict) -> bool:
+    length = row.get("predicted_length")
+    return isinstance(length, int) and not isinstance(length, bool) and length >= 1
+
+
+def earlier_settings(path: Path):
+    """The settings an earlier run recorded beside its partial file; "unreadable" for a damaged file."""
     if not path.is_file():
-        return []
-    rows, kept_bytes = [], 0
-    with open(path, "rb") as handle:
-        for raw in handle:
-            try:
-                row = json.loads(raw)
-                if not raw.endswith(b"\n") or not isinstance(row, dict) or "id" not in row:
-                    raise ValueError
-            except ValueError:
-                break
-            rows.append(row)
-            kept_bytes += len(raw)
-    if kept_bytes != path.stat().st_size:
-        with open(path, "r+b") as handle:
-            handle.truncate(kept_bytes)
-    return rows
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "unreadable"
 
 
 def prediction_row(sample_id: str, predicted: int, quantiles: list[float] | None, levels, max_length: int) -> dict:
@@ -147,9 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {key: getattr(args, key, None) for key in RESUME_KEYS}
     settings["predictor_config"] = predictor_fingerprint(args.predictor_path)
     partial, settings_file = partial_path(args.output), settings_path(args.output)
-    done = read_partial(partial)
+    done = read_complete_lines(partial, repair=True, is_row=is_prediction_row, what="a prediction line")
     if done:
-        earlier = json.loads(settings_file.read_text()) if settings_file.is_file() else None
+        earlier = earlier_settings(settings_file)
         if earlier != settings:
             raise UserError(
                 f"{partial} holds {len(done)} predictions made with other settings ({earlier}): "
@@ -159,9 +155,6 @@ def main(argv: list[str] | None = None) -> dict:
         if unknown:
             raise UserError(f"{partial} has id {unknown[0]!r}, which {args.data_path} lacks: delete {partial}")
         print(f"resuming: {len(done)} of {len(order)} requests were predicted before")
-    else:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(settings_file, json.dumps(settings) + "\n")
     finished = {row["id"] for row in done}
     todo = [sample for sample in samples if sample.id not in finished]
 
@@ -169,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         context = predictor_context(args)
         attach_model_if_needed(args, context, args.strategy)
         predictor = build_predictor(args.strategy, context)
+        if not done:  # only once the predictor is built: a refused run leaves nothing behind
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(settings_file, json.dumps(settings) + "\n")
         levels = predictor.quantile_levels or None
         with open(partial, "a") as handle, tqdm(total=len(order), initial=len(done), unit="request") as progress:
             for start in range(0, len(todo), args.chunk_size):

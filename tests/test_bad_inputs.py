@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from src import benchmark, construct, lenpred, plots, predict, reproduce, sample, train_lora, train_proxy
+from src import benchmark, construct, infer, lenpred, plots, predict, reproduce, sample, train_lora, train_proxy
 from src import eval as length_eval
 from src.common.cli import run_cli
 
@@ -101,6 +101,47 @@ CASES = [
         "not found",
     ),
     (train_lora, "--model_name_or_path smollm2-135m --data_path {tmp}/small.json --output_dir {tmp}/done", "finished"),
+    # an output that names an input would overwrite it
+    (benchmark, "--dry-run {replay} --output-json {tmp}/small-length.json", "is the --replay-lengths file"),
+    (benchmark, "--dry-run {replay} --output-json {tmp}/small.json", "is the --data-path file"),
+    (benchmark, "--dry-run {data} --replay-lengths {tmp}/lengths.json --output-json {tmp}/lengths.json", "--replay"),
+    (predict, "{data} --strategy gt --output {tmp}/small.json", "--output {tmp}/small.json is the --data-path file"),
+    (predict, "{data} --strategy gt --output {tmp}/small-length.json", "is the --length-path file"),
+    (length_eval, "--strategy gt {data} --plot {tmp}/small.json", "--plot {tmp}/small.json is the --data-path file"),
+    (length_eval, "--strategy gt {data} --output-json {tmp}/small-length.json", "is the --length-path file"),
+    (length_eval, "--strategy gt {data} --plot {tmp}/p.png --calibration-plot {tmp}/p.png", "name the same file"),
+    (lenpred, "{data} --output-path {tmp}/small.json", "--output-path {tmp}/small.json is the --data-path file"),
+    (construct, "{data} --output-path {tmp}/small.json", "is the --data-path file"),
+    (construct, "{data} --output-path {tmp}/small-length.json", "is the --length-path file"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/requests.jsonl", "is the --input file"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --summary-json {tmp}/o.jsonl", "name the same file"),
+    # length files: lengths are whole numbers of tokens, at least 0, one row per id
+    (length_eval, "--strategy gt {data} --length-path {tmp}/negative.json", "has L_t0.3 = -3"),
+    (length_eval, "--strategy gt {data} --length-path {tmp}/fractional.json", "has L_t0.3 = 2.5"),
+    (length_eval, "--strategy gt {data} --length-path {tmp}/boolean.json", "has L_t0.3 = true"),
+    (length_eval, "--strategy gt {data} --length-path {tmp}/repeated.json", "id a appears twice"),
+    (benchmark, "--dry-run {data} --replay-lengths {tmp}/repeated.json", "id a appears twice"),
+    (benchmark, "--dry-run {data} --replay-lengths {tmp}/negative.json --strategy gt", "has L_t0.3 = -3"),
+    (benchmark, "--dry-run {replay} --strategy gt --length-path {tmp}/fractional.json", "has L_t0.3 = 2.5"),
+    (predict, "{data} --strategy gt --length-path {tmp}/boolean.json --output {tmp}/o.jsonl", "has L_t0.3 = true"),
+    (construct, "{data} --length-path {tmp}/negative.json --output-path {tmp}/i.json", "has L_t0.3 = -3"),
+    # an interrupted run's files: resumed only by the same command, and refused when damaged
+    (benchmark, "--dry-run {replay} --output-json {tmp}/other.json", "holds results of other flags"),
+    (benchmark, "--dry-run {replay} --output-json {tmp}/damaged.json", "damaged.json.partial is damaged"),
+    (predict, "{data} --strategy gt --output {tmp}/torn.jsonl", "torn.jsonl.partial line 1 is not a prediction line"),
+    (predict, "{data} --strategy gt --output {tmp}/lengthless.jsonl", "line 1 is not a prediction line"),
+    (predict, "{data} --strategy gt --output {tmp}/unsettled.jsonl", "made with other settings (unreadable)"),
+    (predict, "{data} --strategy proxy --predictor-path {tmp}/folder --output {tmp}/o.jsonl", "{tmp}/folder"),
+    # flags that make no sense, each refused with its range
+    (benchmark, "--dry-run {replay} --aging inf", "--aging must be a finite number, got inf"),
+    (benchmark, "--dry-run {replay} --vbs-table auto", "cannot run with --dry-run"),
+    (benchmark, "--dry-run {replay} --answers-dir {tmp}/answers", "a dry run generates none"),
+    (benchmark, "--dry-run {replay} --strategies continuous+vbs", "do not apply to continuous batching"),
+    (benchmark, "--dry-run {replay} --strategies continuous:nope", "unknown predictor 'nope'"),
+    (benchmark, "--dry-run {replay} --strategies gt+turbo", "unknown strategy modifier 'turbo'"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --top-p nan", "--top-p must be a finite number"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --temperature -1", "--temperature must be at least"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --vbs-table 60:4", "multiples of 50"),
 ]
 
 
@@ -121,6 +162,19 @@ def workspace(small_data, tmp_path):
     (tmp_path / "lacking.json").write_text(json.dumps(lacking))
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / train_lora.ARGUMENTS_FILE).write_text("{}")  # a finished adapter's folder
+    (tmp_path / "lengths.json").write_text(lengths.read_text())
+    for name, value in (("negative", -3), ("fractional", 2.5), ("boolean", True)):
+        bad = json.loads(lengths.read_text())
+        bad[0]["L_t0.3"] = value  # a column that no flag names: the oracle's L_max reads it
+        (tmp_path / f"{name}.json").write_text(json.dumps(bad))
+    (tmp_path / "repeated.json").write_text(json.dumps(json.loads(lengths.read_text()) * 2))
+    (tmp_path / "requests.jsonl").write_text('{"id": "r1", "prompt": "Say hi."}\n')
+    (tmp_path / "other.json.partial").write_text(json.dumps({"flags": {"max_length": 99}, "results": []}))
+    (tmp_path / "damaged.json.partial").write_text('{"flags": ')
+    (tmp_path / "torn.jsonl.partial").write_text('{"id": "a", "predic\n{"id": "b", "predicted_length": 3}\n')
+    (tmp_path / "lengthless.jsonl.partial").write_text('{"id": "a"}\n{"id": "b", "predicted_length": 3}\n')
+    (tmp_path / "unsettled.jsonl.partial").write_text('{"id": "a", "predicted_length": 3}\n')
+    (tmp_path / "unsettled.jsonl.partial.settings.json").write_text('{"strategy": ')
     return tmp_path
 
 

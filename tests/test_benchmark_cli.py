@@ -170,11 +170,35 @@ def test_finished_strategies_survive_a_later_failure(tiny_model_dir, small_data,
             raise RuntimeError("boom")
         return real_run_strategy(strategy, *args, **kwargs)
 
+    output.write_text('{"an earlier": "complete result"}')
+    command = base_args(tiny_model_dir, data, lengths, output) + ["--strategies", "vanilla", "gt"]
     monkeypatch.setattr(benchmark, "run_strategy", failing_second)
     with pytest.raises(RuntimeError):
-        benchmark.main(base_args(tiny_model_dir, data, lengths, output) + ["--strategies", "vanilla", "gt"])
-    saved = json.loads(output.read_text())
+        benchmark.main(command)
+    assert output.read_text() == '{"an earlier": "complete result"}'  # a failed run replaces no complete file
+    partial = tmp_path / "out.json.partial"
+    saved = json.loads(partial.read_text())
     assert [result["strategy"] for result in saved["results"]] == ["vanilla"]
+
+    # the same command again runs only what is missing, and then replaces the earlier file
+    ran = []
+    monkeypatch.setattr(
+        benchmark,
+        "run_strategy",
+        lambda strategy, *a, **k: ran.append(strategy.label) or real_run_strategy(strategy, *a, **k),
+    )
+    finished = benchmark.main(command)
+    assert ran == ["gt"]
+    assert [result["strategy"] for result in json.loads(output.read_text())["results"]] == ["vanilla", "gt"]
+    assert finished["results"][0] == saved["results"][0] and not partial.exists()
+
+
+def test_a_partial_result_of_other_flags_is_refused(tiny_model_dir, small_data, tmp_path, capsys):
+    data, lengths = small_data
+    output = tmp_path / "out.json"
+    (tmp_path / "out.json.partial").write_text(json.dumps({"flags": {"max_length": 99}, "results": []}))
+    message = run_and_expect_error(base_args(tiny_model_dir, data, lengths, output) + ["--strategy", "vanilla"], capsys)
+    assert "holds results of other flags" in message and not output.exists()
 
 
 def test_oracle_of_one_column(tiny_model_dir, small_data, tmp_path):

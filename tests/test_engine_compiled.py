@@ -167,3 +167,45 @@ def test_calibration_compiles_both_timed_shapes_before_timing(engines):
     # context 120: the 1-token call needs a 128-token cache, the 9-token call a 256-token one
     assert compiled.decode_step_seconds(2, 120) > 0
     assert compiled.warmed_shapes == [(2, 128), (2, 256)]
+
+
+@pytest.fixture(scope="module")
+def free_running_engines(tiny_model):
+    """Both engines on the tiny model, whose near-flat random logits rarely make EOS the top token or a sampled one:
+    answers run to the cap, and sampling at temperature 1 almost never picks the greedy token."""
+    model, tokenizer = tiny_model
+    return TransformersEngine(model, tokenizer), CompiledEngine(model, tokenizer)
+
+
+def test_compiled_generation_past_one_cache_step_equals_eager(free_running_engines):
+    """A batch whose prompt plus new tokens pass CACHE_LENGTH_STEP runs on a static cache long enough for both (the
+    next step, 256), and generates what the eager engine generates, every row to the length it was asked for. A cache
+    sized for the prompt alone would be too short to hold the answer."""
+    eager, compiled = free_running_engines
+    prompts = [[1, 5, 6, 7, 8], [1, 9, 10]]  # 2 rows: no filler row
+    replay = [CACHE_LENGTH_STEP + 12, CACHE_LENGTH_STEP + 3]  # both answers longer than one cache step
+    expected = eager.generate(prompts, max(replay), 0.0, replay)
+    got = compiled.generate(prompts, max(replay), 0.0, replay)
+    assert [sample.token_ids for sample in got] == [sample.token_ids for sample in expected]
+    assert [(sample.length, sample.finished) for sample in got] == [(length, True) for length in replay]
+    assert compiled.warmed_shapes[-1] == (2, 2 * CACHE_LENGTH_STEP)  # 5 prompt tokens + 140 new ones
+
+
+def test_compiled_sampling_follows_the_temperature_and_the_seed(free_running_engines):
+    """At temperature 1 the compiled engine samples: its answers differ from its greedy ones, and under the same seed
+    they are the eager engine's answers (the paper's sampled lengths, L_t0.3 to L_t0.7, come from either engine). An
+    engine that dropped the temperature would give its greedy answers back."""
+    from src.common.utils import set_seed
+
+    eager, compiled = free_running_engines
+    prompts = [[1, 5, 6, 7, 8], [1, 9, 10]]  # 2 rows: no filler row, so both engines draw for the same rows
+    new_tokens = 8  # 16 draws over a near-flat distribution of 32000 tokens: each one is the greedy token rarely
+    greedy = compiled.generate(prompts, new_tokens, 0.0)
+    set_seed(0)
+    expected = eager.generate(prompts, new_tokens, 1.0)
+    set_seed(0)
+    got = compiled.generate(prompts, new_tokens, 1.0)
+    sampled_tokens = [token for sample in got for token in sample.token_ids]
+    greedy_tokens = [token for sample in greedy for token in sample.token_ids]
+    assert sum(token != greedy_token for token, greedy_token in zip(sampled_tokens, greedy_tokens)) > new_tokens
+    assert [sample.token_ids for sample in got] == [sample.token_ids for sample in expected]

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from .utils import UserError
+
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
 
@@ -40,23 +42,28 @@ def error_row(sample_id: str, message: str) -> dict:
     return {"id": sample_id, "error": message}
 
 
-def read_complete_lines(path: Path, repair: bool = False) -> list[dict]:
-    """The rows of every complete line of an answer file ([] when there is none). A last line that a kill cut short
-    (no newline, or not a JSON object with an id) is dropped; with `repair` the file is cut back to the complete
-    lines, so that appending continues a clean file."""
+def read_complete_lines(path: Path, repair: bool = False, is_row=None, what: str = "an answer line") -> list[dict]:
+    """The rows of every complete line of a JSON-lines file that a run appends to ([] when there is none). The last
+    line, if a kill cut it short (no newline, or not a row), is dropped; with `repair` the file is cut back to the
+    complete lines, so that appending continues a clean file. A bad line before the last is damage, not a kill: it
+    is refused, naming the line, and the file is left as it is. `is_row(row)`: what else a row must satisfy besides
+    being a JSON object with a text id."""
     if not path.is_file():
         return []
+    lines = path.read_bytes().splitlines(keepends=True)
     rows, kept_bytes = [], 0
-    with open(path, "rb") as handle:
-        for raw in handle:
-            try:
-                row = json.loads(raw)
-                if not raw.endswith(b"\n") or not isinstance(row, dict) or not isinstance(row.get("id"), str):
-                    raise ValueError
-            except ValueError:
-                break
-            rows.append(row)
-            kept_bytes += len(raw)
+    for number, raw in enumerate(lines, start=1):
+        try:
+            row = json.loads(raw)
+            valid = isinstance(row, dict) and isinstance(row.get("id"), str) and (is_row is None or is_row(row))
+        except ValueError:
+            valid = False
+        if not valid or not raw.endswith(b"\n"):
+            if number < len(lines):
+                raise UserError(f"{path} line {number} is not {what}: the file is damaged; move it away to start over")
+            break
+        rows.append(row)
+        kept_bytes += len(raw)
     if repair and kept_bytes != path.stat().st_size:
         with open(path, "r+b") as handle:
             handle.truncate(kept_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def load_conversations(path: str | Path) -> list[Sample]:
     return samples
 
 
+# the columns of a length file that hold lengths: L_gt, L_t0.0, ..., L_max
+LENGTH_PREFIX = "L_"
+
+
 def load_length_file(path: str | Path, fields: tuple[str, ...] = ()) -> dict[str, dict]:
     """A length file: a list of {id, L_gt, L_t0.0, ...} rows, returned as id -> row.
 
@@ -79,12 +84,24 @@ def load_length_file(path: str | Path, fields: tuple[str, ...] = ()) -> dict[str
     for index, row in enumerate(rows):
         if not isinstance(row, dict) or "id" not in row:
             raise UserError(f"length file {path}: row {index} has no id")
+        sample_id = str(row["id"])
+        if sample_id in table:
+            raise UserError(f"length file {path}: id {sample_id} appears twice; ids must be unique")
         for field in fields:
-            value = row.get(field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise UserError(f"length file {path}: row {index} (id {row['id']}) has no integer {field}")
-        table[str(row["id"])] = row
+            if not is_length(row.get(field)):
+                raise UserError(f"length file {path}: row {index} (id {sample_id}) has no integer {field}")
+        for field, value in row.items():  # every length column, asked for or not: a bad one would skew a metric
+            if field.startswith(LENGTH_PREFIX) and not is_length(value):
+                raise UserError(
+                    f"length file {path}: id {sample_id} has {field} = {json.dumps(value)}; a length is a whole "
+                    "number of tokens, at least 0"
+                )
+        table[sample_id] = row
     return table
+
+
+def is_length(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def require_ids(table: dict, ids: list[str], path: str | Path) -> None:

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .utils import UserError
+from .utils import UserError, share_with_umask
 
 USEFUL_COLOR = "#2a9d8f"
 WASTED_COLOR = "#e76f51"
@@ -31,6 +31,7 @@ def save_figure(figure, path: str | Path) -> Path:
     os.close(handle)
     try:
         figure.savefig(temporary, dpi=120, bbox_inches="tight")
+        share_with_umask(Path(temporary))
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -86,6 +86,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             stream.write(gzip.compress(data, mtime=0) if path.name.endswith(GZIP_SUFFIX) else data)
             stream.flush()
             os.fsync(stream.fileno())
+        share_with_umask(Path(temporary))
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -195,3 +196,19 @@ class Timer:
     def __exit__(self, *exc_info) -> None:
         synchronize(self.device)
         self.seconds += time.perf_counter() - self._start
+
+
+def current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: set it back at once
+    os.umask(umask)
+    return umask
+
+
+def share_with_umask(path: Path) -> None:
+    """mkstemp and mkdtemp make a file or folder private (0600, 0700), and so does safetensors: give `path` (and a
+    folder's contents) the modes that the user's umask allows, as a plain open() would have."""
+    umask = current_umask()
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    if path.is_dir():
+        for inner in path.rglob("*"):
+            inner.chmod((0o777 if inner.is_dir() else 0o666) & ~umask)

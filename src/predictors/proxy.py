@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.utils import UserError
+from ..common.utils import UserError, share_with_umask
 from .proxy_model import LengthProxy
 
 PROXY_FORMAT = "length-proxy/1"
@@ -200,17 +200,6 @@ def save_proxy(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
-
-
-def share_with_umask(folder: Path) -> None:
-    """mkdtemp makes a folder private and safetensors its files: give them the modes the user's umask allows."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:
