@@ -193,8 +193,8 @@ def test_compiled_generation_past_one_cache_step_equals_eager(free_running_engin
 
 def test_compiled_sampling_follows_the_temperature_and_the_seed(free_running_engines):
     """At temperature 1 the compiled engine samples: its answers differ from its greedy ones, and under the same seed
-    they are the eager engine's answers (the paper's sampled lengths, L_t0.3 to L_t0.7, come from either engine). An
-    engine that dropped the temperature would give its greedy answers back."""
+    they are the eager engine's answers, so a sampled run does not depend on the engine it ran on. An engine that
+    dropped the temperature would give its greedy answers back."""
     from src.common.utils import set_seed
 
     eager, compiled = free_running_engines
@@ -205,7 +205,11 @@ def test_compiled_sampling_follows_the_temperature_and_the_seed(free_running_eng
     expected = eager.generate(prompts, new_tokens, 1.0)
     set_seed(0)
     got = compiled.generate(prompts, new_tokens, 1.0)
-    sampled_tokens = [token for sample in got for token in sample.token_ids]
-    greedy_tokens = [token for sample in greedy for token in sample.token_ids]
-    assert sum(token != greedy_token for token, greedy_token in zip(sampled_tokens, greedy_tokens)) > new_tokens
+    # position by position, over the shorter of the two answers (a sampled one may end at an EOS sooner)
+    differing = sum(
+        token != greedy_token
+        for sample, greedy_sample in zip(got, greedy, strict=True)
+        for token, greedy_token in zip(sample.token_ids, greedy_sample.token_ids, strict=False)
+    )
+    assert differing > new_tokens  # more than half of the 16 draws: none of them at all with the temperature dropped
     assert [sample.token_ids for sample in got] == [sample.token_ids for sample in expected]

@@ -86,11 +86,13 @@ class AnswerWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        self.handle.write("".join(self.pending))
+        # taken before it is written: a flush interrupted after the write (Ctrl-C during the sync) must not write
+        # the same lines again when close() flushes on the way out
+        chunk, self.pending = self.pending, []
+        self.handle.write("".join(chunk))
         self.handle.flush()
         os.fsync(self.handle.fileno())  # a chunk on disk is a chunk that a rerun will not redo
-        self.written += len(self.pending)
-        self.pending = []
+        self.written += len(chunk)
 
     def close(self) -> None:
         self.flush()

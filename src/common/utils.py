@@ -198,6 +198,21 @@ class Timer:
         self.seconds += time.perf_counter() - self._start
 
 
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE), so that a reader finds one or
+    the other there at every moment, never neither; False where the system cannot (the caller then renames twice)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # a C library older than glibc 2.28
+        return False
+    at_current_folder, rename_exchange = -100, 2
+    done = renameat2(at_current_folder, os.fsencode(first), at_current_folder, os.fsencode(second), rename_exchange)
+    return done == 0
+
+
 def current_umask() -> int:
     umask = os.umask(0)  # the only way to read it is to set it: set it back at once
     os.umask(umask)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.utils import UserError, share_with_umask
+from ..common.utils import UserError, exchange_paths, share_with_umask
 from .proxy_model import LengthProxy
 
 PROXY_FORMAT = "length-proxy/1"
@@ -203,13 +203,17 @@ def save_proxy(
 
 
 def _replace_folder(staging: Path, folder: Path) -> None:
-    """Put `staging` where `folder` is, by renames: a reader finds the old folder or the new one, never half of each
-    (a kill between the two renames leaves no folder there, and the old one beside it as `.NAME.old-*`)."""
+    """Put `staging` where `folder` is: a reader finds the old folder or the new one, never half of each. On Linux the
+    two are swapped in one step; elsewhere by two renames, where a kill between them leaves no folder there and the
+    old one beside it as `.NAME.old-*`."""
     import shutil
     import tempfile
 
     if not folder.exists():
         staging.rename(folder)
+        return
+    if exchange_paths(staging, folder):
+        shutil.rmtree(staging, ignore_errors=True)  # the old folder, now under the staging name
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
     aside.rmdir()
