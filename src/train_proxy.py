@@ -24,7 +24,7 @@ import torch
 from .common.cli import check_output_dir, check_range, run_cli
 from .common.data import PAPER_TRAIN_DATA
 from .common.training import right_pad
-from .common.utils import UserError
+from .common.utils import UserError, set_seed
 from .predictors.proxy import CONFIG_NAME, DEFAULT_PROXY_PATH
 from .predictors.proxy_calibration import calibration_record
 
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         return recalibrate_saved(training_args.output_dir, held, max_lengths, args.data_path, args.num_data)
 
     median = statistics.median(max_lengths[sample.id] for sample in train)
+    set_seed(training_args.seed)  # the heads' initial weights too: the Trainer seeds only after they exist
     model, tokenizer, encoder_path, before, auxiliary = build_model(args, train, held, max_lengths, median)
     print(f"{len(train)} training rows, {len(held)} held out, from {args.data_path}; encoder {encoder_path}")
     trainer, train_seconds = train_model(args, training_args, model, tokenizer, train, max_lengths, auxiliary)

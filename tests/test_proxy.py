@@ -324,3 +324,16 @@ def model_pooled(model, input_ids, mask):
     hidden = model.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
     weights = mask.unsqueeze(-1).float()
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+@needs_encoder
+def test_the_same_training_gives_the_same_predictor(tmp_path):
+    """Seeded from the heads' first weights on: the same command writes the same files."""
+    from src import train_proxy
+
+    argv = ["--data_path", str(DEMO / "demo.json"), "--num_data", "24", "--holdout", "8", "--max_tokens", "16"]
+    argv += ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--quantiles", "0.5", "0.9"]
+    for name in ("first", "second"):
+        train_proxy.main([*argv, "--output_dir", str(tmp_path / name)])
+    for stored in (HEAD_NAME, ENCODER_DELTA_NAME):
+        assert (tmp_path / "first" / stored).read_bytes() == (tmp_path / "second" / stored).read_bytes()
