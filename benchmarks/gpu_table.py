@@ -4,11 +4,14 @@ memory.
 
     python -m benchmarks.gpu_table --output-dir runs/gpu-table          # Vicuna-7B shape, random fp16 weights
 
-Each part is one `python -m src.benchmark` process whose JSON is rewritten after every strategy and whose output goes
-to `log.txt` as it comes, so a run cut off by the budget (or by the machine) still returns every strategy that
-finished. A part that would start after the deadline is skipped, and one still running at the deadline is stopped.
+Each part is one `python -m src.benchmark` process whose finished strategies are kept after each one (in its
+`--output-json`'s `.partial` until the part ends) and whose output goes to `log.txt` as it comes, so a run cut off by
+the budget (or by the machine) still returns every strategy that finished. A part that would start after the
+deadline is skipped, and one still running at the deadline is stopped.
 
-1. compiled: vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy predictor)
+1. compiled: vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy predictor; file+vbs+fcr
+   and file+fcr+resume, the proxy's rows from src.predict's file, when --predictions-path names one: a GPU host
+   without the encoder's package schedules with predictions made elsewhere)
 2. eager: vanilla and gt+vbs+fcr, the comparison of the two engines
 3. continuous batching, FCFS and shortest-predicted-first (continuous:gt), with the slots that the KV cache of part
    1's largest static batch holds (`--slots auto` across the two processes). Continuous batching is transformers'
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 
 from src.common.utils import write_json_atomic, write_text_atomic
+from src.predictors.proxy import proxy_available
 from src.running.settings import equal_memory_slots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument(
         "--predictor-path", default="predictors/proxy-vicuna-7b", help="adds proxy+vbs+fcr when present"
+    )
+    parser.add_argument(
+        "--predictions-path",
+        default=None,
+        help="src.predict's lines for these samples: adds file+vbs+fcr and file+fcr+resume (the proxy's rows where its "
+        "encoder's package is not installed)",
     )
     parser.add_argument("--budget-s", type=float, default=450, help="no part starts, and none runs, past this")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
@@ -115,9 +125,11 @@ def stop_group(process: subprocess.Popen) -> None:
 
 
 def read_results(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
+    """A part's output, or the strategies it finished before it was stopped (its partial file)."""
+    partial = Path(f"{path}.partial")
+    if path.is_file():
+        return json.loads(path.read_text())
+    return json.loads(partial.read_text()) if partial.is_file() else {}
 
 
 def summary_rows(outputs: dict[str, dict]) -> list[dict]:
@@ -180,17 +192,22 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in (*PARTS, "summary"):  # an earlier run's files would pass for this run's
         (out / f"{name}.json").unlink(missing_ok=True)
+        (out / f"{name}.json.partial").unlink(missing_ok=True)
     (out / "log.txt").unlink(missing_ok=True)
     (out / "table.md").unlink(missing_ok=True)
     deadline = time.monotonic() + args.budget_s
     common = common_flags(args)
     statics = ["vanilla", "gt+vbs+fcr", "gt"]
-    if (Path(args.predictor_path) / "proxy_config.json").is_file():
+    ready, reason = proxy_available(args.predictor_path)
+    if ready:
         statics.append("proxy+vbs+fcr")
         common_proxy = ["--predictor-path", args.predictor_path]
     else:
         common_proxy = []
-        log(out, f"no proxy predictor in {args.predictor_path}: proxy+vbs+fcr is left out")
+        log(out, f"{reason}: proxy+vbs+fcr is left out")
+    if args.predictions_path:
+        statics += ["file+vbs+fcr", "file+fcr+resume"]
+        common_proxy += ["--predictions-path", args.predictions_path]
     codes = {}
     if "compiled" in args.parts:
         flags = [*common, *common_proxy, "--engine", "compiled", "--strategies", *statics]

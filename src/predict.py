@@ -26,7 +26,7 @@ from .common.cli import HelpFormatter, check_output_file, check_outputs_are_not_
 from .common.data import default_length_path, load_conversations
 from .common.utils import UserError, write_text_atomic
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
-from .predictors.registry import PREDICTORS, build_predictor
+from .predictors.registry import PREDICTORS, build_predictor, is_prediction_row
 from .running.setup import add_model_arguments, attach_model_if_needed, check_model_arguments
 from .scheduling.batches import clamp_prediction
 
@@ -98,11 +98,6 @@ def partial_path(output: str) -> Path:
 
 def settings_path(output: str) -> Path:
     return Path(f"{output}.partial.settings.json")
-
-
-def is_prediction_row(row: dict) -> bool:
-    length = row.get("predicted_length")
-    return isinstance(length, int) and not isinstance(length, bool) and length >= 1
 
 
 def earlier_settings(path: Path):

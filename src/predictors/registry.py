@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..common.data import Sample, load_length_file, load_max_lengths, require_ids
@@ -228,6 +229,65 @@ class ProxyPredictor(Predictor):
         }
 
 
+def is_prediction_row(row: dict) -> bool:
+    """A line of src.predict's output: a predicted length of at least 1, and quantiles as {"0.8": length, ...}."""
+    length, quantiles = row.get("predicted_length"), row.get("quantiles", {})
+    return (
+        isinstance(length, int)
+        and not isinstance(length, bool)
+        and length >= 1
+        and isinstance(quantiles, dict)
+        and all(isinstance(value, int) and not isinstance(value, bool) for value in quantiles.values())
+    )
+
+
+class FilePredictor(Predictor):
+    """`file`: the lengths and quantiles that src.predict wrote (--predictions-path), so that a machine without the
+    predictor (a GPU host without the encoder's package) schedules with its predictions: predict where the predictor
+    is installed, generate where the model runs."""
+
+    name = "file"
+    has_quantiles = True  # those the file has; a level it lacks is refused by require_quantile
+
+    def __init__(self, context: PredictorContext):
+        super().__init__(context)
+        from ..common.answers import read_complete_lines
+
+        path = context.options.get("predictions_path")
+        if not path:
+            raise UserError("strategy file needs --predictions-path: a file written by python -m src.predict")
+        rows = read_complete_lines(Path(path), is_row=is_prediction_row, what="a prediction line")
+        if not Path(path).is_file() or not rows:
+            raise UserError(f"--predictions-path {path} holds no predictions: write it with python -m src.predict")
+        self.path, self.rows = path, {row["id"]: row for row in rows}
+        level_sets = {tuple(sorted(row.get("quantiles", {}))) for row in rows}
+        names = level_sets.pop() if len(level_sets) == 1 else ()  # levels only where every row has the same ones
+        self.quantile_levels = tuple(sorted(float(name) for name in names))
+        self.level_names = {float(name): name for name in names}
+
+    def predict_raw(self, samples):
+        require_ids(self.rows, [sample.id for sample in samples], self.path)
+        self.quantile_rows = {
+            sample.id: [self.rows[sample.id]["quantiles"][self.level_names[level]] for level in self.quantile_levels]
+            for sample in samples
+        }
+        return {sample.id: self.rows[sample.id]["predicted_length"] for sample in samples}
+
+    def require_quantile(self, quantile: float) -> None:
+        if not any(abs(level - quantile) < 1e-9 for level in self.quantile_levels):
+            levels = ", ".join(f"{level:g}" for level in self.quantile_levels) or "none"
+            raise UserError(f"--predictions-path {self.path} has no quantile {quantile:g} (it has {levels})")
+
+    def predict_quantile(self, samples: list[Sample], quantile: float) -> dict[str, int]:
+        self.require_quantile(quantile)
+        index = next(i for i, level in enumerate(self.quantile_levels) if abs(level - quantile) < 1e-9)
+        self.predict_raw(samples)
+        return {
+            sample.id: clamp_prediction(self.quantile_rows[sample.id][index], self.context.max_length)
+            for sample in samples
+        }
+
+
 PREDICTORS: dict[str, type[Predictor]] = {
     cls.name: cls
     for cls in (
@@ -237,6 +297,7 @@ PREDICTORS: dict[str, type[Predictor]] = {
         PerceptionOnlyPredictor,
         InstructionTunedPredictor,
         ProxyPredictor,
+        FilePredictor,
     )
 }
 
