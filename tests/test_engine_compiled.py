@@ -222,3 +222,25 @@ def test_gpu_table_reads_the_strategies_a_stopped_part_finished(tmp_path):
     (tmp_path / "compiled.json.partial").write_text(json.dumps({"results": [{"strategy": "vanilla"}], "flags": {}}))
     assert read_results(tmp_path / "compiled.json")["results"] == [{"strategy": "vanilla"}]
     assert read_results(tmp_path / "eager.json") == {}
+
+
+def test_one_compilation_serves_every_batch_size_and_cache_length(tiny_model):
+    """Rows 2 to 16 and caches of 128 and 256 tokens run through the decode step compiled for the first batch: one
+    graph in all (each new shape only pays its warm-up run), with the eager engine's tokens."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    model, tokenizer = tiny_model
+    torch._dynamo.reset()  # forget what other tests compiled, so that this engine's first batch compiles afresh
+    counters.clear()
+    compiled, eager = CompiledEngine(model, tokenizer), TransformersEngine(model, tokenizer)
+    graphs = []
+    for rows, new_tokens in ((1, 4), (3, 4), (8, 4), (16, 4), (2, 140)):
+        prompts = [[tokenizer.bos_token_id, 100 + row, 200] for row in range(rows)]
+        lengths = [new_tokens] * rows
+        assert [sample.token_ids for sample in compiled.generate(prompts, new_tokens, 0.0, lengths)] == [
+            sample.token_ids for sample in eager.generate(prompts, new_tokens, 0.0, lengths)
+        ]
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert compiled.warmed_shapes == [(2, 128), (4, 128), (8, 128), (16, 128), (2, 256)]
+    assert graphs == [1, 1, 1, 1, 1]

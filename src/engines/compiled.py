@@ -19,6 +19,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+import torch
+import torch.fx.experimental._config
+
 from ..common.memory import COMPILED_STATIC_CACHES, budget_bytes
 from ..common.models import kv_cache_bytes_per_token
 from .eager import TIMED_STEPS, TransformersEngine
@@ -52,7 +55,11 @@ class CompiledEngine(TransformersEngine):
 
         super().__init__(model, tokenizer)
         on_cuda = model.device.type == "cuda"
-        # dynamic: one compilation serves every shape (CUDA graphs are still recorded per shape)
+        # dynamic: one compilation serves every shape (CUDA graphs are still recorded per shape). Duck sizing gives
+        # dimensions of equal size one symbol at the first compilation, so a first batch of 2 rows was tied to the
+        # test model's 2 KV heads and the next batch size compiled the model again (as the H200 run did, 92 s, at its
+        # first batch of 16 rows: not rerun since); without it the first compilation is the only one (tested)
+        torch.fx.experimental._config.use_duck_shape = False
         self.compile_config = CompileConfig(dynamic=True, mode="reduce-overhead" if on_cuda else "default")
         self.compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
         self.caches: OrderedDict[tuple[int, int], object] = OrderedDict()  # (rows, length) -> StaticCache, LRU first
