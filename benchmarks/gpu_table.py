@@ -17,6 +17,8 @@ deadline is skipped, and one still running at the deadline is stopped.
    1's largest static batch holds (`--slots auto` across the two processes). Continuous batching is transformers'
    manager on both engines (it captures CUDA graphs itself), so this part runs on the eager engine: compiling the
    static path there would cost time and change nothing.
+4. (only with `--parts ... train`) benchmarks.train_smoke: `bash train.sh` for a few LoRA steps on the same model, the
+   adapter saved and loaded by `src.eval --strategy seqsch`, in `train/`
 
 The summary (`summary.json`, and a Markdown table printed and written to `table.md`) gives each strategy's
 samples/s, its ratio to vanilla on the same engine, decode steps and ms per step, prefill and other seconds
@@ -42,6 +44,9 @@ from src.running.settings import equal_memory_slots
 ROOT = Path(__file__).resolve().parents[1]
 
 PARTS = ("compiled", "eager", "continuous")
+# benchmarks.train_smoke (train.sh for a few steps, the adapter loaded by src.eval): asked for by name, since its
+# paper preset needs CUDA's bfloat16
+TRAIN_PART = "train"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "encoder's package is not installed)",
     )
     parser.add_argument("--budget-s", type=float, default=450, help="no part starts, and none runs, past this")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=[*PARTS, TRAIN_PART])
     return parser.parse_args(argv)
 
 
@@ -87,11 +92,17 @@ def log(out: Path, text: str) -> None:
 
 def run_part(out: Path, name: str, flags: list[str], deadline: float) -> int | None:
     """One benchmark process, its output streamed to the terminal and the log; stopped at the deadline."""
+    command = [sys.executable, "-m", "src.benchmark", *flags, "--output-json", str(out / f"{name}.json")]
+    return run_logged(out, name, command, deadline)
+
+
+def run_logged(out: Path, name: str, command: list[str], deadline: float) -> int | None:
+    """One process, from the project's root, its output streamed to the terminal and to `log.txt` as it comes;
+    stopped at the deadline (None: skipped or stopped, else its exit status)."""
     remaining = deadline - time.monotonic()
     if remaining < 5:
         log(out, f"== {name}: skipped, the budget is spent")
         return None
-    command = [sys.executable, "-m", "src.benchmark", *flags, "--output-json", str(out / f"{name}.json")]
     log(out, f"== {name} ({remaining:.0f} s left): {' '.join(command[1:])}")
     start = time.monotonic()
     environment = os.environ | {"PYTHONUNBUFFERED": "1"}
@@ -228,6 +239,11 @@ def main(argv=None) -> int:
         codes["continuous"] = run_part(
             out, "continuous", [*flags, "--strategies", "continuous", "continuous:gt"], deadline
         )
+    if TRAIN_PART in args.parts:
+        smoke = [sys.executable, "-m", "benchmarks.train_smoke", "--output-dir", str(out / TRAIN_PART)]
+        smoke += ["--model", args.model, "--load-format", args.load_format]
+        smoke += ["--budget-s", str(max(0.0, deadline - time.monotonic()))]
+        codes[TRAIN_PART] = run_logged(out, TRAIN_PART, smoke, deadline)
     outputs = {part: read_results(out / f"{part}.json") for part in PARTS}
     rows = summary_rows({part: output for part, output in outputs.items() if output})
     write_json_atomic(out / "summary.json", {"args": vars(args), "exit_codes": codes, "rows": rows})

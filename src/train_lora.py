@@ -38,6 +38,10 @@ class ModelArguments:
         default="float32", metadata={"help": "dtype of the frozen base weights: float32, bfloat16 or float16"}
     )
     conv_template: str | None = field(default=None, metadata={"help": "as --conv-template of the other CLIs"})
+    load_format: str = field(
+        default="auto",
+        metadata={"help": "dummy: the architecture with random weights (vicuna-7b-shape): a smoke test of the path"},
+    )
 
 
 @dataclass
@@ -164,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     check_range("--model_max_length", data_args.model_max_length, 1)
     check_range("--num_data", data_args.num_data, 1)
     check_model_name("--model_name_or_path", model_args.model_name_or_path)
+    if model_args.load_format not in ("auto", "dummy"):
+        raise UserError(f"--load_format must be auto or dummy, got {model_args.load_format!r}")
     return model_args, data_args, lora_args, run_args, training_args
 
 
@@ -201,7 +207,11 @@ def main(argv: list[str] | None = None):
         forget_earlier_run(Path(training_args.output_dir))
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
     model, tokenizer, formatter, path = load_model_and_formatter(
-        model_args.model_name_or_path, "cpu", model_args.model_dtype, conv_template=model_args.conv_template
+        model_args.model_name_or_path,
+        "cpu",
+        model_args.model_dtype,
+        load_format=model_args.load_format,
+        conv_template=model_args.conv_template,
     )
     end_token_id = eos_token_ids_of(model, tokenizer)[0]
     examples = [

@@ -381,3 +381,22 @@ def test_train_sh_cpu_preset_trains_in_two_processes(tiny_model_dir, small_data,
     saved = json.loads((output_dir / "length_perception_args.json").read_text())
     assert saved["processes"] == 2
     assert (output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_train_smoke_trains_saves_and_predicts_with_the_adapter(tiny_model_dir, small_data, tmp_path):
+    """benchmarks.train_smoke, the GPU script's training part, on the CPU preset and random weights as on the GPU:
+    train.sh runs two steps, saves the adapter, and src.eval loads it again for seqsch's predictions."""
+    import json
+
+    from benchmarks import train_smoke
+
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+    out = tmp_path / "smoke"
+    argv = ["--preset", "cpu", "--model", str(tiny_model_dir), "--load-format", "dummy", "--data-path", str(instruct)]
+    argv += ["--eval-data-path", str(data), "--num-data", "6", "--steps", "2", "--eval-rows", "4", "--max-length", "8"]
+    assert train_smoke.main([*argv, "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(step["step"], step["exit_code"]) for step in summary["steps"]] == [("train", 0), ("eval", 0)]
+    assert "adapter_model.safetensors" in summary["adapter_files"] and summary["eval"]["num_samples"] == 4
