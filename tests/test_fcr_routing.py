@@ -5,6 +5,8 @@ decoding wrote for each prompt."""
 
 from __future__ import annotations
 
+import pytest
+
 from src.common.models import load_model_and_formatter
 from src.engines.registry import build_engine
 from src.running.executor import StaticBatchExecutor
@@ -21,11 +23,13 @@ PROMPTS = {
 }
 
 
-def executor_and_answers(model_dir, max_length: int = 24) -> tuple[StaticBatchExecutor, dict]:
-    """The eager engine's executor, and each prompt's greedy answer (length, text) when it runs alone to
-    `max_length` tokens."""
+def executor_and_answers(
+    model_dir, max_length: int = 24, engine_name: str = "transformers"
+) -> tuple[StaticBatchExecutor, dict]:
+    """An engine's executor, and each prompt's greedy answer (length, text) when it runs alone to `max_length`
+    tokens."""
     model, tokenizer, formatter, _ = load_model_and_formatter(str(model_dir), "cpu", "float32")
-    engine = build_engine("transformers", model, tokenizer)
+    engine = build_engine(engine_name, model, tokenizer)
     prompt_ids = {sample_id: formatter.encode(text) for sample_id, text in PROMPTS.items()}
     executor = StaticBatchExecutor(engine, prompt_ids, temperature=0.0, replay=None)
     alone = {sample_id: executor(Batch((sample_id,), max_length, group=0)) for sample_id in PROMPTS}
@@ -46,10 +50,12 @@ def test_fcr_returns_each_id_the_answer_to_its_own_prompt(eos_model_dir):
     assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
 
 
-def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir):
+@pytest.mark.parametrize("engine_name", ["transformers", "compiled"])
+def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir, engine_name):
     """+resume: a failure continues from its own tokens (fed back after its own prompt) in a capped retry, and
-    greedy decoding gives each id the same answer as one uninterrupted run."""
-    executor, answers = executor_and_answers(eos_model_dir)
+    greedy decoding gives each id the same answer as one uninterrupted run, on both engines: the compiled one copies
+    kept caches into its static cache."""
+    executor, answers = executor_and_answers(eos_model_dir, engine_name=engine_name)
 
     predictions = {"a": 3, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
     retry_caps = [{sample_id: 3 for sample_id in PROMPTS}]  # raised to where each stopped + 50, then to max_length
@@ -64,11 +70,12 @@ def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir):
         assert not executor.kept.kv_caches and executor.kept.kv_cache_bytes == 0  # every kept cache was taken back
 
 
-def test_resumed_failures_chain_kept_caches_through_capped_retries(tiny_model_dir):
+@pytest.mark.parametrize("engine_name", ["transformers", "compiled"])
+def test_resumed_failures_chain_kept_caches_through_capped_retries(tiny_model_dir, engine_name):
     """Retries capped twice below max_length: a batch fed kept caches keeps its unfinished rows' caches again, and a
     last retry of members at different points cuts whoever passes max_length, as the scheduler counts it. (The tiny
     model without the EOS boost rarely ends an answer, so every sample goes through every retry.)"""
-    executor, answers = executor_and_answers(tiny_model_dir, max_length=120)
+    executor, answers = executor_and_answers(tiny_model_dir, max_length=120, engine_name=engine_name)
     predictions = {"a": 3, "b": 1, "c": 2, "d": 1, "e": 3, "f": 2}
     retry_caps = [{sample_id: 3 for sample_id in PROMPTS}] * 2  # each raised to 50 past where the sample stopped
     config = ScheduleConfig(batch_size=2, max_length=120, fcr=True, resume=True)

@@ -11,6 +11,8 @@ kept per shape, so a replayed graph finds its cache at the same address, and the
 when they would take more than their share of the memory that was free when the engine started
 (`memory.COMPILED_STATIC_CACHES`).
 
+A resumed row's kept KV cache is copied into the static cache instead of being prefilled again.
+
 Continuous batching is the `transformers` engine's (transformers' manager captures its own CUDA graphs).
 """
 
@@ -48,7 +50,9 @@ def cache_length(tokens: int) -> int:
 
 class CompiledEngine(TransformersEngine):
     name = "compiled"
-    keeps_kv_caches = False  # its static caches are kept per shape, not per row: resumed rows are prefilled again
+    # generate() hands back each unfinished row's cache cut out of the static one, and copies kept rows back into it,
+    # so that a resumed FCR failure skips its prefill as on the eager engine
+    keeps_kv_caches = True
 
     def __init__(self, model, tokenizer):
         from transformers import CompileConfig
@@ -100,7 +104,16 @@ class CompiledEngine(TransformersEngine):
         return cache
 
     def _run(
-        self, prompts, max_new_tokens, temperature, replay_lengths, cache, clock=None, top_p: float = 1.0
+        self,
+        prompts,
+        max_new_tokens,
+        temperature,
+        replay_lengths,
+        cache,
+        clock=None,
+        top_p: float = 1.0,
+        prefix_caches=None,
+        keep_caches: bool = False,
     ) -> list[GeneratedSample]:
         cache.reset()  # a kept cache still holds the previous batch; generate reads its length from the cache
         options = {"past_key_values": cache, "compile_config": self.compile_config}
@@ -115,6 +128,8 @@ class CompiledEngine(TransformersEngine):
             clock,
             options,
             inference_mode=False,  # transformers' compiled decoding runs under no_grad, as its own generate does
+            prefix_caches=prefix_caches,
+            keep_caches=keep_caches,
             top_p=top_p,
         )
 
@@ -128,7 +143,6 @@ class CompiledEngine(TransformersEngine):
         keep_caches: bool = False,
         top_p: float = 1.0,
     ) -> list[GeneratedSample]:
-        self.check_cache_arguments(prefix_caches, keep_caches)
         rows = padded_rows(len(prompts))
         width = max(len(prompt) for prompt in prompts)
         cache = self._cache_for(rows, cache_length(width + max_new_tokens))
@@ -140,7 +154,12 @@ class CompiledEngine(TransformersEngine):
         start = time.perf_counter()
         clock = StepClock(self.model.device)
         padded = prompts + [self.filler_prompt] * fillers
-        samples = self._run(padded, max_new_tokens, temperature, lengths, cache, clock, top_p)
+        if prefix_caches is not None:  # a filler's one-token prompt has nothing before its last token
+            empty = tuple((keys[:, :, :0], values[:, :, :0]) for keys, values in prefix_caches[0])
+            prefix_caches = list(prefix_caches) + [empty] * fillers
+        samples = self._run(
+            padded, max_new_tokens, temperature, lengths, cache, clock, top_p, prefix_caches, keep_caches
+        )
         self.last_timing = clock.timing(time.perf_counter() - start)
         return samples[: len(prompts)]
 

@@ -108,9 +108,9 @@ def kv_cache_bytes(kv_cache: tuple) -> int:
 
 def _plain_layers(cache) -> bool:
     """A cache whose every layer keeps every position (no sliding window, no recurrent state) can be cut into rows
-    and put together again."""
+    and put together again: dynamic (eager) or static (compiled) full-attention layers."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "StaticLayer") for layer in layers)
 
 
 def _batch_cache(prefix_caches: list[tuple], width: int, config):
@@ -131,6 +131,19 @@ def _batch_cache(prefix_caches: list[tuple], width: int, config):
             values.append(torch.cat([padding, row_values], dim=2))
         layers.append((torch.cat(keys), torch.cat(values)))  # [B, H, width - 1, D] each
     return DynamicCache(layers, config=config)
+
+
+def _fill_static_cache(cache, prefix_caches: list[tuple], width: int) -> None:
+    """A reset static cache (the compiled engine's) holding each row's kept KV as `_batch_cache` lays it out: right-
+    aligned over its first width - 1 positions, zeros before; its length set there, so that only each row's last
+    prompt token is computed."""
+    for index, layer in enumerate(cache.layers):
+        for row, kept in enumerate(prefix_caches):
+            row_keys, row_values = kept[index]  # [1, H, T, D]
+            start = width - 1 - row_keys.shape[2]
+            layer.keys[row : row + 1, :, start : width - 1] = row_keys
+            layer.values[row : row + 1, :, start : width - 1] = row_values
+        layer.cumulative_length.fill_(width - 1)
 
 
 def eos_token_ids_of(model, tokenizer) -> list[int]:
@@ -177,9 +190,10 @@ def samples_from_output(
         text = tokenizer.decode(token_ids, skip_special_tokens=True)
         kv_cache = None
         if cache is not None and not finished:  # it ran every step: its cache holds no padding after its tokens
-            start = prompt_length - len(prompts[row])
+            # over its prompt and every generated token but the last (a static cache is longer than that)
+            start, end = prompt_length - len(prompts[row]), prompt_length + new_tokens.shape[1] - 1
             kv_cache = tuple(
-                (layer.keys[row : row + 1, :, start:].clone(), layer.values[row : row + 1, :, start:].clone())
+                (layer.keys[row : row + 1, :, start:end].clone(), layer.values[row : row + 1, :, start:end].clone())
                 for layer in cache.layers
             )
         samples.append(GeneratedSample(length, finished, text, token_ids, kv_cache))
@@ -215,7 +229,10 @@ def generate_batch(
             for prompt, row in zip(prompts, prefix_caches, strict=True):
                 if row[0][0].shape[2] != len(prompt) - 1:
                     raise RuntimeError(f"a kept KV cache of {row[0][0].shape[2]} tokens for a prompt of {len(prompt)}")
-            options["past_key_values"] = _batch_cache(prefix_caches, prompt_length, model.config)
+            if options.get("past_key_values") is not None:  # the compiled engine's static cache, reset
+                _fill_static_cache(options["past_key_values"], prefix_caches, prompt_length)
+            else:
+                options["past_key_values"] = _batch_cache(prefix_caches, prompt_length, model.config)
         if keep_caches:
             options["return_dict_in_generate"] = True
         processors = LogitsProcessorList()
