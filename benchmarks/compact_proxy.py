@@ -3,10 +3,10 @@
     python -m benchmarks.compact_proxy --input ckpts/proxy-minilm --output predictors/proxy-vicuna-7b
 
 The input is a predictor whose encoder is stored whole (as src.train_proxy wrote it before compact storage, 90 MB);
-the output keeps only the encoder's difference from the packaged all-MiniLM-L6-v2 (src/proxy.py). Both predict the
-first `--rows` val prompts; the script prints each one's Error, Acc-50, Acc-100 and Kendall's tau against L_max, the
-largest change of any predicted length, the output's size and the time it takes to load, and writes them to
-`--output-json`.
+the output keeps only the encoder's difference from the packaged all-MiniLM-L6-v2 (src/predictors/proxy.py). Both
+predict the first `--rows` val prompts; the script prints each one's Error, Acc-50, Acc-100 and Kendall's tau against
+L_max, the largest change of any predicted length, the output's size and the time it takes to load, and writes them
+to `--output-json`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from src.common.utils import write_json_atomic, write_text_atomic
+from src.common.utils import partial_path, write_json_atomic, write_text_atomic
 from src.predictors.proxy import proxy_available
 from src.running.settings import equal_memory_slots
 
@@ -137,7 +137,7 @@ def stop_group(process: subprocess.Popen) -> None:
 
 def read_results(path: Path) -> dict:
     """A part's output, or the strategies it finished before it was stopped (its partial file)."""
-    partial = Path(f"{path}.partial")
+    partial = partial_path(path)
     if path.is_file():
         return json.loads(path.read_text())
     return json.loads(partial.read_text()) if partial.is_file() else {}
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in (*PARTS, "summary"):  # an earlier run's files would pass for this run's
         (out / f"{name}.json").unlink(missing_ok=True)
-        (out / f"{name}.json.partial").unlink(missing_ok=True)
+        partial_path(out / f"{name}.json").unlink(missing_ok=True)
     (out / "log.txt").unlink(missing_ok=True)
     (out / "table.md").unlink(missing_ok=True)
     deadline = time.monotonic() + args.budget_s

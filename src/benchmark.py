@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from .common.answers import answer_rows, keep_answers
 from .common.cli import (
@@ -36,10 +35,11 @@ from .common.data import (
     select_samples,
 )
 from .common.distributed import Processes, share_groups, start_processes
-from .common.utils import UserError, describe_device, library_versions, read_json, write_json_atomic
+from .common.utils import UserError, describe_device, library_versions, partial_path
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor
 from .running.report import print_result, print_table
+from .running.result_file import check_same_hardware, earlier_results, keep_finished, run_identity, write_complete
 from .running.runner import Executors, run_strategy
 from .running.settings import (
     AUTO_SLOTS,
@@ -53,6 +53,16 @@ from .running.setup import add_model_arguments, check_model_arguments, load_mode
 from .scheduling.batches import PAPER_VBS_TABLE
 from .scheduling.metrics import merge_process_results
 from .scheduling.schedule import replay_executor
+
+# the flags that name files or folders the run reads: none may be an output, and a resumed run must find them unchanged
+INPUT_FLAGS = (
+    "--data-path",
+    "--replay-lengths",
+    "--length-path",
+    "--predictions-path",
+    "--predictor-path",
+    "--lora-path",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -187,7 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--dry-run needs --replay-lengths: the lengths stand in for the model")
     if args.length_path is None:
         args.length_path = default_length_path(args.data_path)
-    inputs = {"--data-path": args.data_path, "--replay-lengths": args.replay_lengths, "--length-path": args.length_path}
+    inputs = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in INPUT_FLAGS}
     check_outputs_are_not_inputs({"--output-json": args.output_json}, inputs)
     return args
 
@@ -195,7 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = run_settings(args)
-    flags = json.loads(json.dumps(vars(args)))  # as given: what a resumed run must match
+    inputs = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in INPUT_FLAGS}
+    identity = run_identity(json.loads(json.dumps(vars(args))), inputs)  # as given: what a resumed run must match
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
     all_samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = predictor_context(args)
     predictors = build_predictors_without_model(args, settings, context, all_samples)
     settings = settings.with_predictors(predictors)  # a quantile level a predictor lacks fails here
-    earlier = earlier_results(args.output_json, flags, processes)  # before the model loads
+    earlier, earlier_record = earlier_results(args.output_json, identity, processes)  # before the model loads
     if args.dry_run:
         model_path, device = None, "cpu"
         executors = Executors(replay_executor(replay))
@@ -228,10 +239,12 @@ def main(argv: list[str] | None = None) -> dict:
         if strategy.predictor not in predictors:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
     output = {"args": run_record(args, settings, executors, model_path, device, processes), "results": []}
+    if earlier:
+        check_same_hardware(args.output_json, earlier_record, output["args"])
     for strategy in settings.strategies:
         if strategy.label in earlier:  # finished by an interrupted run of this same command
             if processes.is_main:
-                print(f"{strategy.label}: kept from the interrupted run ({partial_output_path(args.output_json)})\n")
+                print(f"{strategy.label}: kept from the interrupted run ({partial_path(args.output_json)})\n")
                 output["results"].append(earlier[strategy.label])
             continue
         result = run_one_strategy(
@@ -242,34 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
         print_result(result)
         output["results"].append(result)
         if args.output_json:  # beside the output after each strategy: finished results survive a later failure
-            write_json_atomic(partial_output_path(args.output_json), output | {"flags": flags})
+            keep_finished(args.output_json, output, identity)
     if len(output["results"]) > 1:
         print_table(output["results"])
     if args.output_json and processes.is_main:  # complete: only now does it replace an earlier complete file
-        write_json_atomic(args.output_json, output)
-        partial_output_path(args.output_json).unlink(missing_ok=True)
+        write_complete(args.output_json, output)
     return output
-
-
-def partial_output_path(output_json: str) -> Path:
-    return Path(f"{output_json}.partial")
-
-
-def earlier_results(output_json: str | None, flags: dict, processes: Processes) -> dict[str, dict]:
-    """Strategy label -> result, of an interrupted run of this same command (its --output-json's partial file); a
-    partial file of other flags is refused rather than mixed with this run's results."""
-    results = {}
-    path = partial_output_path(output_json) if output_json else None
-    if processes.is_main and path is not None and path.is_file():
-        try:
-            earlier = read_json(path, "partial result file")
-            mismatch = earlier.get("flags") != flags
-        except (UserError, AttributeError):
-            raise UserError(f"{path} is damaged: delete it to run every strategy again") from None
-        if mismatch:
-            raise UserError(f"{path} holds results of other flags: rerun that command to finish it, or delete it")
-        results = {result["strategy"]: result for result in earlier.get("results", [])}
-    return processes.broadcast(results if processes.is_main else None)
 
 
 def build_predictors_without_model(args, settings: RunSettings, context, all_samples) -> dict:
@@ -282,7 +273,7 @@ def build_predictors_without_model(args, settings: RunSettings, context, all_sam
             raise UserError(f"strategy {strategy.predictor} needs a model and cannot run with --dry-run")
         if strategy.predictor not in predictors and not kind.needs_model:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
-            if kind.uses_length_file:
+            if kind.reads_ids_from_file:
                 predictors[strategy.predictor].predict(all_samples)  # checks every id has a row
     return predictors
 

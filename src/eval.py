@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_output_file("--calibration-plot", args.calibration_plot)
     check_outputs_are_not_inputs(
         {"--output-json": args.output_json, "--plot": args.plot, "--calibration-plot": args.calibration_plot},
-        {"--data-path": args.data_path, "--length-path": args.length_path},
+        {"--data-path": args.data_path, "--length-path": args.length_path, "--predictions-path": args.predictions_path}
+        | {"--predictor-path": args.predictor_path, "--lora-path": args.lora_path},
     )
     return args
 

@@ -6,11 +6,11 @@ similar predicted length together, generate, and write each answer as it finishe
         --length-path lengths.json
 
 Input: JSON lines or one JSON list; each record a prompt, an Alpaca record, a FastChat conversation or an OpenAI
-batch line (src/request_file.py says which fields). An OpenAI line's own max_tokens and temperature win over the flags
-for that line. Output: one JSON line per request (src/answers.py), appended as requests finish and flushed to disk;
-running the same command again skips the ids already answered (a line a kill cut short is dropped and redone) and
-refuses settings that would answer differently. A request that cannot run (an empty prompt, a prompt that leaves no
-room in the model's context) gets an error line and the others run.
+batch line (src/common/request_file.py says which fields). An OpenAI line's own max_tokens and temperature win over
+the flags for that line. Output: one JSON line per request (src/common/answers.py), appended as requests finish and
+flushed to disk; running the same command again skips the ids already answered (a line a kill cut short is dropped
+and redone) and refuses settings that would answer differently. A request that cannot run (an empty prompt, a prompt
+that leaves no room in the model's context) gets an error line and the others run.
 
 The default strategy is proxy+fcr+resume with the predictor that ships in the clone (Vicuna-7B's lengths on
 Alpaca prompts; `python -m src.fit_proxy` fits one to your model): requests are predicted, sorted and cut at their
@@ -27,7 +27,7 @@ import argparse
 import json
 import sys
 
-from .common.answers import AnswerWriter, answered_ids, merge_rank_files, rank_path, settings_path
+from .common.answers import AnswerWriter, answered_ids, merge_rank_files, rank_path, read_run_settings, settings_path
 from .common.cli import (
     MAX_SEED,
     HelpFormatter,
@@ -114,7 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--top-p", args.top_p, 0, 1, open_low=True)
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_predictor_arguments(args)
-    parse_vbs_table_flag(args.vbs_table)  # a bad table is named before the paths
+    if parse_vbs_table_flag(args.vbs_table) is None:
+        raise UserError("--vbs-table auto calibrates in src.benchmark; src.infer takes a table such as 50:64,100:32")
     check_paths(args)
     return args
 
@@ -139,6 +140,7 @@ def check_paths(args) -> None:
     check_output_file("--output", args.output)
     check_output_file("--summary-json", args.summary_json)
     inputs = {"--input": args.input, "--replay-lengths": args.replay_lengths, "--length-path": args.length_path}
+    inputs |= {"--predictions-path": args.predictions_path, "--predictor-path": args.predictor_path}
     check_outputs_are_not_inputs({"--output": args.output, "--summary-json": args.summary_json}, inputs)
 
 
@@ -170,10 +172,7 @@ def check_settings(args, answered: int) -> None:
     path, settings = settings_path(args.output), answer_settings(args)
     if not answered:
         return
-    try:
-        earlier = json.loads(path.read_text()) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        earlier = "unreadable"
+    earlier = read_run_settings(path)
     if earlier != settings:
         different = (
             [key for key in ANSWER_SETTINGS if earlier.get(key) != settings[key]]
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     predictor = None
     if not PREDICTORS[strategy.predictor].needs_model:  # a missing predictor fails before the model
         predictor = build_predictor(strategy.predictor, context)
-        if PREDICTORS[strategy.predictor].uses_length_file:
+        if PREDICTORS[strategy.predictor].reads_ids_from_file:
             predictor.predict([Sample(sample_id, "", None) for sample_id in pending])  # every id has a row
     if processes.is_main:
         write_text_atomic(settings_path(args.output), json.dumps(answer_settings(args), indent=2) + "\n")

@@ -21,10 +21,10 @@ import json
 import os
 from pathlib import Path
 
-from .common.answers import read_complete_lines
+from .common.answers import read_complete_lines, read_run_settings
 from .common.cli import HelpFormatter, check_output_file, check_outputs_are_not_inputs, check_range, run_cli
 from .common.data import default_length_path, load_conversations
-from .common.utils import UserError, write_text_atomic
+from .common.utils import UserError, partial_path, path_fingerprint, write_text_atomic
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor, is_prediction_row
 from .running.setup import add_model_arguments, attach_model_if_needed, check_model_arguments
@@ -43,6 +43,7 @@ RESUME_KEYS = (
     "dtype",
     "load_format",
     "conv_template",
+    "predictions_path",
 )
 
 
@@ -71,43 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_output_file("--output", partial_path(args.output))
     args.length_path = args.length_path or default_length_path(args.data_path)
     inputs = {"--data-path": args.data_path, "--length-path": args.length_path}
-    check_outputs_are_not_inputs({"--output": args.output}, inputs | {"--predictor-path": args.predictor_path})
+    inputs |= {"--predictor-path": args.predictor_path, "--predictions-path": args.predictions_path}
+    check_outputs_are_not_inputs({"--output": args.output}, inputs)
     return args
-
-
-def predictor_fingerprint(folder: str | None) -> str | None:
-    """The sha256 of every file of a proxy predictor's folder (config with its calibration, head, encoder): retraining,
-    recalibrating or swapping its weights in place changes the predictions under the same path."""
-    import hashlib
-
-    if not folder or not (Path(folder) / "proxy_config.json").is_file():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            digest.update(str(path.relative_to(folder)).encode() + b"\0")
-            with open(path, "rb") as handle:
-                for block in iter(lambda handle=handle: handle.read(1 << 22), b""):
-                    digest.update(block)
-    return digest.hexdigest()
-
-
-def partial_path(output: str) -> Path:
-    return Path(f"{output}.partial")
 
 
 def settings_path(output: str) -> Path:
     return Path(f"{output}.partial.settings.json")
-
-
-def earlier_settings(path: Path):
-    """The settings an earlier run recorded beside its partial file; "unreadable" for a damaged file."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        return "unreadable"
 
 
 def prediction_row(sample_id: str, predicted: int, quantiles: list[float] | None, levels, max_length: int) -> dict:
@@ -136,11 +107,11 @@ def main(argv: list[str] | None = None) -> dict:
     samples = load_conversations(args.data_path)
     order = [sample.id for sample in samples]
     settings = {key: getattr(args, key, None) for key in RESUME_KEYS}
-    settings["predictor_config"] = predictor_fingerprint(args.predictor_path)
+    settings["predictor_config"] = path_fingerprint(args.predictor_path)  # its weights, not only its name
     partial, settings_file = partial_path(args.output), settings_path(args.output)
     done = read_complete_lines(partial, repair=True, is_row=is_prediction_row, what="a prediction line")
     if done:
-        earlier = earlier_settings(settings_file)
+        earlier = read_run_settings(settings_file)
         if earlier != settings:
             raise UserError(
                 f"{partial} holds {len(done)} predictions made with other settings ({earlier}): "

@@ -142,6 +142,14 @@ CASES = [
     (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --top-p nan", "--top-p must be a finite number"),
     (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --temperature -1", "--temperature must be at least"),
     (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --vbs-table 60:4", "multiples of 50"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --vbs-table auto", "src.infer takes a table"),
+    (predict, "{data} --strategy file --predictions-path {tmp}/p.jsonl --output {tmp}/p.jsonl", "--predictions-path"),
+    (
+        infer,
+        "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --strategy file --predictions-path {tmp}/p.jsonl "
+        "--model smollm2-135m",
+        "lacks 1 id(s)",
+    ),
 ]
 
 
@@ -175,6 +183,7 @@ def workspace(small_data, tmp_path):
     (tmp_path / "lengthless.jsonl.partial").write_text('{"id": "a"}\n{"id": "b", "predicted_length": 3}\n')
     (tmp_path / "unsettled.jsonl.partial").write_text('{"id": "a", "predicted_length": 3}\n')
     (tmp_path / "unsettled.jsonl.partial.settings.json").write_text('{"strategy": ')
+    (tmp_path / "p.jsonl").write_text('{"id": "a", "predicted_length": 3}\n')  # predictions for ids r1 lack
     return tmp_path
 
 

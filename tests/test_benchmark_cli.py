@@ -193,6 +193,30 @@ def test_finished_strategies_survive_a_later_failure(tiny_model_dir, small_data,
     assert finished["results"][0] == saved["results"][0] and not partial.exists()
 
 
+def test_a_partial_result_over_changed_inputs_is_not_continued(small_data, tmp_path, monkeypatch, capsys):
+    """The same flags over a length file that changed since the interrupted run: its results are refused."""
+    data, lengths = small_data
+    output = tmp_path / "out.json"
+    command = ["--dry-run", "--data-path", str(data), "--replay-lengths", str(lengths), "--output-json", str(output)]
+    real_run_strategy = benchmark.run_strategy
+
+    def failing_second(strategy, *args, **kwargs):
+        if strategy.predictor == "gt":
+            raise RuntimeError("boom")
+        return real_run_strategy(strategy, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "run_strategy", failing_second)
+    with pytest.raises(RuntimeError):
+        benchmark.main([*command, "--strategies", "vanilla", "gt"])
+    monkeypatch.setattr(benchmark, "run_strategy", real_run_strategy)
+    rows = json.loads(lengths.read_text())
+    rows[0]["L_t0.0"] += 1
+    lengths.write_text(json.dumps(rows))
+    capsys.readouterr()  # the first run's progress bars
+    message = run_and_expect_error([*command, "--strategies", "vanilla", "gt"], capsys)
+    assert "holds results of other flags or input files" in message and not output.exists()
+
+
 def test_a_partial_result_of_other_flags_is_refused(tiny_model_dir, small_data, tmp_path, capsys):
     data, lengths = small_data
     output = tmp_path / "out.json"

@@ -118,3 +118,17 @@ def test_strategy_file_schedules_exactly_as_the_predictor_that_wrote_the_file(sm
             [*dry, "--strategy", "file+fcr", "--fcr-quantile", "0.75", "--predictions-path", str(predictions)],
         )
     assert "has no quantile 0.75 (it has 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)" in capsys.readouterr().err
+
+
+def test_strategy_file_without_quantiles_evaluates_like_the_predictor_that_wrote_it(small_data, tmp_path):
+    """A file of the oracle's predictions (no quantiles): src.eval scores it exactly as the oracle, with no
+    calibration rows."""
+    from src import eval as length_eval
+
+    data, lengths = small_data
+    predictions = tmp_path / "predictions.jsonl"
+    predict.main(cli_args(data_path=data, strategy="gt", output=predictions))
+    flags = ["--data-path", str(data), "--plot", str(tmp_path / "plot.png")]
+    from_file = length_eval.main([*flags, "--strategy", "file", "--predictions-path", str(predictions)])
+    oracle = length_eval.main([*flags, "--strategy", "gt"])
+    assert from_file["error"] == oracle["error"] == 0 and "calibration" not in from_file

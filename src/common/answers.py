@@ -50,24 +50,37 @@ def read_complete_lines(path: Path, repair: bool = False, is_row=None, what: str
     being a JSON object with a text id."""
     if not path.is_file():
         return []
-    lines = path.read_bytes().splitlines(keepends=True)
     rows, kept_bytes = [], 0
-    for number, raw in enumerate(lines, start=1):
-        try:
-            row = json.loads(raw)
-            valid = isinstance(row, dict) and isinstance(row.get("id"), str) and (is_row is None or is_row(row))
-        except ValueError:
-            valid = False
-        if not valid or not raw.endswith(b"\n"):
-            if number < len(lines):
-                raise UserError(f"{path} line {number} is not {what}: the file is damaged; move it away to start over")
-            break
-        rows.append(row)
-        kept_bytes += len(raw)
+    with open(path, "rb") as handle:  # streamed: an answer file can be large
+        for number, raw in enumerate(handle, start=1):
+            try:
+                row = json.loads(raw)
+                valid = isinstance(row, dict) and isinstance(row.get("id"), str) and (is_row is None or is_row(row))
+            except ValueError:
+                valid = False
+            if not valid or not raw.endswith(b"\n"):
+                if handle.read(1):  # a line follows it: damage, not a kill
+                    raise UserError(
+                        f"{path} line {number} is not {what}: the file is damaged; move it away to start over"
+                    )
+                break
+            rows.append(row)
+            kept_bytes += len(raw)
     if repair and kept_bytes != path.stat().st_size:
         with open(path, "r+b") as handle:
             handle.truncate(kept_bytes)
     return rows
+
+
+def read_run_settings(path: Path):
+    """The settings an earlier run recorded beside its output: None without the file, "unreadable" for a damaged one
+    (which matches no settings, so that the run is refused rather than continued)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return "unreadable"
 
 
 class AnswerWriter:

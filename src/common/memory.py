@@ -1,15 +1,17 @@
 """The one home of memory budgets: what share of the memory that is free when a use begins it may take, and why.
 
-Three uses hold memory beyond the model's weights and a batch's own cache. Their shares add up to more than one on
-purpose: they are never all large at once (the compiled engine's kept caches replace the eager engine's per-row
-ones, and VBS's budget sizes the batch that then runs), and each leaves the rest for activations and the allocator.
+Three uses hold memory beyond the model's weights and a batch's own cache. Each share is of the memory free when that
+use first asks: the compiled engine's static caches at its start, +resume's kept rows at the first row kept (so on
+the compiled engine a quarter of what its caches left), and VBS auto's largest batch at the calibration, before any
+strategy runs (that budget sizes one batch, which then runs alone). What no share takes is for activations and the
+allocator.
 """
 
 from __future__ import annotations
 
 import os
 
-# +resume's kept KV caches (the eager engine keeps each unfinished row's cache so that its retry skips the prefill):
+# +resume's kept KV caches (each unfinished row's cache, so that its retry skips the prefill):
 # a quarter, so that the batches running meanwhile still fit; a failure past the budget is prefilled again.
 KEPT_ROW_CACHES = 0.25
 # The compiled engine's static caches, one per (rows, cache length) shape, the least recently used dropped first:

@@ -214,7 +214,15 @@ def exchange_paths(first: Path, second: Path) -> bool:
 
 
 def current_umask() -> int:
-    umask = os.umask(0)  # the only way to read it is to set it: set it back at once
+    """The process's umask: read from /proc where Linux shows it, else set and set back (for a moment, files that
+    another thread creates would get mode 0)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)
     os.umask(umask)
     return umask
 
@@ -227,3 +235,29 @@ def share_with_umask(path: Path) -> None:
     if path.is_dir():
         for inner in path.rglob("*"):
             inner.chmod((0o777 if inner.is_dir() else 0o666) & ~umask)
+
+
+def partial_path(output: str | os.PathLike) -> Path:
+    """Where a command keeps what it has finished until its output is complete: the output's name + `.partial`."""
+    return Path(f"{output}.partial")
+
+
+def path_fingerprint(path: str | os.PathLike | None) -> str | None:
+    """The sha256 of a file's bytes, or of every file of a folder (names and bytes), so that a resumed run can tell
+    that an input changed under the same name; None for no path or nothing there. A `.json` name that ships as
+    `.json.gz` is read as the shipped file."""
+    import hashlib
+
+    if not path:
+        return None
+    path = resolve_json_path(path) if str(path).endswith(".json") else Path(path)
+    if not path.exists():
+        return None
+    digest = hashlib.sha256()
+    for member in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if member.is_file():
+            digest.update(str(member.relative_to(path) if path.is_dir() else member.name).encode() + b"\0")
+            with open(member, "rb") as handle:
+                for block in iter(lambda handle=handle: handle.read(1 << 22), b""):
+                    digest.update(block)
+    return digest.hexdigest()

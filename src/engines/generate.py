@@ -113,36 +113,37 @@ def _plain_layers(cache) -> bool:
     return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "StaticLayer") for layer in layers)
 
 
+def _place_kept_rows(keys, values, prefix_caches: list[tuple], layer_index: int) -> None:
+    """Each row's kept KV of one layer right-aligned over the positions of `keys` and `values` ([B, H, width - 1, D]
+    views, zeros where the attention mask is 0): the layout of a batch of left-padded rows of `width` tokens whose
+    every token but the last is cached."""
+    width_minus_one = keys.shape[2]
+    for row, kept in enumerate(prefix_caches):
+        row_keys, row_values = kept[layer_index]  # [1, H, T, D]
+        keys[row : row + 1, :, width_minus_one - row_keys.shape[2] :] = row_keys
+        values[row : row + 1, :, width_minus_one - row_values.shape[2] :] = row_values
+
+
 def _batch_cache(prefix_caches: list[tuple], width: int, config):
-    """One DynamicCache for a batch of left-padded rows of `width` tokens from each row's kept KV (which covers all but
-    its last token): every row's keys and values right-aligned over width - 1 positions, zeros before them, where
-    the attention mask is 0."""
+    """One DynamicCache (the eager engine's) for a batch of left-padded rows of `width` tokens from each row's kept KV
+    (which covers all but its last token)."""
     from transformers import DynamicCache
 
     layers = []
-    for index in range(len(prefix_caches[0])):
-        keys, values = [], []
-        for row in prefix_caches:
-            row_keys, row_values = row[index]  # [1, H, T, D]
-            padding = row_keys.new_zeros(
-                (1, row_keys.shape[1], width - 1 - row_keys.shape[2], row_keys.shape[3])
-            )  # [1, H, width - 1 - T, D]
-            keys.append(torch.cat([padding, row_keys], dim=2))
-            values.append(torch.cat([padding, row_values], dim=2))
-        layers.append((torch.cat(keys), torch.cat(values)))  # [B, H, width - 1, D] each
+    for index, (first_keys, first_values) in enumerate(prefix_caches[0]):
+        rows, heads = len(prefix_caches), first_keys.shape[1]
+        keys = first_keys.new_zeros((rows, heads, width - 1, first_keys.shape[3]))  # [B, H, width - 1, D]
+        values = first_values.new_zeros((rows, heads, width - 1, first_values.shape[3]))
+        _place_kept_rows(keys, values, prefix_caches, index)
+        layers.append((keys, values))
     return DynamicCache(layers, config=config)
 
 
 def _fill_static_cache(cache, prefix_caches: list[tuple], width: int) -> None:
-    """A reset static cache (the compiled engine's) holding each row's kept KV as `_batch_cache` lays it out: right-
-    aligned over its first width - 1 positions, zeros before; its length set there, so that only each row's last
-    prompt token is computed."""
+    """A reset static cache (the compiled engine's) holding each row's kept KV as `_batch_cache` lays it out over its
+    first width - 1 positions; its length set there, so that only each row's last prompt token is computed."""
     for index, layer in enumerate(cache.layers):
-        for row, kept in enumerate(prefix_caches):
-            row_keys, row_values = kept[index]  # [1, H, T, D]
-            start = width - 1 - row_keys.shape[2]
-            layer.keys[row : row + 1, :, start : width - 1] = row_keys
-            layer.values[row : row + 1, :, start : width - 1] = row_values
+        _place_kept_rows(layer.keys[:, :, : width - 1], layer.values[:, :, : width - 1], prefix_caches, index)
         layer.cumulative_length.fill_(width - 1)
 
 

@@ -7,7 +7,7 @@ from ..common.utils import resolve_device
 
 
 def add_predictor_arguments(parser) -> None:
-    """The flags of the length predictors that src.benchmark and src.eval share."""
+    """The flags of the length predictors that the commands with --strategy share (benchmark, eval, predict, infer)."""
     from .proxy import SHIPPED_PROXY_PATH  # the proxy's module imports torch: only when a parser is built
 
     parser.add_argument(

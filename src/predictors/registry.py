@@ -27,7 +27,7 @@ class PredictorContext:
     model: Any = None
     tokenizer: Any = None
     formatter: Any = None
-    engine: Any = None  # src.engines.registry.Engine over `model`: what the generative predictors (po, seqsch) run on
+    engine: Any = None  # src.engines.base.Engine over `model`: what the generative predictors (po, seqsch) run on
     options: dict = field(default_factory=dict)
 
 
@@ -38,7 +38,7 @@ class Predictor:
 
     name = ""
     needs_model = False  # generates with the served model (po, seqsch): built after the model loads
-    uses_length_file = False  # reads --length-path: every id is checked before the model loads
+    reads_ids_from_file = False  # lengths by id from a file (--length-path, --predictions-path): ids checked early
     has_quantiles = False
 
     def __init__(self, context: PredictorContext):
@@ -91,7 +91,7 @@ class OraclePredictor(Predictor):
     option `gt_field` one column, e.g. the very lengths being replayed (a perfect predictor)."""
 
     name = "gt"
-    uses_length_file = True
+    reads_ids_from_file = True
 
     def __init__(self, context: PredictorContext):
         super().__init__(context)
@@ -247,6 +247,7 @@ class FilePredictor(Predictor):
     is installed, generate where the model runs."""
 
     name = "file"
+    reads_ids_from_file = True
     has_quantiles = True  # those the file has; a level it lacks is refused by require_quantile
 
     def __init__(self, context: PredictorContext):
@@ -267,10 +268,13 @@ class FilePredictor(Predictor):
 
     def predict_raw(self, samples):
         require_ids(self.rows, [sample.id for sample in samples], self.path)
-        self.quantile_rows = {
-            sample.id: [self.rows[sample.id]["quantiles"][self.level_names[level]] for level in self.quantile_levels]
-            for sample in samples
-        }
+        if self.quantile_levels:  # else None, as for every predictor without quantiles
+            self.quantile_rows = {
+                sample.id: [
+                    self.rows[sample.id]["quantiles"][self.level_names[level]] for level in self.quantile_levels
+                ]
+                for sample in samples
+            }
         return {sample.id: self.rows[sample.id]["predicted_length"] for sample in samples}
 
     def require_quantile(self, quantile: float) -> None:
