@@ -60,7 +60,7 @@ def test_every_model_call_of_the_benchmark_goes_through_the_chosen_engine(
 
 def test_an_unknown_engine_is_a_user_error(tiny_model):
     model, tokenizer = tiny_model
-    with pytest.raises(UserError, match="unknown --engine 'vllm': choose from auto, compiled, transformers"):
+    with pytest.raises(UserError, match="unknown --engine 'vllm': choose from auto, compiled, graph, transformers"):
         registry.build_engine("vllm", model, tokenizer)
 
 

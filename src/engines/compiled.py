@@ -78,10 +78,14 @@ class CompiledEngine(TransformersEngine):
     def _kept_bytes(self) -> int:
         return sum(self._cache_bytes(*shape) for shape in self.caches)
 
-    def _cache_for(self, rows: int, length: int):
-        """The kept cache of this shape, or a new one after a timed warm-up on filler prompts."""
+    def _new_cache(self, rows: int, length: int):
+        """What a shape keeps between batches: here its static cache (allocated at its first prefill)."""
         from transformers import StaticCache
 
+        return StaticCache(config=self.model.config, max_cache_len=length)
+
+    def _cache_for(self, rows: int, length: int):
+        """The kept cache of this shape, or a new one after a timed warm-up on filler prompts."""
         key = (rows, length)
         if key in self.caches:
             self.caches.move_to_end(key)
@@ -90,7 +94,7 @@ class CompiledEngine(TransformersEngine):
             needed = self._cache_bytes(rows, length)
             while self.caches and self._kept_bytes() + needed > self.cache_budget_bytes:
                 self.caches.popitem(last=False)
-        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        cache = self._new_cache(rows, length)
         self.caches[key] = cache
         start = time.perf_counter()
         try:

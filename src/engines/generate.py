@@ -30,10 +30,17 @@ class ReplayLengthsProcessor(LogitsProcessor):
             self.forced_end = torch.full_like(scores[:1], -float("inf"))  # [1, V]: only the first EOS allowed
             self.forced_end[0, self.eos_token_ids[0]] = 0.0
         step = input_ids.shape[1] - self.prompt_length + 1
-        too_early = (self.target > step).unsqueeze(1)  # [B, 1]
-        end_now = (self.target == step).unsqueeze(1)  # [B, 1]
-        scores = scores.masked_fill(too_early & self.eos_mask, -float("inf"))
-        return torch.where(end_now, self.forced_end, scores)
+        return replay_scores(scores, self.target, step, self.eos_mask, self.forced_end)
+
+
+def replay_scores(scores, target, step, eos_mask, forced_end):
+    """`scores` ([B, V]) of token number `step` (an int or a 0-d tensor) with EOS forbidden in every row whose
+    `target` ([B]) is later and forced (only `forced_end`'s EOS allowed, [1, V]) in every row whose target is now;
+    `eos_mask`: [1, V], True at the EOS ids."""
+    too_early = (target > step).unsqueeze(1)  # [B, 1]
+    end_now = (target == step).unsqueeze(1)  # [B, 1]
+    scores = scores.masked_fill(too_early & eos_mask, -float("inf"))
+    return torch.where(end_now, forced_end, scores)
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,12 @@ class StepClock(LogitsProcessor):
         event.record()
         return event
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def mark_step(self) -> None:
+        """A decode step's token was chosen (queued, on a GPU)."""
         self.marks.append(self._mark())
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.mark_step()
         return scores
 
     def timing(self, wall_seconds: float) -> BatchTiming:

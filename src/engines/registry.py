@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 ENGINES = {
     "transformers": "src.engines.eager:TransformersEngine",
     "compiled": "src.engines.compiled:CompiledEngine",
+    "graph": "src.engines.graph:GraphEngine",
 }
 # `--engine auto`: the compiled engine where it pays (CUDA graphs), eager elsewhere (docs/CPU.md's measurement)
 AUTO_ENGINE = "auto"
