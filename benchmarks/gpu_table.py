@@ -1,28 +1,31 @@
-"""The paper's throughput table on one GPU in one command, within a time budget: the eager and the compiled engine
-compared on the same samples, then the other strategies on the compiled engine and continuous batching at equal
-memory.
+"""The paper's throughput table on one GPU in one command, within a time budget: every strategy on the graph engine,
+continuous batching at equal memory, and train.sh's smoke run; on request, the compiled and eager engines on the same
+samples.
 
     python -m benchmarks.gpu_table --output-dir runs/gpu-table          # Vicuna-7B shape, random fp16 weights
 
-Each part is one `python -m src.benchmark` process whose finished strategies are kept after each one (in its
-`--output-json`'s `.partial` until the part ends) and whose output goes to `log.txt` as it comes, so a run cut off by
-the budget (or by the machine) still returns every strategy that finished. A part that would start after the
-deadline is skipped, and one still running at the deadline is stopped.
+Each part is one process whose output goes to `log.txt` as it comes, and whose finished strategies are kept after each
+one (in its `--output-json`'s `.partial` until the part ends), so a run cut off by the budget (or by the machine)
+still returns every strategy that finished. A part that would start after the deadline is skipped, and one still
+running at the deadline is stopped.
 
-1. compiled: vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy predictor; file+vbs+fcr
-   and file+fcr+resume, the proxy's rows from src.predict's file, when --predictions-path names one: a GPU host
-   without the encoder's package schedules with predictions made elsewhere)
-2. eager: vanilla and gt+vbs+fcr, the comparison of the two engines
-3. continuous batching, FCFS and shortest-predicted-first (continuous:gt), with the slots that the KV cache of part
-   1's largest static batch holds (`--slots auto` across the two processes). Continuous batching is transformers'
-   manager on both engines (it captures CUDA graphs itself), so this part runs on the eager engine: compiling the
-   static path there would cost time and change nothing.
-4. (only with `--parts ... train`) benchmarks.train_smoke: `bash train.sh` for a few LoRA steps on the same model, the
-   adapter saved and loaded by `src.eval --strategy seqsch`, in `train/`
+1. graph: vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy predictor; file+vbs+fcr and
+   file+fcr+resume, the proxy's rows from src.predict's file, when --predictions-path names one: a GPU host without
+   the encoder's package schedules with predictions made elsewhere)
+2. compiled, 3. eager (only with `--parts`): vanilla and gt+vbs+fcr, the engines compared on the same samples. The
+   first static part that returns any result runs the whole table: if the graph engine fails, the compiled one runs
+   every strategy instead.
+4. continuous batching, FCFS and shortest-predicted-first (continuous:gt), with the slots that the KV cache of the
+   static parts' largest batch holds (`--slots auto` across processes), at `--continuous-speed` (CUDA graphs by
+   default); if that fails before any result, once more at the manager's plain settings (`continuous-plain`).
+   Continuous batching is transformers' manager on every engine, so this part runs on the eager one.
+5. train: benchmarks.train_smoke, `bash train.sh` for a few LoRA steps on the same model, the adapter saved and loaded
+   by `src.eval --strategy seqsch`, in `train/`
 
 The summary (`summary.json`, and a Markdown table printed and written to `table.md`) gives each strategy's
-samples/s, its ratio to vanilla on the same engine, decode steps and ms per step, prefill and other seconds
-summed over its batches, and the warm-up the compiled engine spent on new shapes (kept out of the throughput).
+samples/s, its ratio to vanilla on the same engine, decode steps and ms per step (per iteration of the iteration
+model, for continuous batching), prefill and other seconds summed over its batches, and the warm-up each engine
+spent on new shapes (kept out of the throughput).
 """
 
 from __future__ import annotations
@@ -43,10 +46,16 @@ from src.running.settings import equal_memory_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PARTS = ("compiled", "eager", "continuous")
-# benchmarks.train_smoke (train.sh for a few steps, the adapter loaded by src.eval): asked for by name, since its
-# paper preset needs CUDA's bfloat16
+# static parts and the engine each runs on; the first to return a result runs the whole table, the others compare
+STATIC_PARTS = {"graph": "graph", "compiled": "compiled", "eager": "transformers"}
+COMPARED_STRATEGIES = ["vanilla", "gt+vbs+fcr"]
+CONTINUOUS_PART = "continuous"
+PLAIN_CONTINUOUS_PART = "continuous-plain"  # the fallback at the manager's plain settings
+# benchmarks.train_smoke (train.sh for a few steps, the adapter loaded by src.eval); its paper preset needs CUDA
 TRAIN_PART = "train"
+PARTS = (*STATIC_PARTS, CONTINUOUS_PART, TRAIN_PART)
+DEFAULT_PARTS = ["graph", CONTINUOUS_PART, TRAIN_PART]
+OUTPUT_PARTS = (*STATIC_PARTS, CONTINUOUS_PART, PLAIN_CONTINUOUS_PART)  # the parts that write a benchmark JSON
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-path", default="data/alpaca-val-10k.json")
     parser.add_argument("--replay-lengths", default="data/alpaca-val-10k-length.json")
     parser.add_argument("--replay-field", default="L_t0.0")
-    parser.add_argument("--num-data", type=int, default=128, help="the same samples for every strategy")
+    parser.add_argument("--num-data", type=int, default=256, help="the same samples for every strategy")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument(
@@ -72,7 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "encoder's package is not installed)",
     )
     parser.add_argument("--budget-s", type=float, default=450, help="no part starts, and none runs, past this")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=[*PARTS, TRAIN_PART])
+    parser.add_argument("--parts", nargs="+", default=DEFAULT_PARTS, choices=PARTS)
+    parser.add_argument(
+        "--continuous-speed", default="graphs", help="continuous batching's step settings (src.benchmark's flag)"
+    )
     return parser.parse_args(argv)
 
 
@@ -154,6 +166,8 @@ def summary_rows(outputs: dict[str, dict]) -> list[dict]:
             batches = result["batches"]
             steps = sum(batch.get("decode_steps_timed", 0) for batch in batches)
             decode = sum(batch.get("decode_s", 0.0) for batch in batches)
+            if result["continuous"]:  # no batches: the iteration model's iterations over the whole run
+                steps, decode = result["decode_steps"], result["generation_time_s"]
             rows.append(
                 {
                     "part": part,
@@ -172,6 +186,7 @@ def summary_rows(outputs: dict[str, dict]) -> list[dict]:
                     "average_length": result["average_length"],
                     "effective_token_ratio": result["effective_token_ratio"],
                     "slots": result.get("slots"),
+                    "continuous_settings": result.get("continuous_settings"),
                 }
             )
     return rows
@@ -197,54 +212,82 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def static_strategies(args, out: Path) -> tuple[list[str], list[str]]:
+    """The whole table's strategies, and the flags its predictor rows need."""
+    statics = ["vanilla", "gt+vbs+fcr", "gt"]
+    ready, reason = proxy_available(args.predictor_path)
+    if ready:
+        statics.append("proxy+vbs+fcr")
+        predictor_flags = ["--predictor-path", args.predictor_path]
+    else:
+        predictor_flags = []
+        log(out, f"{reason}: proxy+vbs+fcr is left out")
+    if args.predictions_path:
+        statics += ["file+vbs+fcr", "file+fcr+resume"]
+        predictor_flags += ["--predictions-path", args.predictions_path]
+    return statics, predictor_flags
+
+
+def run_static_parts(args, out: Path, deadline: float) -> dict:
+    """The static parts asked for, in order: the first that returns a result runs every strategy, the rest compare
+    vanilla and gt+vbs+fcr on the same samples."""
+    statics, predictor_flags = static_strategies(args, out)
+    codes, table_done = {}, False
+    for part, engine in STATIC_PARTS.items():
+        if part not in args.parts:
+            continue
+        flags = [*common_flags(args), "--engine", engine, "--strategies"]
+        flags += COMPARED_STRATEGIES if table_done else [*statics, *predictor_flags]
+        codes[part] = run_part(out, part, flags, deadline)
+        table_done = table_done or bool(read_results(out / f"{part}.json").get("results"))
+    return codes
+
+
+def run_continuous_part(args, out: Path, deadline: float) -> dict:
+    """Continuous batching at the KV-cache memory of the largest static batch, at --continuous-speed; once more at
+    the plain settings if that returned nothing."""
+    static_output = {}
+    for part in STATIC_PARTS:
+        static_output = static_output or read_results(out / f"{part}.json")
+    slots = equal_memory_slots(
+        static_output.get("results", []),
+        (static_output.get("args") or {}).get("longest_prompt_tokens", 0),
+        args.max_length,
+        args.batch_size,
+    )
+    log(out, f"continuous batching at the KV-cache memory of the largest static batch: {slots} slots")
+    flags = [*common_flags(args), "--engine", "transformers", "--slots", str(slots)]
+    flags += ["--strategies", "continuous", "continuous:gt"]
+    codes = {
+        CONTINUOUS_PART: run_part(out, CONTINUOUS_PART, [*flags, "--continuous-speed", args.continuous_speed], deadline)
+    }
+    failed = codes[CONTINUOUS_PART] not in (0, None) and not read_results(out / f"{CONTINUOUS_PART}.json")
+    if failed and args.continuous_speed != "plain":
+        log(out, f"continuous batching at speed {args.continuous_speed} returned nothing: once more at plain")
+        plain = [*flags, "--continuous-speed", "plain"]
+        codes[PLAIN_CONTINUOUS_PART] = run_part(out, PLAIN_CONTINUOUS_PART, plain, deadline)
+    return codes
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*PARTS, "summary"):  # an earlier run's files would pass for this run's
+    for name in (*OUTPUT_PARTS, "summary"):  # an earlier run's files would pass for this run's
         (out / f"{name}.json").unlink(missing_ok=True)
         partial_path(out / f"{name}.json").unlink(missing_ok=True)
     (out / "log.txt").unlink(missing_ok=True)
     (out / "table.md").unlink(missing_ok=True)
     deadline = time.monotonic() + args.budget_s
-    common = common_flags(args)
-    statics = ["vanilla", "gt+vbs+fcr", "gt"]
-    ready, reason = proxy_available(args.predictor_path)
-    if ready:
-        statics.append("proxy+vbs+fcr")
-        common_proxy = ["--predictor-path", args.predictor_path]
-    else:
-        common_proxy = []
-        log(out, f"{reason}: proxy+vbs+fcr is left out")
-    if args.predictions_path:
-        statics += ["file+vbs+fcr", "file+fcr+resume"]
-        common_proxy += ["--predictions-path", args.predictions_path]
-    codes = {}
-    if "compiled" in args.parts:
-        flags = [*common, *common_proxy, "--engine", "compiled", "--strategies", *statics]
-        codes["compiled"] = run_part(out, "compiled", flags, deadline)
-    if "eager" in args.parts:
-        flags = [*common, "--engine", "transformers", "--strategies", "vanilla", "gt+vbs+fcr"]
-        codes["eager"] = run_part(out, "eager", flags, deadline)
-    if "continuous" in args.parts:
-        static_output = read_results(out / "compiled.json") or read_results(out / "eager.json")
-        slots = equal_memory_slots(
-            static_output.get("results", []),
-            (static_output.get("args") or {}).get("longest_prompt_tokens", 0),
-            args.max_length,
-            args.batch_size,
-        )
-        log(out, f"continuous batching at the KV-cache memory of the largest static batch: {slots} slots")
-        flags = [*common, "--engine", "transformers", "--slots", str(slots)]
-        codes["continuous"] = run_part(
-            out, "continuous", [*flags, "--strategies", "continuous", "continuous:gt"], deadline
-        )
+    codes = run_static_parts(args, out, deadline)
+    if CONTINUOUS_PART in args.parts:
+        codes |= run_continuous_part(args, out, deadline)
     if TRAIN_PART in args.parts:
         smoke = [sys.executable, "-m", "benchmarks.train_smoke", "--output-dir", str(out / TRAIN_PART)]
         smoke += ["--model", args.model, "--load-format", args.load_format]
         smoke += ["--budget-s", str(max(0.0, deadline - time.monotonic()))]
         codes[TRAIN_PART] = run_logged(out, TRAIN_PART, smoke, deadline)
-    outputs = {part: read_results(out / f"{part}.json") for part in PARTS}
+    outputs = {part: read_results(out / f"{part}.json") for part in OUTPUT_PARTS}
     rows = summary_rows({part: output for part, output in outputs.items() if output})
     write_json_atomic(out / "summary.json", {"args": vars(args), "exit_codes": codes, "rows": rows})
     table = markdown_table(rows)

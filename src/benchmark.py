@@ -36,6 +36,7 @@ from .common.data import (
 )
 from .common.distributed import Processes, share_groups, start_processes
 from .common.utils import UserError, describe_device, library_versions, partial_path
+from .engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor
 from .running.report import print_result, print_table
@@ -95,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="continuous batching: most concurrent requests; default --batch-size; auto: as many as the KV-cache "
         "memory of the largest static batch that ran before it in this command holds (equal memory)",
+    )
+    parser.add_argument(
+        "--continuous-speed",
+        choices=CONTINUOUS_SPEEDS,
+        default=DEFAULT_CONTINUOUS_SPEED,
+        help="continuous batching's step on CUDA: graphs = CUDA graphs and asynchronous batching, and flash attention "
+        "where its package is installed; plain = transformers' defaults for the model's attention (no graphs with "
+        "sdpa); compiled = graphs and a compiled step (a compilation at the start). Elsewhere graphs runs as plain",
     )
     parser.add_argument(
         "--arrival-rate",

@@ -306,6 +306,8 @@ def test_continuous_batching_on_the_engine(tiny_model_dir, small_data, tmp_path)
             assert real_result[field] == dry_result[field]
         assert untimed(real_result["samples"]) == dry_result["samples"]
         assert real_result["mean_latency_s"] > 0
+        # the engine's resolved step settings (the default speed), which the iteration model has none of
+        assert real_result["continuous_settings"]["speed"] == "graphs" and dry_result["continuous_settings"] is None
     fcfs, ordered = real["results"]
     # by hand, 2 slots: FCFS a3 b8 | c1 -> d6 | e2 -> f8 finish at steps 3, 8, 4, 10, 10, 18;
     # shortest first c1 e2 | a3 d6 | b8 f8 finish at 1, 2, 4, 8, 12, 16
@@ -341,6 +343,31 @@ def test_continuous_engine_never_starts_under_inference_mode(tiny_model, monkeyp
     )
     assert modes == [(False, False)]
     assert outcome.lengths == {"x": 3, "y": 4}
+
+
+def test_continuous_speeds_give_the_same_answers_and_say_what_ran(eos_model_dir):
+    """Every --continuous-speed generates the same greedy answers (they change how the step runs, never what it
+    computes), and each outcome names the settings the manager resolved: on a CPU no CUDA graphs, and a compiled
+    step only when asked for."""
+    from src.common.models import load_model
+    from src.engines.continuous import run_continuous
+
+    model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
+    prompts = {"x": [1, 5, 6, 7, 8], "y": [1, 9, 10], "z": [1, 11, 12, 13]}
+    outcomes = {
+        speed: run_continuous(model, tokenizer, ["x", "y", "z"], prompts, 12, 2, speed=speed)
+        for speed in ("plain", "graphs", "compiled")
+    }
+    assert len(set(outcomes["plain"].lengths.values())) > 1  # answers that end at different steps
+    for outcome in outcomes.values():
+        assert (outcome.lengths, outcome.texts) == (outcomes["plain"].lengths, outcomes["plain"].texts)
+    settings = {speed: outcome.settings for speed, outcome in outcomes.items()}
+    assert [settings[speed]["speed"] for speed in outcomes] == ["plain", "graphs", "compiled"]
+    assert all(
+        ran["cuda_graphs_varlen_decode"] == [False, False] and ran["attention"] == "sdpa" for ran in settings.values()
+    )
+    assert [settings[speed]["compile_varlen"] for speed in outcomes] == [None, None, "default"]
+    assert model.config._attn_implementation == "sdpa"  # the manager gave the model its attention back
 
 
 def test_continuous_strategy_flags(small_data, capsys):

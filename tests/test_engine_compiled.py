@@ -112,35 +112,60 @@ def test_slots_auto_gives_continuous_batching_the_largest_static_batch_memory(sm
 
 
 def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, tmp_path):
+    """Every static part and continuous batching: the graph engine runs the whole table, the compiled and eager ones
+    the comparison on the same samples, and continuous batching gets the largest static batch's memory."""
     data, lengths = small_data
     out = tmp_path / "table"
     command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out)]
     flags = ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
     flags += ["--replay-lengths", str(lengths), "--num-data", "6", "--batch-size", "2", "--max-length", "8"]
     flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--budget-s", "600"]
+    flags += ["--parts", "graph", "compiled", "eager", "continuous"]
     run_command([*command, *flags], timeout=600)
-    for name in ("compiled.json", "eager.json", "continuous.json", "summary.json", "table.md", "log.txt"):
+    for name in ("graph.json", "compiled.json", "eager.json", "continuous.json", "summary.json", "table.md", "log.txt"):
         assert (out / name).is_file(), name
     rows = json.loads((out / "summary.json").read_text())["rows"]
     by_engine = {(row["engine"], row["strategy"]): row for row in rows}
     assert set(by_engine) == {
+        ("graph", "vanilla"),
+        ("graph", "gt+vbs+fcr"),
+        ("graph", "gt"),
         ("compiled", "vanilla"),
         ("compiled", "gt+vbs+fcr"),
-        ("compiled", "gt"),
         ("transformers", "vanilla"),
         ("transformers", "gt+vbs+fcr"),
         ("transformers", "continuous"),
         ("transformers", "continuous:gt"),
     }
-    for strategy in ("vanilla", "gt+vbs+fcr"):  # the same samples and the same token columns on both engines
-        compiled_row, eager_row = by_engine[("compiled", strategy)], by_engine[("transformers", strategy)]
-        assert compiled_row["average_length"] == eager_row["average_length"]
-    assert by_engine[("compiled", "vanilla")]["x_vanilla_same_engine"] == 1.0
-    compiled = json.loads((out / "compiled.json").read_text())
-    largest = max(batch["cache_tokens"] for result in compiled["results"] for batch in result["batches"])
-    slots = largest // (compiled["args"]["longest_prompt_tokens"] + 8)
-    assert by_engine[("transformers", "continuous")]["slots"] == slots
+    for strategy in ("vanilla", "gt+vbs+fcr"):  # the same samples and the same token columns on every engine
+        assert len({by_engine[(engine, strategy)]["average_length"] for engine in ENGINE_NAMES}) == 1
+    assert by_engine[("graph", "vanilla")]["x_vanilla_same_engine"] == 1.0
+    graph = json.loads((out / "graph.json").read_text())
+    largest = max(batch["cache_tokens"] for result in graph["results"] for batch in result["batches"])
+    slots = largest // (graph["args"]["longest_prompt_tokens"] + 8)
+    continuous = by_engine[("transformers", "continuous")]
+    assert continuous["slots"] == slots and continuous["continuous_settings"]["speed"] == "graphs"
+    assert continuous["ms_per_decode_step"] > 0  # per iteration of the iteration model
     assert "no proxy predictor" in (out / "log.txt").read_text()
+
+
+ENGINE_NAMES = ("graph", "compiled", "transformers")
+
+
+def test_gpu_table_runs_the_whole_table_on_the_compiled_engine_when_the_graph_one_fails(small_data, tmp_path):
+    """A graph part that returns nothing (here: no such model) hands the whole table to the compiled part, which
+    fails the same way here; the log says both ran every strategy."""
+    data, lengths = small_data
+    out = tmp_path / "table"
+    command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out), "--model", "no-such-model"]
+    command += ["--load-format", "auto", "--device", "cpu", "--data-path", str(data), "--replay-lengths", str(lengths)]
+    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--parts", "graph", "compiled"]
+    import subprocess
+
+    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    starts = [line for line in (out / "log.txt").read_text().splitlines() if line.startswith("== ") and ":" in line]
+    assert [line.split()[1] for line in starts if "--strategies vanilla gt+vbs+fcr gt" in line] == ["graph", "compiled"]
 
 
 def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):

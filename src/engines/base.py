@@ -11,13 +11,33 @@ writes `generate` (and, where it has them, continuous batching and a kept KV cac
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ..common.utils import UserError
 
+# How continuous batching's step runs (`speed`, --continuous-speed). plain: the manager's defaults for the attention
+# the model was loaded with (no CUDA graphs with sdpa, whose mask they would pad); graphs: CUDA graphs and asynchronous
+# batching forced on, and flash attention (with the manager's block-table decode path) where its package is
+# installed; compiled: graphs plus torch.compile of the step (the manager's compile level 1), at the cost of a
+# compilation. Graphs exist on CUDA only: elsewhere graphs runs as plain.
+CONTINUOUS_SPEEDS = ("graphs", "plain", "compiled")
+DEFAULT_CONTINUOUS_SPEED = "graphs"
+
 if TYPE_CHECKING:
-    from .continuous import ContinuousOutcome
     from .generate import BatchTiming, GeneratedSample
+
+
+@dataclass(frozen=True)
+class ContinuousOutcome:
+    """What continuous batching returns (`run_queue`): every request's result by id."""
+
+    lengths: dict[str, int]  # generated tokens, EOS included
+    finished: dict[str, bool]  # ended by EOS (or at its replayed length) within max_length
+    texts: dict[str, str]
+    finish_seconds: dict[str, float]  # since the first request was queued
+    warmup_s: float = 0.0  # setting the engine up (its cache, and CUDA graphs on a GPU) before the first request
+    settings: dict | None = None  # what the manager resolved: attention, graphs, asynchronous batching, compilation
 
 
 class Engine(Protocol):
@@ -54,8 +74,10 @@ class Engine(Protocol):
         replay: dict[str, int] | None = None,
         on_result: Callable[[int], None] | None = None,
         seed: int | None = None,
+        speed: str = DEFAULT_CONTINUOUS_SPEED,
     ) -> ContinuousOutcome:
-        """Continuous batching: requests admitted in `order`, at most `slots` at once."""
+        """Continuous batching: requests admitted in `order`, at most `slots` at once, the step's settings chosen by
+        `speed` (src.engines.continuous.CONTINUOUS_SPEEDS)."""
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:
         """The time of one decode step of `batch_size` sequences at a `context`-token cache (VBS auto)."""
@@ -86,7 +108,18 @@ class EngineBase:
     ) -> list[GeneratedSample]:
         raise NotImplementedError(f"engine {self.name} does not generate")
 
-    def run_queue(self, order, prompt_ids, max_length, slots, temperature=0.0, replay=None, on_result=None, seed=None):
+    def run_queue(
+        self,
+        order,
+        prompt_ids,
+        max_length,
+        slots,
+        temperature=0.0,
+        replay=None,
+        on_result=None,
+        seed=None,
+        speed=DEFAULT_CONTINUOUS_SPEED,
+    ):
         raise UserError(f"engine {self.name} has no continuous batching: run static strategies with it")
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:

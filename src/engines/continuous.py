@@ -1,20 +1,27 @@
 """Continuous batching on transformers' engine (`ContinuousBatchingManager`), for comparison with the
 paper's static batches: a finished sequence's slot takes the next queued request at the next iteration.
 
-We only choose the admission order and the slot budget; the engine does the rest. Its defaults size the KV
-cache from free memory (0.9 of it: about 19 GB of RAM on a CPU), so the cache here is sized from the requests.
+We only choose the admission order, the slot budget and how fast the engine's step runs; the engine does the rest.
+Its defaults size the KV cache from free memory (0.9 of it: about 19 GB of RAM on a CPU), so the cache here is sized
+from the requests.
+
+Its defaults also leave its step slow on a GPU with the attention the static engines use (sdpa): an attention mask is
+then needed, so the manager turns its CUDA graphs and asynchronous batching off, and on an H200 an iteration of 28
+slots of the 7B shape took 100 ms, ten times a compiled static step. `CONTINUOUS_SPEEDS` name the settings a run
+asks for; the resolved ones come back in `ContinuousOutcome.settings`, so that a result says what ran.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
+from .base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome
 from .generate import eos_token_ids_of, sampling_arguments
 
 # Tokens per KV-cache page: small pages waste little memory on short requests, at a few more page lookups.
@@ -23,27 +30,48 @@ PAGE_SIZE = 64
 NO_EOS = -1
 
 
-@dataclass(frozen=True)
-class ContinuousOutcome:
-    lengths: dict[str, int]  # generated tokens, EOS included
-    finished: dict[str, bool]  # ended by EOS (or at its replayed length) within max_length
-    texts: dict[str, str]
-    finish_seconds: dict[str, float]  # since the first request was queued
-    warmup_s: float = 0.0  # setting the engine up (its cache, and CUDA graphs on a GPU) before the first request
-
-
-def continuous_config(prompt_lengths: list[int], max_length: int, slots: int) -> ContinuousBatchingConfig:
-    """A cache that holds `slots` of the longest requests at once, and no more concurrent requests than that."""
+def continuous_config(
+    prompt_lengths: list[int], max_length: int, slots: int, speed: str = DEFAULT_CONTINUOUS_SPEED, on_cuda: bool = False
+) -> ContinuousBatchingConfig:
+    """A cache that holds `slots` of the longest requests at once, no more concurrent requests than that, and the
+    step settings of `speed` (CONTINUOUS_SPEEDS)."""
+    if speed not in CONTINUOUS_SPEEDS:
+        raise ValueError(f"unknown continuous speed {speed!r}: choose from {', '.join(CONTINUOUS_SPEEDS)}")
     pages_per_request = math.ceil((max(prompt_lengths) + max_length) / PAGE_SIZE)
+    fast = speed != "plain"
     return ContinuousBatchingConfig(
         page_size=PAGE_SIZE,
         num_blocks=slots * pages_per_request + 1,
         max_batch_tokens=max(slots, max(prompt_lengths)) + slots,
         max_requests_per_batch=slots,
         allow_block_sharing=False,  # prompts share only the chat template's prefix; sharing would change the work
-        auto_switch_to_flash=False,  # keep the attention the model was loaded with
+        # flash attention needs no mask and gives the manager its block-table decode path; plain keeps the model's.
+        # Only where the package is installed: the manager would otherwise look for a kernel on the hub
+        auto_switch_to_flash=fast and importlib.util.find_spec("flash_attn") is not None,
         scheduler_type="fifo",  # admission follows the order requests are queued in
+        use_cuda_graph=True if fast and on_cuda else None,  # None: the manager decides (off where a mask is needed)
+        use_async_batching=True if fast and on_cuda else None,
+        default_compile_level=1 if speed == "compiled" else 0,
     )
+
+
+def resolved_settings(manager, speed: str) -> dict:
+    """The settings the manager runs with, once it has resolved its configuration."""
+    config = manager.continuous_batching_config
+    graphs = config.use_cuda_graph
+
+    def mode(compile_config):
+        return None if compile_config is None else compile_config.mode
+
+    return {
+        "speed": speed,
+        "attention": manager.model.config._attn_implementation,
+        "cuda_graphs_varlen_decode": list(graphs) if isinstance(graphs, tuple) else graphs,
+        "async_batching": config.use_async_batching,
+        "compile_varlen": mode(config.varlen_compile_config),
+        "compile_decode": mode(config.decode_compile_config),
+        "block_table_decode": bool(config.max_blocks_per_request),
+    }
 
 
 def queue_requests(
@@ -96,9 +124,10 @@ def run_continuous(
     replay: dict[str, int] | None = None,
     on_result: Callable[[int], None] | None = None,
     seed: int | None = None,
+    speed: str = DEFAULT_CONTINUOUS_SPEED,
 ) -> ContinuousOutcome:
-    """Queue every request in `order`, let the engine run them with at most `slots` at a time, and collect
-    each one's length, text and finish time."""
+    """Queue every request in `order`, let the engine run them with at most `slots` at a time and its step at
+    `speed`, and collect each one's length, text and finish time."""
     eos_token_ids = eos_token_ids_of(model, tokenizer)
     sampling = sampling_arguments(temperature)
     generation_config = GenerationConfig(
@@ -110,7 +139,8 @@ def run_continuous(
         top_k=sampling["top_k"],
         top_p=sampling["top_p"],
     )
-    config = continuous_config([len(prompt_ids[sample_id]) for sample_id in order], max_length, slots)
+    on_cuda = model.device.type == "cuda"
+    config = continuous_config([len(prompt_ids[sample_id]) for sample_id in order], max_length, slots, speed, on_cuda)
     if seed is not None:
         config.seed = seed
     setup_start = time.perf_counter()
@@ -119,12 +149,13 @@ def run_continuous(
         continuous_batching_config=config,
         block=True,
         timeout=30,
-        warmup=model.device.type == "cuda",  # warm-up captures CUDA graphs; elsewhere it only costs time
+        warmup=on_cuda,  # warm-up captures CUDA graphs; elsewhere it only costs time
     ) as manager:
         start = time.perf_counter()
         warmup = start - setup_start
         queue_requests(manager, order, prompt_ids, max_length, replay)
         results = wait_for_results(manager, len(order), on_result)
+        settings = resolved_settings(manager, speed)
     lengths, finished, texts, finish_seconds = {}, {}, {}, {}
     for sample_id in order:
         result = results[sample_id]
@@ -136,4 +167,4 @@ def run_continuous(
             finished[sample_id] = bool(tokens) and tokens[-1] in eos_token_ids
         texts[sample_id] = tokenizer.decode(tokens, skip_special_tokens=True)
         finish_seconds[sample_id] = result.lifespan[1] - start
-    return ContinuousOutcome(lengths, finished, texts, finish_seconds, warmup)
+    return ContinuousOutcome(lengths, finished, texts, finish_seconds, warmup, settings)

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from .base import EngineBase
-from .continuous import ContinuousOutcome, run_continuous
+from .base import DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome, EngineBase
+from .continuous import run_continuous
 from .generate import GeneratedSample, StepClock, eos_token_ids_of, generate_batch
 
 # Decode steps per timing in `decode_step_seconds`: enough to average out the first step's allocations.
@@ -65,9 +65,20 @@ class TransformersEngine(EngineBase):
         replay: dict[str, int] | None = None,
         on_result: Callable[[int], None] | None = None,
         seed: int | None = None,
+        speed: str = DEFAULT_CONTINUOUS_SPEED,
     ) -> ContinuousOutcome:
         return run_continuous(
-            self.model, self.tokenizer, order, prompt_ids, max_length, slots, temperature, replay, on_result, seed
+            self.model,
+            self.tokenizer,
+            order,
+            prompt_ids,
+            max_length,
+            slots,
+            temperature,
+            replay,
+            on_result,
+            seed,
+            speed,
         )
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:

@@ -285,7 +285,7 @@ def _run_continuous(strategy, settings, ids, predictions, executors, device, rep
     """Continuous batching: on the engine, or in the dry run on the iteration model. The token columns come
     from the iteration model with the lengths generated (the engine does not report its iterations)."""
     ordered = admission_order(ids, predictions if strategy.predictor != "vanilla" else None, settings.group_size)
-    warmup, seconds = 0.0, {}
+    warmup, seconds, engine_settings = 0.0, {}, None
     with Timer(device) as generation_timer:
         if executors.run_continuous is None and settings.arrival_rate:
             # requests arrive in data order, one every 1 / rate steps; the predictor orders the waiting ones
@@ -304,7 +304,7 @@ def _run_continuous(strategy, settings, ids, predictions, executors, device, rep
             modelled = simulate_continuous(ordered, outcome.lengths, slots, settings.max_length)
             record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, slots)
             seconds = dict(outcome.finish_seconds)
-            warmup = outcome.warmup_s
+            warmup, engine_settings = outcome.warmup_s, outcome.settings
     latency_steps = continuous_latency_steps(record)
     sample_rows = {
         sample_id: {
@@ -317,7 +317,7 @@ def _run_continuous(strategy, settings, ids, predictions, executors, device, rep
         }
         for position, sample_id in enumerate(ordered)
     }
-    metrics = compute_continuous_metrics(record) | {"engine_warmup_s": warmup}
+    metrics = compute_continuous_metrics(record) | {"engine_warmup_s": warmup, "continuous_settings": engine_settings}
     return RunParts([], sample_rows, metrics, seconds, generation_timer.seconds - warmup)
 
 

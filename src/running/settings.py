@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 
 from ..common.cli import check_range
 from ..common.utils import UserError
+from ..engines.base import DEFAULT_CONTINUOUS_SPEED
 from ..predictors.registry import PREDICTORS
 from ..scheduling.batches import PAPER_VBS_TABLE, parse_vbs_table
 from ..scheduling.strategy import CONTINUOUS, Strategy, parse_strategy
@@ -28,6 +29,7 @@ class RunSettings:
     batch_size: int = 16
     group_size: int = 256
     slots: int | str = 16  # continuous batching's most concurrent requests, or AUTO_SLOTS
+    continuous_speed: str = DEFAULT_CONTINUOUS_SPEED  # continuous batching's step settings (CONTINUOUS_SPEEDS)
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 42
@@ -154,6 +156,7 @@ def run_settings(args) -> RunSettings:
         batch_size=args.batch_size,
         group_size=args.group_size,
         slots=parse_slots(args.slots, args.batch_size),
+        continuous_speed=args.continuous_speed,
         temperature=args.temperature,
         seed=args.seed,
         dry_run=args.dry_run,

@@ -41,8 +41,9 @@ def add_model_arguments(parser) -> None:
         default=DEFAULT_ENGINE,
         choices=[AUTO_ENGINE, *sorted(ENGINES)],
         help="how the model runs (src/engines/registry.py): transformers = eager generate and its continuous "
-        "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); auto = compiled on CUDA, "
-        "transformers elsewhere",
+        "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); graph = the compiled "
+        "engine's caches with the whole decode step in one compiled function and no wait for the device between "
+        "steps; auto = compiled on CUDA, transformers elsewhere",
     )
     parser.add_argument(
         "--conv-template",
@@ -116,7 +117,15 @@ def prepare_executors(
 
     def run_continuous(order, slots, on_result):
         return engine.run_queue(
-            order, prompt_ids, settings.max_length, slots, settings.temperature, replay, on_result, settings.seed
+            order,
+            prompt_ids,
+            settings.max_length,
+            slots,
+            settings.temperature,
+            replay,
+            on_result,
+            settings.seed,
+            settings.continuous_speed,
         )
 
     mean_prompt_length = sum(len(ids) for ids in prompt_ids.values()) / len(prompt_ids)
