@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from src.common.cli import run_cli
+from src.common.cli import check_range, run_cli
 from src.common.models import load_model
 from src.common.utils import write_json_atomic
 from src.engines.registry import ENGINES, build_engine
@@ -32,7 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=64, help="tokens generated per call")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine (median reported)")
     parser.add_argument("--output-json", default=None, help="write the figures and arguments here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_range("--steps", args.steps, 2)  # a step time needs a decode step after the first token
+    check_range("--batch-size", args.batch_size, 1)
+    check_range("--context", args.context, 1)
+    check_range("--repeats", args.repeats, 1)
+    return args
 
 
 def time_one_call(engine, prompts: list[list[int]], steps: int) -> dict:

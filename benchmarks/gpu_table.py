@@ -12,9 +12,9 @@ running at the deadline is stopped.
 1. graph: vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy predictor; file+vbs+fcr and
    file+fcr+resume, the proxy's rows from src.predict's file, when --predictions-path names one: a GPU host without
    the encoder's package schedules with predictions made elsewhere)
-2. compiled, 3. eager (only with `--parts`): vanilla and gt+vbs+fcr, the engines compared on the same samples. The
-   first static part that returns any result runs the whole table: if the graph engine fails, the compiled one runs
-   every strategy instead.
+2. compiled, 3. eager (with `--parts`): vanilla and gt+vbs+fcr, the engines compared on the same samples, and every
+   strategy of the table that no earlier part returned. The compiled part also runs unasked when the graph part left
+   some of the table out (a failing graph engine, never yet run on a GPU, still leaves a whole table).
 4. continuous batching, FCFS and shortest-predicted-first (continuous:gt), with the slots that the KV cache of the
    static parts' largest batch holds (`--slots auto` across processes), at `--continuous-speed` (CUDA graphs by
    default); if that fails before any result, once more at the manager's plain settings (`continuous-plain`).
@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from src.common.utils import partial_path, write_json_atomic, write_text_atomic
+from src.engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from src.predictors.proxy import proxy_available
 from src.running.settings import equal_memory_slots
 
@@ -49,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # static parts and the engine each runs on; the first to return a result runs the whole table, the others compare
 STATIC_PARTS = {"graph": "graph", "compiled": "compiled", "eager": "transformers"}
 COMPARED_STRATEGIES = ["vanilla", "gt+vbs+fcr"]
+PLAIN_STRATEGIES = ("vanilla", "gt+vbs+fcr", "gt")  # the table's rows that need no predictor's flags
+FALLBACK_PART = "compiled"  # runs what the graph part left out of the table
 CONTINUOUS_PART = "continuous"
 PLAIN_CONTINUOUS_PART = "continuous-plain"  # the fallback at the manager's plain settings
 # benchmarks.train_smoke (train.sh for a few steps, the adapter loaded by src.eval); its paper preset needs CUDA
@@ -83,7 +86,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=450, help="no part starts, and none runs, past this")
     parser.add_argument("--parts", nargs="+", default=DEFAULT_PARTS, choices=PARTS)
     parser.add_argument(
-        "--continuous-speed", default="graphs", help="continuous batching's step settings (src.benchmark's flag)"
+        "--continuous-speed",
+        default=DEFAULT_CONTINUOUS_SPEED,
+        choices=CONTINUOUS_SPEEDS,
+        help="continuous batching's step settings (src.benchmark's flag)",
     )
     return parser.parse_args(argv)
 
@@ -117,7 +123,9 @@ def run_logged(out: Path, name: str, command: list[str], deadline: float) -> int
         return None
     log(out, f"== {name} ({remaining:.0f} s left): {' '.join(command[1:])}")
     start = time.monotonic()
-    environment = os.environ | {"PYTHONUNBUFFERED": "1"}
+    # perf hints name what torch.compile could not put in a CUDA graph ("skipping cudagraphs due to ..."), which
+    # would otherwise only show as a slower step
+    environment = {"TORCH_LOGS": "perf_hints"} | os.environ | {"PYTHONUNBUFFERED": "1"}
     with open(out / "log.txt", "a") as handle:
         # a session of its own, so that the watchdog stops the compile workers it starts too
         process = subprocess.Popen(
@@ -214,7 +222,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def static_strategies(args, out: Path) -> tuple[list[str], list[str]]:
     """The whole table's strategies, and the flags its predictor rows need."""
-    statics = ["vanilla", "gt+vbs+fcr", "gt"]
+    statics = list(PLAIN_STRATEGIES)
     ready, reason = proxy_available(args.predictor_path)
     if ready:
         statics.append("proxy+vbs+fcr")
@@ -229,32 +237,36 @@ def static_strategies(args, out: Path) -> tuple[list[str], list[str]]:
 
 
 def run_static_parts(args, out: Path, deadline: float) -> dict:
-    """The static parts asked for, in order: the first that returns a result runs every strategy, the rest compare
-    vanilla and gt+vbs+fcr on the same samples."""
+    """The static parts in order, each on its engine with the compared strategies (vanilla, gt+vbs+fcr) and every
+    strategy of the table that no earlier part returned. The compiled part also runs unasked while some of the table
+    is missing after the graph part, so that a failing graph engine still leaves a whole table."""
     statics, predictor_flags = static_strategies(args, out)
-    codes, table_done = {}, False
+    codes, returned = {}, set()
     for part, engine in STATIC_PARTS.items():
-        if part not in args.parts:
+        missing = [strategy for strategy in statics if strategy not in returned]
+        # after a part that ended by itself (one skipped or stopped at the deadline leaves no time for another)
+        ended = any(code is not None for code in codes.values())
+        fallback = part == FALLBACK_PART and ended and bool(missing)
+        if part not in args.parts and not fallback:
             continue
-        flags = [*common_flags(args), "--engine", engine, "--strategies"]
-        flags += COMPARED_STRATEGIES if table_done else [*statics, *predictor_flags]
+        if fallback and part not in args.parts:
+            log(out, f"the table misses {', '.join(missing)}: the {part} engine runs them")
+        strategies = [strategy for strategy in statics if strategy in missing or strategy in COMPARED_STRATEGIES]
+        flags = [*common_flags(args), "--engine", engine, "--strategies", *strategies]
+        if any(strategy not in PLAIN_STRATEGIES for strategy in strategies):
+            flags += predictor_flags
         codes[part] = run_part(out, part, flags, deadline)
-        table_done = table_done or bool(read_results(out / f"{part}.json").get("results"))
+        returned |= {result["strategy"] for result in read_results(out / f"{part}.json").get("results", [])}
     return codes
 
 
 def run_continuous_part(args, out: Path, deadline: float) -> dict:
     """Continuous batching at the KV-cache memory of the largest static batch, at --continuous-speed; once more at
     the plain settings if that returned nothing."""
-    static_output = {}
-    for part in STATIC_PARTS:
-        static_output = static_output or read_results(out / f"{part}.json")
-    slots = equal_memory_slots(
-        static_output.get("results", []),
-        (static_output.get("args") or {}).get("longest_prompt_tokens", 0),
-        args.max_length,
-        args.batch_size,
-    )
+    outputs = [read_results(out / f"{part}.json") for part in STATIC_PARTS]
+    results = [result for output in outputs for result in output.get("results", [])]
+    longest_prompt = max((output.get("args") or {}).get("longest_prompt_tokens", 0) for output in outputs)
+    slots = equal_memory_slots(results, longest_prompt, args.max_length, args.batch_size)
     log(out, f"continuous batching at the KV-cache memory of the largest static batch: {slots} slots")
     flags = [*common_flags(args), "--engine", "transformers", "--slots", str(slots)]
     flags += ["--strategies", "continuous", "continuous:gt"]

@@ -153,13 +153,13 @@ ENGINE_NAMES = ("graph", "compiled", "transformers")
 
 
 def test_gpu_table_runs_the_whole_table_on_the_compiled_engine_when_the_graph_one_fails(small_data, tmp_path):
-    """A graph part that returns nothing (here: no such model) hands the whole table to the compiled part, which
-    fails the same way here; the log says both ran every strategy."""
+    """A graph part that returns nothing (here: no such model) hands the whole table to the compiled part, unasked,
+    which fails the same way here; the log says both ran every strategy."""
     data, lengths = small_data
     out = tmp_path / "table"
     command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out), "--model", "no-such-model"]
     command += ["--load-format", "auto", "--device", "cpu", "--data-path", str(data), "--replay-lengths", str(lengths)]
-    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--parts", "graph", "compiled"]
+    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--parts", "graph"]
     import subprocess
 
     done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
@@ -269,3 +269,40 @@ def test_one_compilation_serves_every_batch_size_and_cache_length(tiny_model):
         graphs.append(counters["stats"]["unique_graphs"])
     assert compiled.warmed_shapes == [(2, 128), (4, 128), (8, 128), (16, 128), (2, 256)]
     assert graphs == [1, 1, 1, 1, 1]
+
+
+def test_gpu_table_fallback_runs_only_what_the_graph_part_left_out(tmp_path, monkeypatch):
+    """A graph part that stopped after vanilla leaves gt+vbs+fcr and gt to the compiled part, which runs them with
+    vanilla (the same-engine ratio needs it); a graph part that returned the whole table leaves nothing, and the
+    compiled part then runs only when asked for, with the compared strategies."""
+    from benchmarks import gpu_table
+
+    def fake_part(returned):
+        calls = []
+
+        def run_part(out, name, flags, deadline):
+            strategies = flags[flags.index("--strategies") + 1 :]
+            calls.append((name, strategies))
+            done = returned if name == "graph" else strategies
+            (out / f"{name}.json").write_text(json.dumps({"results": [{"strategy": s} for s in done]}))
+            return 0 if done == strategies else 1
+
+        return calls, run_part
+
+    def run(parts, returned):
+        out = tmp_path / "-".join([*parts, *returned])
+        out.mkdir()
+        calls, run_part = fake_part(returned)
+        monkeypatch.setattr(gpu_table, "run_part", run_part)
+        args = gpu_table.parse_args(["--predictor-path", str(tmp_path / "no-proxy"), "--parts", *parts])
+        gpu_table.run_static_parts(args, out, deadline=float("inf"))
+        return calls
+
+    whole = ["vanilla", "gt+vbs+fcr", "gt"]
+    assert run(["graph"], ["vanilla"]) == [("graph", whole), ("compiled", whole)]
+    assert run(["graph"], whole) == [("graph", whole)]
+    assert run(["graph", "compiled", "eager"], whole) == [
+        ("graph", whole),
+        ("compiled", ["vanilla", "gt+vbs+fcr"]),
+        ("eager", ["vanilla", "gt+vbs+fcr"]),
+    ]

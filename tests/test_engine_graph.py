@@ -30,7 +30,7 @@ def answers(samples) -> list[tuple]:
 
 def test_graph_generation_equals_eager_greedy_and_replayed(engines):
     eager, graph = engines
-    assert graph.name == "graph" and graph.keeps_kv_caches
+    assert graph.name == "graph" and graph.keeps_kv_caches and graph.decodes_itself
     for rows in (3, 5, 1):  # with filler rows: 4, 8 and 2
         replayed = [3, 7, 5, 2, 6][:rows]
         expected = eager.generate(PROMPTS[:rows], 12, 0.0, replayed)
@@ -93,3 +93,16 @@ def test_graph_sampling_is_the_eager_engines_under_one_seed(tiny_model):
     got = graph.generate(prompts, 6, 1.0)
     assert answers(got) == answers(expected)
     assert [sample.token_ids for sample in got] != [sample.token_ids for sample in greedy]
+
+
+def test_a_model_with_its_own_logits_processors_decodes_through_generate(eos_model_dir):
+    """A generation config that adds a processor (here a repetition penalty, which changes the greedy answers) is
+    honoured: the graph engine hands such a model to generate, and its answers stay the eager engine's."""
+    model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
+    plain = TransformersEngine(model, tokenizer).generate(PROMPTS[:2], 10, 0.0)
+    model.generation_config.repetition_penalty = 3.0
+    graph = GraphEngine(model, tokenizer)
+    assert not graph.decodes_itself
+    expected = TransformersEngine(model, tokenizer).generate(PROMPTS[:2], 10, 0.0)
+    assert answers(expected) != answers(plain)  # the penalty changes what greedy decoding writes
+    assert answers(graph.generate(PROMPTS[:2], 10, 0.0)) == answers(expected)

@@ -30,6 +30,10 @@ PAGE_SIZE = 64
 NO_EOS = -1
 
 
+def flash_attention_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("kernels") is None
+
+
 def continuous_config(
     prompt_lengths: list[int], max_length: int, slots: int, speed: str = DEFAULT_CONTINUOUS_SPEED, on_cuda: bool = False
 ) -> ContinuousBatchingConfig:
@@ -46,8 +50,9 @@ def continuous_config(
         max_requests_per_batch=slots,
         allow_block_sharing=False,  # prompts share only the chat template's prefix; sharing would change the work
         # flash attention needs no mask and gives the manager its block-table decode path; plain keeps the model's.
-        # Only where the package is installed: the manager would otherwise look for a kernel on the hub
-        auto_switch_to_flash=fast and importlib.util.find_spec("flash_attn") is not None,
+        # Only where its package is installed and the `kernels` package is not: the manager prefers a kernel from
+        # the hub when it can, and these machines reach no hub
+        auto_switch_to_flash=fast and flash_attention_installed(),
         scheduler_type="fifo",  # admission follows the order requests are queued in
         use_cuda_graph=True if fast and on_cuda else None,  # None: the manager decides (off where a mask is needed)
         use_async_batching=True if fast and on_cuda else None,

@@ -117,7 +117,7 @@ def kv_cache_bytes(kv_cache: tuple) -> int:
     return sum(tensor.numel() * tensor.element_size() for layer in kv_cache for tensor in layer)
 
 
-def _plain_layers(cache) -> bool:
+def plain_layers(cache) -> bool:
     """A cache whose every layer keeps every position (no sliding window, no recurrent state) can be cut into rows
     and put together again: dynamic (eager) or static (compiled) full-attention layers."""
     layers = getattr(cache, "layers", None)
@@ -150,7 +150,14 @@ def _batch_cache(prefix_caches: list[tuple], width: int, config):
     return DynamicCache(layers, config=config)
 
 
-def _fill_static_cache(cache, prefix_caches: list[tuple], width: int) -> None:
+def check_kept_caches(prompts: list[list[int]], prefix_caches: list[tuple]) -> None:
+    """Each row's kept cache covers all its prompt but the last token: anything else is a caller's bug."""
+    for prompt, row in zip(prompts, prefix_caches, strict=True):
+        if row[0][0].shape[2] != len(prompt) - 1:
+            raise RuntimeError(f"a kept KV cache of {row[0][0].shape[2]} tokens for a prompt of {len(prompt)}")
+
+
+def fill_static_cache(cache, prefix_caches: list[tuple], width: int) -> None:
     """A reset static cache (the compiled engine's) holding each row's kept KV as `_batch_cache` lays it out over its
     first width - 1 positions; its length set there, so that only each row's last prompt token is computed."""
     for index, layer in enumerate(cache.layers):
@@ -238,11 +245,9 @@ def generate_batch(
         prompt_length = input_ids.shape[1]
         options = dict(generate_options or {})
         if prefix_caches is not None:
-            for prompt, row in zip(prompts, prefix_caches, strict=True):
-                if row[0][0].shape[2] != len(prompt) - 1:
-                    raise RuntimeError(f"a kept KV cache of {row[0][0].shape[2]} tokens for a prompt of {len(prompt)}")
+            check_kept_caches(prompts, prefix_caches)
             if options.get("past_key_values") is not None:  # the compiled engine's static cache, reset
-                _fill_static_cache(options["past_key_values"], prefix_caches, prompt_length)
+                fill_static_cache(options["past_key_values"], prefix_caches, prompt_length)
             else:
                 options["past_key_values"] = _batch_cache(prefix_caches, prompt_length, model.config)
         if keep_caches:
@@ -265,7 +270,7 @@ def generate_batch(
         cache = None
         if keep_caches:
             output, cache = output.sequences, output.past_key_values
-            cache = cache if _plain_layers(cache) else None
+            cache = cache if plain_layers(cache) else None
         return samples_from_output(tokenizer, output, prompt_length, prompts, eos_token_ids, cache)
 
 

@@ -15,12 +15,23 @@ they would come from another random stream.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 from .compiled import CompiledEngine
-from .generate import GeneratedSample, StepClock, _fill_static_cache, left_pad, replay_scores, samples_from_output
+from .generate import (
+    GeneratedSample,
+    StepClock,
+    check_kept_caches,
+    fill_static_cache,
+    left_pad,
+    plain_layers,
+    replay_scores,
+    samples_from_output,
+    sampling_arguments,
+)
 
 # Decode steps between the host's looks at whether every row has finished (when some length is not replayed): each
 # look waits for the device, and a batch may run up to this many steps past its last row's end, all of them padding.
@@ -106,6 +117,18 @@ class GraphEngine(CompiledEngine):
             decode_one_token, mode="reduce-overhead" if on_cuda else "default", dynamic=True, fullgraph=True
         )
         self.end_tokens: EndTokens | None = None  # built at the first prefill, from its logits' vocabulary
+        self.decodes_itself = self._loop_gives_generates_tokens()
+
+    def _loop_gives_generates_tokens(self) -> bool:
+        """The loop applies the replayed lengths and the greedy choice only: a model whose generation config adds
+        logits processors (a repetition penalty, a minimum length, ...) or whose static cache has other layers than
+        full ones (a sliding window) decodes through the compiled engine's `generate` instead."""
+        from transformers import StaticCache
+
+        greedy = copy.deepcopy(self.model.generation_config)
+        greedy.update(**sampling_arguments(0.0))
+        processors = self.model._get_logits_processor(greedy, device=self.model.device)
+        return not processors and plain_layers(StaticCache(config=self.model.config, max_cache_len=1))
 
     def _new_cache(self, rows: int, length: int) -> DecodeSlot:
         return DecodeSlot.allocate(super()._new_cache(rows, length), rows, length, self.model.device)
@@ -130,14 +153,15 @@ class GraphEngine(CompiledEngine):
         slot.attention_mask.fill_(1)
         slot.attention_mask[:, :width].copy_(attention_mask)
         targets = [0 if length is None else max(1, int(length)) for length in replay_lengths or [None] * len(prompts)]
-        slot.targets.copy_(torch.tensor(targets))
+        slot.targets.copy_(torch.tensor(targets, device=slot.targets.device))
         slot.step.zero_()
         slot.finished.zero_()
-        # generate's positions: each row counts from its first real token
-        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)  # [B, W]
+        # generate's positions: each row counts from its first real token (its padding's are masked out)
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # [B, W]
         first = 0
         if prefix_caches is not None:  # the kept caches cover all but each row's last token
-            _fill_static_cache(slot.cache, prefix_caches, width)
+            check_kept_caches(prompts, prefix_caches)
+            fill_static_cache(slot.cache, prefix_caches, width)
             first = width - 1
         logits = self.model(
             input_ids=input_ids[:, first:],
@@ -163,7 +187,7 @@ class GraphEngine(CompiledEngine):
         prefix_caches=None,
         keep_caches: bool = False,
     ) -> list[GeneratedSample]:
-        if temperature > 0:
+        if temperature > 0 or not self.decodes_itself:
             return super()._run(
                 prompts, max_new_tokens, temperature, replay_lengths, slot.cache, clock, top_p, prefix_caches,
                 keep_caches,
