@@ -74,15 +74,16 @@ def test_engine_auto_is_compiled_on_cuda_only(tiny_model):
     assert build_engine("auto", model, tokenizer).name == "transformers"
 
 
-def test_benchmark_on_the_compiled_engine_gives_the_eager_token_columns(tiny_model_dir, small_data, tmp_path):
+@pytest.mark.parametrize("engine_name", ["compiled", "graph"])
+def test_benchmark_on_a_compiled_engine_gives_the_eager_token_columns(tiny_model_dir, small_data, engine_name):
     data, lengths = small_data
     flags = cli_args(
         model=tiny_model_dir, device="cpu", data_path=data, replay_lengths=lengths, max_length=8, batch_size=2
     )
     strategies = ["--strategies", "vanilla", "gt+vbs+fcr", "--group-size", "4"]
     eager = benchmark.main([*flags, *strategies, "--engine", "transformers"])
-    compiled = benchmark.main([*flags, *strategies, "--engine", "compiled"])
-    assert compiled["args"]["engine_resolved"] == "compiled" and eager["args"]["engine_resolved"] == "transformers"
+    compiled = benchmark.main([*flags, *strategies, "--engine", engine_name])
+    assert compiled["args"]["engine_resolved"] == engine_name and eager["args"]["engine_resolved"] == "transformers"
     for expected, got in zip(eager["results"], compiled["results"], strict=True):
         assert {key: got[key] for key in TOKEN_COLUMNS} == {key: expected[key] for key in TOKEN_COLUMNS}
         assert {row["id"]: row["length"] for row in got["samples"]} == {
