@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # static parts and the engine each runs on; the first to return a result runs the whole table, the others compare
 STATIC_PARTS = {"graph": "graph", "compiled": "compiled", "eager": "transformers"}
+# the shipped predictor's src.predict lines for the paper's val set (data/README.md)
+SHIPPED_PREDICTIONS = "data/alpaca-val-10k-proxy.jsonl.gz"
 COMPARED_STRATEGIES = ["vanilla", "gt+vbs+fcr"]
 PLAIN_STRATEGIES = ("vanilla", "gt+vbs+fcr", "gt")  # the table's rows that need no predictor's flags
 FALLBACK_PART = "compiled"  # runs what the graph part left out of the table
@@ -79,9 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--predictions-path",
-        default=None,
+        default=SHIPPED_PREDICTIONS,
         help="src.predict's lines for these samples: adds file+vbs+fcr and file+fcr+resume (the proxy's rows where its "
-        "encoder's package is not installed)",
+        "encoder's package is not installed; default: the shipped predictor's for the paper's val set); '' for none",
     )
     parser.add_argument("--budget-s", type=float, default=450, help="no part starts, and none runs, past this")
     parser.add_argument("--parts", nargs="+", default=DEFAULT_PARTS, choices=PARTS)

@@ -120,7 +120,7 @@ def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, t
     command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out)]
     flags = ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
     flags += ["--replay-lengths", str(lengths), "--num-data", "6", "--batch-size", "2", "--max-length", "8"]
-    flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--budget-s", "600"]
+    flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--budget-s", "600"]
     flags += ["--parts", "graph", "compiled", "eager", "continuous"]
     run_command([*command, *flags], timeout=600)
     for name in ("graph.json", "compiled.json", "eager.json", "continuous.json", "summary.json", "table.md", "log.txt"):
@@ -160,7 +160,7 @@ def test_gpu_table_runs_the_whole_table_on_the_compiled_engine_when_the_graph_on
     out = tmp_path / "table"
     command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out), "--model", "no-such-model"]
     command += ["--load-format", "auto", "--device", "cpu", "--data-path", str(data), "--replay-lengths", str(lengths)]
-    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--parts", "graph"]
+    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--parts", "graph"]
     import subprocess
 
     done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
@@ -295,7 +295,8 @@ def test_gpu_table_fallback_runs_only_what_the_graph_part_left_out(tmp_path, mon
         out.mkdir()
         calls, run_part = fake_part(returned)
         monkeypatch.setattr(gpu_table, "run_part", run_part)
-        args = gpu_table.parse_args(["--predictor-path", str(tmp_path / "no-proxy"), "--parts", *parts])
+        flags = ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--parts", *parts]
+        args = gpu_table.parse_args(flags)
         gpu_table.run_static_parts(args, out, deadline=float("inf"))
         return calls
 

@@ -3,6 +3,7 @@ ranks; and `python -m src.fit_proxy`, which fits it to another model's own lengt
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 
@@ -101,3 +102,45 @@ def test_fit_proxy_records_a_models_lengths_and_fine_tunes_the_shipped_predictor
     assert "held-out 6 rows, before" in capfd.readouterr().out
     again = fit_proxy.main(argv + ["--overwrite"])  # the answers are kept: nothing is generated twice
     assert again["recorded"] == 24 and (work / "answers.jsonl").read_text().count("\n") == 24
+
+
+SHIPPED_PREDICTIONS = PROJECT / "data" / "alpaca-val-10k-proxy.jsonl.gz"
+
+
+def test_the_shipped_predictions_cover_the_val_set_and_schedule_the_proxy_rows(tmp_path):
+    """Every val request has one line with its length and the shipped predictor's six quantiles, and strategy file
+    runs the proxy's rows from it (here in the dry run, as on a GPU host without the encoder's package)."""
+    from src import benchmark
+    from src.common.answers import read_complete_lines
+
+    rows = read_complete_lines(SHIPPED_PREDICTIONS, what="a prediction line")
+    assert sorted(row["id"] for row in rows) == sorted(
+        sample.id for sample in load_conversations(PROJECT / PAPER_VAL_DATA)
+    )
+    assert {tuple(row["quantiles"]) for row in rows} == {("0.5", "0.6", "0.7", "0.8", "0.9", "0.95")}
+    assert all(row["predicted_length"] == row["quantiles"]["0.5"] for row in rows)
+    flags = ["--dry-run", "--num-data", "64", "--predictions-path", str(SHIPPED_PREDICTIONS)]
+    flags += ["--replay-lengths", str(PROJECT / default_length_path(PAPER_VAL_DATA))]
+    output = benchmark.main(
+        [*flags, "--strategies", "file+vbs+fcr", "file+fcr+resume", "--output-json", str(tmp_path / "r.json")]
+    )
+    assert [result["strategy"] for result in output["results"]] == ["file+vbs+fcr", "file+fcr+resume"]
+    assert output["results"][1]["fcr_retry_quantiles"] == [0.8, 0.95]
+
+
+@needs_encoder
+def test_the_shipped_predictions_are_what_the_shipped_predictor_predicts(tmp_path):
+    """The file was made by the predictor that ships: on the first 32 val requests, src.predict gives the file's
+    lengths and quantiles again (to a token, for another CPU's rounding). Make the file again when this fails."""
+    from src import predict
+    from src.common.answers import read_complete_lines
+
+    raw = json.loads(gzip.decompress((PROJECT / "data" / "alpaca-val-10k.json.gz").read_bytes()))[:32]
+    data = tmp_path / "first-32.json"
+    data.write_text(json.dumps(raw))
+    predict.main(["--strategy", "proxy", "--data-path", str(data), "--output", str(tmp_path / "p.jsonl")])
+    shipped = {row["id"]: row for row in read_complete_lines(SHIPPED_PREDICTIONS, what="a prediction line")}
+    for row in read_complete_lines(tmp_path / "p.jsonl", what="a prediction line"):
+        expected = shipped[row["id"]]
+        assert abs(row["predicted_length"] - expected["predicted_length"]) <= 1, row["id"]
+        assert all(abs(row["quantiles"][level] - expected["quantiles"][level]) <= 1 for level in expected["quantiles"])

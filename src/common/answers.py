@@ -9,11 +9,13 @@ kill loses at most the batch that was running; a line the kill cut short is drop
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 
-from .utils import UserError
+from .utils import GZIP_SUFFIX, UserError
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
 
@@ -50,22 +52,28 @@ def read_complete_lines(path: Path, repair: bool = False, is_row=None, what: str
     being a JSON object with a text id."""
     if not path.is_file():
         return []
+    compressed = path.name.endswith(GZIP_SUFFIX)  # a shipped file (read only): a run never appends to one
+    if compressed and repair:
+        raise ValueError(f"{path}: a compressed file is read, never repaired")
     rows, kept_bytes = [], 0
-    with open(path, "rb") as handle:  # streamed: an answer file can be large
-        for number, raw in enumerate(handle, start=1):
-            try:
-                row = json.loads(raw)
-                valid = isinstance(row, dict) and isinstance(row.get("id"), str) and (is_row is None or is_row(row))
-            except ValueError:
-                valid = False
-            if not valid or not raw.endswith(b"\n"):
-                if handle.read(1):  # a line follows it: damage, not a kill
-                    raise UserError(
-                        f"{path} line {number} is not {what}: the file is damaged; move it away to start over"
-                    )
-                break
-            rows.append(row)
-            kept_bytes += len(raw)
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:  # streamed: it can be large
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    row = json.loads(raw)
+                    valid = isinstance(row, dict) and isinstance(row.get("id"), str) and (is_row is None or is_row(row))
+                except ValueError:
+                    valid = False
+                if not valid or not raw.endswith(b"\n"):
+                    if handle.read(1):  # a line follows it: damage, not a kill
+                        raise UserError(
+                            f"{path} line {number} is not {what}: the file is damaged; move it away to start over"
+                        )
+                    break
+                rows.append(row)
+                kept_bytes += len(raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise UserError(f"{path} is not a complete gzip file: make or download it again") from None
     if repair and kept_bytes != path.stat().st_size:
         with open(path, "r+b") as handle:
             handle.truncate(kept_bytes)
