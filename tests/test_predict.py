@@ -132,3 +132,24 @@ def test_strategy_file_without_quantiles_evaluates_like_the_predictor_that_wrote
     from_file = length_eval.main([*flags, "--strategy", "file", "--predictions-path", str(predictions)])
     oracle = length_eval.main([*flags, "--strategy", "gt"])
     assert from_file["error"] == oracle["error"] == 0 and "calibration" not in from_file
+
+
+def test_a_cut_compressed_predictions_file_is_a_user_error(small_data, tmp_path, capsys):
+    """Strategy file reads a .gz as it reads a plain file; one cut short stops the run with one line, exit 2."""
+    import gzip
+
+    from src import benchmark
+
+    data, lengths = small_data
+    lines = "".join(json.dumps({"id": name, "predicted_length": 5}) + "\n" for name in "abcdef").encode()
+    whole, cut = tmp_path / "p.jsonl.gz", tmp_path / "cut.jsonl.gz"
+    whole.write_bytes(gzip.compress(lines))
+    cut.write_bytes(whole.read_bytes()[:-12])
+    dry = cli_args(dry_run=True, data_path=data, replay_lengths=lengths, max_length=8, batch_size=2)
+    output = benchmark.main([*dry, "--strategy", "file", "--predictions-path", str(whole)])
+    assert {sample["prediction"] for sample in output["results"][0]["samples"]} == {5}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(benchmark.main, [*dry, "--strategy", "file", "--predictions-path", str(cut)])
+    assert stopped.value.code == 2
+    assert "is not a complete gzip file" in capsys.readouterr().err
