@@ -303,7 +303,11 @@ def main(argv=None) -> int:
         codes[TRAIN_PART] = run_logged(out, TRAIN_PART, smoke, deadline)
     outputs = {part: read_results(out / f"{part}.json") for part in OUTPUT_PARTS}
     rows = summary_rows({part: output for part, output in outputs.items() if output})
-    write_json_atomic(out / "summary.json", {"args": vars(args), "exit_codes": codes, "rows": rows})
+    compilation = {
+        part: (output.get("args") or {}).get("engine_warmup_before_strategies_s") for part, output in outputs.items()
+    }
+    summary = {"args": vars(args), "exit_codes": codes, "compilation_s": compilation, "rows": rows}
+    write_json_atomic(out / "summary.json", summary)
     table = markdown_table(rows)
     write_text_atomic(out / "table.md", table + "\n")
     log(out, table)

@@ -301,6 +301,7 @@ def run_record(args, settings: RunSettings, executors: Executors, model_path, de
     record["longest_prompt_tokens"] = max(executors.prompt_lengths.values()) if executors.prompt_lengths else 0
     record["device_resolved"] = device
     record["engine_resolved"] = executors.engine.name if executors.engine is not None else None
+    record["engine_warmup_before_strategies_s"] = executors.warmup_seconds()  # the first compilation, untimed
     record["device_name"] = None if args.dry_run else describe_device(device)
     record["versions"] = library_versions()
     record["processes"] = processes.count

@@ -148,6 +148,9 @@ def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, t
     assert continuous["slots"] == slots and continuous["continuous_settings"]["speed"] == "graphs"
     assert continuous["ms_per_decode_step"] > 0  # per iteration of the iteration model
     assert "no proxy predictor" in (out / "log.txt").read_text()
+    # each part's first compilation, before any strategy: the compiled engines pay one, eager none
+    compilation = json.loads((out / "summary.json").read_text())["compilation_s"]
+    assert compilation["graph"] > 0 and compilation["compiled"] > 0 and compilation["eager"] == 0
 
 
 ENGINE_NAMES = ("graph", "compiled", "transformers")
