@@ -47,7 +47,7 @@ from src.running.settings import equal_memory_slots
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# static parts and the engine each runs on; the first to return a result runs the whole table, the others compare
+# static parts and the engine each runs on (run_static_parts says which strategies each one runs)
 STATIC_PARTS = {"graph": "graph", "compiled": "compiled", "eager": "transformers"}
 # the shipped predictor's src.predict lines for the paper's val set (data/README.md)
 SHIPPED_PREDICTIONS = "data/alpaca-val-10k-proxy.jsonl.gz"

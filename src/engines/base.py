@@ -77,7 +77,7 @@ class Engine(Protocol):
         speed: str = DEFAULT_CONTINUOUS_SPEED,
     ) -> ContinuousOutcome:
         """Continuous batching: requests admitted in `order`, at most `slots` at once, the step's settings chosen by
-        `speed` (src.engines.continuous.CONTINUOUS_SPEEDS)."""
+        `speed` (CONTINUOUS_SPEEDS above)."""
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:
         """The time of one decode step of `batch_size` sequences at a `context`-token cache (VBS auto)."""

@@ -5,12 +5,12 @@ the token's record) is one compiled function: on CUDA one CUDA graph per shape, 
 Why: on an H200 the compiled engine's step of 16 rows of the 7B shape took 9.0 ms, against a floor of about 4 ms
 (the weights and the cache read once). `generate` runs its logits processors and stopping criteria as separate
 kernels around the captured forward pass and, on CUDA, waits for the device at every step to learn whether every row
-has finished, so the host's Python is never hidden behind the device's work. Here the host asks only every
+has finished, so the host cannot queue the next step while the device runs this one. Here the host asks only every
 `CHECK_EVERY` steps, and never when every row's length is replayed, since the step count is then known.
 
-Greedy and replayed decoding run here, with the eager engine's tokens (tested). Sampling (temperature > 0) runs
-through the compiled engine's `generate`, whose draws match the eager engine's under one seed; inside a compiled graph
-they would come from another random stream.
+Greedy and replayed decoding run here, with the eager engine's tokens (tested on the CPU in float32). Sampling
+(temperature > 0) runs through the compiled engine's `generate`, whose draws match the eager engine's under one seed;
+inside a compiled graph they would come from another random stream.
 """
 
 from __future__ import annotations
@@ -60,14 +60,14 @@ class DecodeSlot:
             return tensor
 
         return cls(
-            cache,
-            zeros(rows, 1),
-            zeros(rows, 1),
-            zeros(rows, length),
-            zeros(rows),
-            zeros(),
-            zeros(rows, dtype=torch.bool),
-            zeros(rows, length),
+            cache=cache,
+            tokens=zeros(rows, 1),
+            positions=zeros(rows, 1),
+            attention_mask=zeros(rows, length),
+            targets=zeros(rows),
+            step=zeros(),
+            finished=zeros(rows, dtype=torch.bool),
+            generated=zeros(rows, length),
         )
 
 
@@ -116,7 +116,7 @@ class GraphEngine(CompiledEngine):
         self.compiled_step = torch.compile(
             decode_one_token, mode="reduce-overhead" if on_cuda else "default", dynamic=True, fullgraph=True
         )
-        self.end_tokens: EndTokens | None = None  # built at the first prefill, from its logits' vocabulary
+        self.end_tokens: EndTokens | None = None  # built once, at the first prefill, from its logits' vocabulary
         self.decodes_itself = self._loop_gives_generates_tokens()
 
     def _loop_gives_generates_tokens(self) -> bool:
@@ -134,7 +134,7 @@ class GraphEngine(CompiledEngine):
         return DecodeSlot.allocate(super()._new_cache(rows, length), rows, length, self.model.device)
 
     def _end_tokens(self, vocabulary: int) -> EndTokens:
-        if self.end_tokens is None or self.end_tokens.eos_mask.shape[1] != vocabulary:
+        if self.end_tokens is None:
             device = self.model.device
             eos_mask = torch.zeros((1, vocabulary), dtype=torch.bool, device=device)
             eos_mask[0, self.eos_token_ids] = True
