@@ -1,6 +1,6 @@
-"""The paper's throughput table on one GPU in one command, within a time budget: every strategy on the graph engine,
-continuous batching at equal memory, and train.sh's smoke run; on request, the compiled and eager engines on the same
-samples.
+"""The paper's throughput table on one GPU in one command, within a time budget: every strategy on the captured
+engine, continuous batching at equal memory, train.sh's smoke run, and a decode step timed on the captured and graph
+engines; on request, the graph, compiled and eager engines on the same samples.
 
     python -m benchmarks.gpu_table --output-dir runs/gpu-table          # Vicuna-7B shape, random fp16 weights
 
@@ -9,23 +9,28 @@ one (in its `--output-json`'s `.partial` until the part ends), so a run cut off 
 still returns every strategy that finished. A part that would start after the deadline is skipped, and one still
 running at the deadline is stopped.
 
-1. graph: vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy predictor; file+vbs+fcr and
-   file+fcr+resume, the proxy's rows from src.predict's file, when --predictions-path names one: a GPU host without
-   the encoder's package schedules with predictions made elsewhere)
-2. compiled, 3. eager (with `--parts`): vanilla and gt+vbs+fcr, the engines compared on the same samples, and every
-   strategy of the table that no earlier part returned. The compiled part also runs unasked when the graph part left
-   some of the table out (a failing graph engine, never yet run on a GPU, still leaves a whole table).
-4. continuous batching, FCFS and shortest-predicted-first (continuous:gt), with the slots that the KV cache of the
+1. captured (the graph engine's loop with its eager step captured in CUDA graphs: no compilation, so the table does
+   not wait minutes for torch.compile): vanilla, gt+vbs+fcr, gt (and proxy+vbs+fcr when --predictor-path holds a proxy
+   predictor; file+vbs+fcr and file+fcr+resume, the proxy's rows from src.predict's file, when --predictions-path names
+   one: a GPU host without the encoder's package schedules with predictions made elsewhere)
+2. graph, 3. compiled, 4. eager (with `--parts`): vanilla and gt+vbs+fcr, the engines compared on the same samples,
+   and every strategy of the table that no earlier part returned. The graph and then the compiled part also run
+   unasked when the parts before them left some of the table out (an engine that fails on a GPU still leaves a whole
+   table).
+5. continuous batching, FCFS and shortest-predicted-first (continuous:gt), with the slots that the KV cache of the
    static parts' largest batch holds (`--slots auto` across processes), at `--continuous-speed` (CUDA graphs by
    default); if that fails before any result, once more at the manager's plain settings (`continuous-plain`).
    Continuous batching is transformers' manager on every engine, so this part runs on the eager one.
-5. train: benchmarks.train_smoke, `bash train.sh` for a few LoRA steps on the same model, the adapter saved and loaded
+6. train: benchmarks.train_smoke, `bash train.sh` for a few LoRA steps on the same model, the adapter saved and loaded
    by `src.eval --strategy seqsch`, in `train/`
+7. step: benchmarks.decode_step, one decode step of --batch-size rows at a 768-token cache on the captured and the
+   graph engine, with what compiling and capturing each cost; last, since the graph engine's compilation is the
+   longest wait of the run
 
 The summary (`summary.json`, and a Markdown table printed and written to `table.md`) gives each strategy's
 samples/s, its ratio to vanilla on the same engine, decode steps and ms per step (per iteration of the iteration
 model, for continuous batching), prefill and other seconds summed over its batches, and the warm-up each engine
-spent on new shapes (kept out of the throughput).
+spent on new shapes (kept out of the throughput), then the step part's figures.
 """
 
 from __future__ import annotations
@@ -48,18 +53,24 @@ from src.running.settings import equal_memory_slots
 ROOT = Path(__file__).resolve().parents[1]
 
 # static parts and the engine each runs on (run_static_parts says which strategies each one runs)
-STATIC_PARTS = {"graph": "graph", "compiled": "compiled", "eager": "transformers"}
+STATIC_PARTS = {"captured": "captured", "graph": "graph", "compiled": "compiled", "eager": "transformers"}
 # the shipped predictor's src.predict lines for the paper's val set (data/README.md)
 SHIPPED_PREDICTIONS = "data/alpaca-val-10k-proxy.jsonl.gz"
 COMPARED_STRATEGIES = ["vanilla", "gt+vbs+fcr"]
 PLAIN_STRATEGIES = ("vanilla", "gt+vbs+fcr", "gt")  # the table's rows that need no predictor's flags
-FALLBACK_PART = "compiled"  # runs what the graph part left out of the table
+# each runs, asked for or not, what the static parts before it left out of the table
+FALLBACK_PARTS = ("graph", "compiled")
 CONTINUOUS_PART = "continuous"
 PLAIN_CONTINUOUS_PART = "continuous-plain"  # the fallback at the manager's plain settings
 # benchmarks.train_smoke (train.sh for a few steps, the adapter loaded by src.eval); its paper preset needs CUDA
 TRAIN_PART = "train"
-PARTS = (*STATIC_PARTS, CONTINUOUS_PART, TRAIN_PART)
-DEFAULT_PARTS = ["graph", CONTINUOUS_PART, TRAIN_PART]
+# benchmarks.decode_step: one step of --batch-size rows at a 768-token cache (the issue's 5.5 ms) on the captured and
+# graph engines in one process, with each one's compilation and captures (warmup_s)
+STEP_PART = "step"
+STEP_ENGINES = ["captured", "graph"]
+STEP_CONTEXT, STEP_TOKENS = 640, 64  # a cache of 704 tokens, rounded up to 768
+PARTS = (*STATIC_PARTS, CONTINUOUS_PART, TRAIN_PART, STEP_PART)
+DEFAULT_PARTS = ["captured", CONTINUOUS_PART, TRAIN_PART, STEP_PART]
 OUTPUT_PARTS = (*STATIC_PARTS, CONTINUOUS_PART, PLAIN_CONTINUOUS_PART)  # the parts that write a benchmark JSON
 
 
@@ -222,6 +233,33 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def decode_step_command(args, out: Path) -> list[str]:
+    command = [sys.executable, "-m", "benchmarks.decode_step", "--engines", *STEP_ENGINES]
+    command += [
+        "--model",
+        args.model,
+        "--load-format",
+        args.load_format,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+    ]
+    command += ["--batch-size", str(args.batch_size), "--context", str(STEP_CONTEXT), "--steps", str(STEP_TOKENS)]
+    return [*command, "--output-json", str(out / f"{STEP_PART}.json")]
+
+
+def step_lines(step: dict, rows: int) -> str:
+    """The step part's figures under the table: each engine's step and what compiling and capturing it cost."""
+    lines = [
+        f"\n\n{rows} rows, {STEP_CONTEXT}-token prompts, {STEP_TOKENS} tokens ({name}): "
+        f"{result['clock_ms_per_step']:.2f} ms a step, {result['host_ms_per_step']:.2f} ms on the host; "
+        f"compilation and CUDA graphs {result['warmup_s']:.1f} s"
+        for name, result in step.items()
+    ]
+    return "".join(lines)
+
+
 def static_strategies(args, out: Path) -> tuple[list[str], list[str]]:
     """The whole table's strategies, and the flags its predictor rows need."""
     statics = list(PLAIN_STRATEGIES)
@@ -240,15 +278,15 @@ def static_strategies(args, out: Path) -> tuple[list[str], list[str]]:
 
 def run_static_parts(args, out: Path, deadline: float) -> dict:
     """The static parts in order, each on its engine with the compared strategies (vanilla, gt+vbs+fcr) and every
-    strategy of the table that no earlier part returned. The compiled part also runs unasked while some of the table
-    is missing after the graph part, so that a failing graph engine still leaves a whole table."""
+    strategy of the table that no earlier part returned. The graph and then the compiled part also run unasked while
+    some of the table is missing after the parts before them, so that a failing engine still leaves a whole table."""
     statics, predictor_flags = static_strategies(args, out)
     codes, returned = {}, set()
     for part, engine in STATIC_PARTS.items():
         missing = [strategy for strategy in statics if strategy not in returned]
         # after a part that ended by itself (one skipped or stopped at the deadline leaves no time for another)
         ended = any(code is not None for code in codes.values())
-        fallback = part == FALLBACK_PART and ended and bool(missing)
+        fallback = part in FALLBACK_PARTS and ended and bool(missing)
         if part not in args.parts and not fallback:
             continue
         if fallback and part not in args.parts:
@@ -287,7 +325,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in (*OUTPUT_PARTS, "summary"):  # an earlier run's files would pass for this run's
+    for name in (*OUTPUT_PARTS, STEP_PART, "summary"):  # an earlier run's files would pass for this run's
         (out / f"{name}.json").unlink(missing_ok=True)
         partial_path(out / f"{name}.json").unlink(missing_ok=True)
     (out / "log.txt").unlink(missing_ok=True)
@@ -301,14 +339,17 @@ def main(argv=None) -> int:
         smoke += ["--model", args.model, "--load-format", args.load_format]
         smoke += ["--budget-s", str(max(0.0, deadline - time.monotonic()))]
         codes[TRAIN_PART] = run_logged(out, TRAIN_PART, smoke, deadline)
+    if STEP_PART in args.parts:
+        codes[STEP_PART] = run_logged(out, STEP_PART, decode_step_command(args, out), deadline)
     outputs = {part: read_results(out / f"{part}.json") for part in OUTPUT_PARTS}
     rows = summary_rows({part: output for part, output in outputs.items() if output})
     compilation = {
         part: (output.get("args") or {}).get("engine_warmup_before_strategies_s") for part, output in outputs.items()
     }
-    summary = {"args": vars(args), "exit_codes": codes, "compilation_s": compilation, "rows": rows}
+    step = read_results(out / f"{STEP_PART}.json").get("results", {})
+    summary = {"args": vars(args), "exit_codes": codes, "compilation_s": compilation, "rows": rows, "step": step}
     write_json_atomic(out / "summary.json", summary)
-    table = markdown_table(rows)
+    table = markdown_table(rows) + step_lines(step, args.batch_size)
     write_text_atomic(out / "table.md", table + "\n")
     log(out, table)
     return 0 if all(code == 0 for code in codes.values()) else 1

@@ -74,7 +74,7 @@ def test_engine_auto_is_compiled_on_cuda_only(tiny_model):
     assert build_engine("auto", model, tokenizer).name == "transformers"
 
 
-@pytest.mark.parametrize("engine_name", ["compiled", "graph"])
+@pytest.mark.parametrize("engine_name", ["compiled", "graph", "captured"])
 def test_benchmark_on_a_compiled_engine_gives_the_eager_token_columns(tiny_model_dir, small_data, engine_name):
     data, lengths = small_data
     flags = cli_args(
@@ -113,26 +113,27 @@ def test_slots_auto_gives_continuous_batching_the_largest_static_batch_memory(sm
 
 
 def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, tmp_path):
-    """Every static part and continuous batching: the graph engine runs the whole table, the compiled and eager ones
-    the comparison on the same samples, and continuous batching gets the largest static batch's memory."""
+    """Static parts, continuous batching and the step part: the captured engine runs the whole table, the graph and
+    eager ones the comparison on the same samples, continuous batching gets the largest static batch's memory, and the
+    step part times both engines of its own."""
     data, lengths = small_data
     out = tmp_path / "table"
     command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out)]
     flags = ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
     flags += ["--replay-lengths", str(lengths), "--num-data", "6", "--batch-size", "2", "--max-length", "8"]
     flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--budget-s", "600"]
-    flags += ["--parts", "graph", "compiled", "eager", "continuous"]
-    run_command([*command, *flags], timeout=600)
-    for name in ("graph.json", "compiled.json", "eager.json", "continuous.json", "summary.json", "table.md", "log.txt"):
+    flags += ["--parts", "captured", "graph", "eager", "continuous", "step"]
+    run_command([*command, *flags], timeout=900)
+    for name in ("captured.json", "graph.json", "eager.json", "continuous.json", "step.json", "summary.json"):
         assert (out / name).is_file(), name
     rows = json.loads((out / "summary.json").read_text())["rows"]
     by_engine = {(row["engine"], row["strategy"]): row for row in rows}
     assert set(by_engine) == {
+        ("captured", "vanilla"),
+        ("captured", "gt+vbs+fcr"),
+        ("captured", "gt"),
         ("graph", "vanilla"),
         ("graph", "gt+vbs+fcr"),
-        ("graph", "gt"),
-        ("compiled", "vanilla"),
-        ("compiled", "gt+vbs+fcr"),
         ("transformers", "vanilla"),
         ("transformers", "gt+vbs+fcr"),
         ("transformers", "continuous"),
@@ -140,36 +141,42 @@ def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, t
     }
     for strategy in ("vanilla", "gt+vbs+fcr"):  # the same samples and the same token columns on every engine
         assert len({by_engine[(engine, strategy)]["average_length"] for engine in ENGINE_NAMES}) == 1
-    assert by_engine[("graph", "vanilla")]["x_vanilla_same_engine"] == 1.0
-    graph = json.loads((out / "graph.json").read_text())
-    largest = max(batch["cache_tokens"] for result in graph["results"] for batch in result["batches"])
-    slots = largest // (graph["args"]["longest_prompt_tokens"] + 8)
+    assert by_engine[("captured", "vanilla")]["x_vanilla_same_engine"] == 1.0
+    captured = json.loads((out / "captured.json").read_text())
+    largest = max(batch["cache_tokens"] for result in captured["results"] for batch in result["batches"])
+    slots = largest // (captured["args"]["longest_prompt_tokens"] + 8)
     continuous = by_engine[("transformers", "continuous")]
     assert continuous["slots"] == slots and continuous["continuous_settings"]["speed"] == "graphs"
     assert continuous["ms_per_decode_step"] > 0  # per iteration of the iteration model
     assert "no proxy predictor" in (out / "log.txt").read_text()
-    # each part's first compilation, before any strategy: the compiled engines pay one, eager none
-    compilation = json.loads((out / "summary.json").read_text())["compilation_s"]
-    assert compilation["graph"] > 0 and compilation["compiled"] > 0 and compilation["eager"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # each part's first warm-up, before any strategy (compilation, or filler batches on new shapes): eager has none
+    assert summary["compilation_s"]["graph"] > 0 and summary["compilation_s"]["eager"] == 0
+    # the step part: 2 rows at the step's context on both engines, the graph one's warm-up its compilation
+    assert set(summary["step"]) == {"captured", "graph"}
+    assert all(result["clock_ms_per_step"] > 0 and result["timed_calls"] == 3 for result in summary["step"].values())
+    assert summary["step"]["graph"]["warmup_s"] > summary["step"]["captured"]["warmup_s"]
+    assert "2 rows, 640-token prompts, 64 tokens (graph)" in (out / "table.md").read_text()
 
 
-ENGINE_NAMES = ("graph", "compiled", "transformers")
+ENGINE_NAMES = ("captured", "graph", "transformers")
 
 
-def test_gpu_table_runs_the_whole_table_on_the_compiled_engine_when_the_graph_one_fails(small_data, tmp_path):
-    """A graph part that returns nothing (here: no such model) hands the whole table to the compiled part, unasked,
-    which fails the same way here; the log says both ran every strategy."""
+def test_gpu_table_hands_the_whole_table_down_the_chain_when_an_engine_fails(small_data, tmp_path):
+    """A captured part that returns nothing (here: no such model) hands the whole table to the graph part, unasked,
+    and that one to the compiled part; each fails the same way here, and the log says each ran every strategy."""
     data, lengths = small_data
     out = tmp_path / "table"
     command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out), "--model", "no-such-model"]
     command += ["--load-format", "auto", "--device", "cpu", "--data-path", str(data), "--replay-lengths", str(lengths)]
-    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--parts", "graph"]
+    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--parts", "captured"]
     import subprocess
 
     done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     starts = [line for line in (out / "log.txt").read_text().splitlines() if line.startswith("== ") and ":" in line]
-    assert [line.split()[1] for line in starts if "--strategies vanilla gt+vbs+fcr gt" in line] == ["graph", "compiled"]
+    whole_table = [line.split()[1] for line in starts if "--strategies vanilla gt+vbs+fcr gt" in line]
+    assert whole_table == ["captured", "graph", "compiled"]
 
 
 def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
@@ -186,7 +193,7 @@ def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
         timeout=120,
     )
     assert done.returncode == 1  # nothing ran
-    assert (out / "log.txt").read_text().count("skipped, the budget is spent") == 3
+    assert (out / "log.txt").read_text().count("skipped, the budget is spent") == 4  # captured, continuous, train, step
     assert json.loads((out / "summary.json").read_text())["rows"] == [] and not (out / "compiled.json").exists()
 
 
@@ -275,10 +282,10 @@ def test_one_compilation_serves_every_batch_size_and_cache_length(tiny_model):
     assert graphs == [1, 1, 1, 1, 1]
 
 
-def test_gpu_table_fallback_runs_only_what_the_graph_part_left_out(tmp_path, monkeypatch):
-    """A graph part that stopped after vanilla leaves gt+vbs+fcr and gt to the compiled part, which runs them with
-    vanilla (the same-engine ratio needs it); a graph part that returned the whole table leaves nothing, and the
-    compiled part then runs only when asked for, with the compared strategies."""
+def test_gpu_table_fallback_runs_only_what_the_parts_before_left_out(tmp_path, monkeypatch):
+    """A part that stopped after vanilla leaves gt+vbs+fcr and gt to the next engine of the chain (captured, graph,
+    compiled), which runs them with vanilla (the same-engine ratio needs it); a part that returned the whole table
+    leaves nothing, and the later parts then run only when asked for, with the compared strategies."""
     from benchmarks import gpu_table
 
     def fake_part(returned):
@@ -287,14 +294,14 @@ def test_gpu_table_fallback_runs_only_what_the_graph_part_left_out(tmp_path, mon
         def run_part(out, name, flags, deadline):
             strategies = flags[flags.index("--strategies") + 1 :]
             calls.append((name, strategies))
-            done = returned if name == "graph" else strategies
+            done = returned.get(name, strategies)
             (out / f"{name}.json").write_text(json.dumps({"results": [{"strategy": s} for s in done]}))
             return 0 if done == strategies else 1
 
         return calls, run_part
 
     def run(parts, returned):
-        out = tmp_path / "-".join([*parts, *returned])
+        out = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
         out.mkdir()
         calls, run_part = fake_part(returned)
         monkeypatch.setattr(gpu_table, "run_part", run_part)
@@ -304,10 +311,18 @@ def test_gpu_table_fallback_runs_only_what_the_graph_part_left_out(tmp_path, mon
         return calls
 
     whole = ["vanilla", "gt+vbs+fcr", "gt"]
-    assert run(["graph"], ["vanilla"]) == [("graph", whole), ("compiled", whole)]
-    assert run(["graph"], whole) == [("graph", whole)]
-    assert run(["graph", "compiled", "eager"], whole) == [
+    assert run(["graph"], {"graph": ["vanilla"]}) == [("graph", whole), ("compiled", whole)]
+    assert run(["graph"], {}) == [("graph", whole)]
+    assert run(["graph", "compiled", "eager"], {}) == [
         ("graph", whole),
         ("compiled", ["vanilla", "gt+vbs+fcr"]),
         ("eager", ["vanilla", "gt+vbs+fcr"]),
+    ]
+    # the default: the captured part runs the table; a failing one hands it to the graph part, then to the compiled one
+    assert run(["captured"], {}) == [("captured", whole)]
+    assert run(["captured"], {"captured": []}) == [("captured", whole), ("graph", whole)]
+    assert run(["captured"], {"captured": ["vanilla", "gt"], "graph": ["vanilla"]}) == [
+        ("captured", whole),
+        ("graph", ["vanilla", "gt+vbs+fcr"]),
+        ("compiled", ["vanilla", "gt+vbs+fcr"]),
     ]

@@ -1,6 +1,7 @@
-"""The graph engine (its own decode loop, the whole step in one compiled function) generates what the eager engine
-generates, runs exactly as many steps as replayed lengths need, looks for the end of free answers every few steps,
-and compiles its step once for every shape."""
+"""The graph engine (its own decode loop, the whole step in one compiled function) and the captured engine (the same
+loop, its eager step captured in a CUDA graph) generate what the eager engine generates, run exactly as many steps as
+replayed lengths need and look for the end of free answers every few steps; the graph engine compiles its step once
+for every shape, the captured engine compiles nothing, and its warm-up before a capture leaves the batch as it was."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ from src.engines.registry import build_engine
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13, 14, 15, 16], [1, 300, 400, 500], [1, 42]]
 
 
-@pytest.fixture(scope="module")
-def engines(eos_model_dir):
-    """Both engines on one model whose greedy answers end, at lengths that vary from prompt to prompt."""
+@pytest.fixture(scope="module", params=["graph", "captured"])
+def engines(eos_model_dir, request):
+    """The eager engine and one with its own decode loop (compiled, or captured: eager on a CPU) on one model whose
+    greedy answers end, at lengths that vary from prompt to prompt."""
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
-    return TransformersEngine(model, tokenizer), build_engine("graph", model, tokenizer)
+    return TransformersEngine(model, tokenizer), build_engine(request.param, model, tokenizer)
 
 
 def answers(samples) -> list[tuple]:
@@ -30,7 +32,7 @@ def answers(samples) -> list[tuple]:
 
 def test_graph_generation_equals_eager_greedy_and_replayed(engines):
     eager, graph = engines
-    assert graph.name == "graph" and graph.keeps_kv_caches and graph.decodes_itself
+    assert graph.name in ("graph", "captured") and graph.keeps_kv_caches and graph.decodes_itself
     for rows in (3, 5, 1):  # with filler rows: 4, 8 and 2
         replayed = [3, 7, 5, 2, 6][:rows]
         expected = eager.generate(PROMPTS[:rows], 12, 0.0, replayed)
@@ -106,3 +108,94 @@ def test_a_model_with_its_own_logits_processors_decodes_through_generate(eos_mod
     expected = TransformersEngine(model, tokenizer).generate(PROMPTS[:2], 10, 0.0)
     assert answers(expected) != answers(plain)  # the penalty changes what greedy decoding writes
     assert answers(graph.generate(PROMPTS[:2], 10, 0.0)) == answers(expected)
+
+
+def test_captured_engine_compiles_nothing_and_its_warm_up_leaves_the_batch_as_it_was(eos_model_dir):
+    """Before it captures a shape's step on CUDA, the captured engine runs the step a few times mid-batch from the
+    batch's own state. Run here on the CPU before every step of every batch, that warm-up leaves every answer the
+    eager engine's (the state it restores is complete), with no compilation at all."""
+    from torch._dynamo.utils import counters
+
+    from src.engines.captured import CapturedEngine, warm_up_decode_step
+    from src.engines.graph import decode_one_token
+
+    class WarmedUpOnTheCpu(CapturedEngine):
+        def _run_decode_step(self, slot):  # what a capture runs first, then the eager step standing for the replay
+            warm_up_decode_step(self.model, slot, self.end_tokens)
+            decode_one_token(self.model, slot, self.end_tokens)
+
+    model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
+    eager = TransformersEngine(model, tokenizer)
+    torch._dynamo.reset()
+    counters.clear()
+    captured = WarmedUpOnTheCpu(model, tokenizer)
+    assert captured.graph_pool is None and captured.compiled_step is None
+    for rows in (3, 5):
+        replayed = [9, 4, 11, 2, 6][:rows]
+        expected = eager.generate(PROMPTS[:rows], 14, 0.0, replayed)
+        assert answers(captured.generate(PROMPTS[:rows], 14, 0.0, replayed)) == answers(expected)
+        assert answers(captured.generate(PROMPTS[:rows], 14, 0.0)) == answers(eager.generate(PROMPTS[:rows], 14, 0.0))
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_a_warm_up_before_a_capture_changes_only_the_next_position(eos_model_dir):
+    """A capture's warm-up runs the step mid-batch: afterwards every tensor of the slot is as it was, except the keys
+    and values at the cache's next column and `generated`'s next column, both of which the batch's next step writes."""
+    from src.engines.captured import CapturedEngine, warm_up_decode_step
+
+    model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
+    captured = CapturedEngine(model, tokenizer)
+    # cut at 7 tokens before their replayed 20: 4 rows (a filler's included) of width 7 with 7 + 6 = 13 cached positions
+    captured.generate(PROMPTS[:3], 7, 0.0, [20, 20, 20])
+    (slot,) = [slot for shape, slot in captured.caches.items() if shape == (4, 128)]
+    assert int(slot.step) == 7 and [int(layer.cumulative_length) for layer in slot.cache.layers] == [13, 13]
+    named = {name: getattr(slot, name) for name in ("tokens", "positions", "attention_mask", "targets", "step")}
+    named |= {"finished": slot.finished, "generated": slot.generated}
+    for index, layer in enumerate(slot.cache.layers):
+        named |= {
+            f"keys {index}": layer.keys,
+            f"values {index}": layer.values,
+            f"length {index}": layer.cumulative_length,
+        }
+    before = {name: tensor.clone() for name, tensor in named.items()}
+    warm_up_decode_step(model, slot, captured.end_tokens)
+    changed = {name for name, tensor in named.items() if not torch.equal(tensor, before[name])}
+    assert changed == {"generated", "keys 0", "values 0", "keys 1", "values 1"}
+    assert torch.equal(slot.generated[:, :7], before["generated"][:, :7])  # the next token's column is 7
+    assert torch.equal(slot.generated[:, 8:], before["generated"][:, 8:])
+    for index in range(2):  # the cache's next column is 13
+        for name in (f"keys {index}", f"values {index}"):
+            assert torch.equal(named[name][:, :, :13], before[name][:, :, :13])
+            assert torch.equal(named[name][:, :, 14:], before[name][:, :, 14:])
+
+
+def test_decode_step_benchmark_keeps_each_engines_figures_as_it_goes(tiny_model_dir, tmp_path, monkeypatch):
+    """benchmarks.decode_step times each engine once right after warming it, writing its JSON each time, so that an
+    engine that fails (or compiles past a deadline) after another leaves that one's step measured."""
+    import json
+
+    from benchmarks import decode_step
+
+    built = []
+
+    def build_or_fail(name, model, tokenizer):
+        built.append(name)
+        if name == "graph":
+            raise RuntimeError("stands for a run stopped while compiling")
+        return build_engine(name, model, tokenizer)
+
+    monkeypatch.setattr(decode_step, "build_engine", build_or_fail)
+    output = tmp_path / "step.json"
+    flags = ["--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "3", "--context", "5", "--steps", "4"]
+    with pytest.raises(RuntimeError):
+        decode_step.main([*flags, "--engines", "captured", "graph", "--output-json", str(output)])
+    assert built == ["captured", "graph"]
+    results = json.loads(output.read_text())["results"]
+    assert list(results) == ["captured"] and results["captured"]["timed_calls"] == 1
+    assert results["captured"]["clock_ms_per_step"] > 0
+
+    summary = decode_step.main([*flags, "--engines", "transformers", "captured", "--repeats", "2"])
+    assert {name: result["timed_calls"] for name, result in summary["results"].items()} == {
+        "transformers": 2,
+        "captured": 2,
+    }

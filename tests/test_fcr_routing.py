@@ -50,7 +50,7 @@ def test_fcr_returns_each_id_the_answer_to_its_own_prompt(eos_model_dir):
     assert {sample_id: (result.length, result.text) for sample_id, result in record.results.items()} == answers
 
 
-@pytest.mark.parametrize("engine_name", ["transformers", "compiled", "graph"])
+@pytest.mark.parametrize("engine_name", ["transformers", "compiled", "graph", "captured"])
 def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir, engine_name):
     """+resume: a failure continues from its own tokens (fed back after its own prompt) in a capped retry, and
     greedy decoding gives each id the same answer as one uninterrupted run, on every engine: the compiled and graph
@@ -70,7 +70,7 @@ def test_resumed_failures_end_as_if_they_had_never_stopped(eos_model_dir, engine
         assert not executor.kept.kv_caches and executor.kept.kv_cache_bytes == 0  # every kept cache was taken back
 
 
-@pytest.mark.parametrize("engine_name", ["transformers", "compiled", "graph"])
+@pytest.mark.parametrize("engine_name", ["transformers", "compiled", "graph", "captured"])
 def test_resumed_failures_chain_kept_caches_through_capped_retries(tiny_model_dir, engine_name):
     """Retries capped twice below max_length: a batch fed kept caches keeps its unfinished rows' caches again, and a
     last retry of members at different points cuts whoever passes max_length, as the scheduler counts it. (The tiny

@@ -109,15 +109,23 @@ def decode_one_token(model, slot: DecodeSlot, end: EndTokens) -> None:
 
 class GraphEngine(CompiledEngine):
     name = "graph"
+    slot_class = DecodeSlot  # what `_new_cache` allocates per shape
 
     def __init__(self, model, tokenizer):
         super().__init__(model, tokenizer)
-        on_cuda = model.device.type == "cuda"
-        self.compiled_step = torch.compile(
-            decode_one_token, mode="reduce-overhead" if on_cuda else "default", dynamic=True, fullgraph=True
-        )
+        self.compiled_step = self._compile_decode_step()
         self.end_tokens: EndTokens | None = None  # built once, at the first prefill, from its logits' vocabulary
         self.decodes_itself = self._loop_gives_generates_tokens()
+
+    def _compile_decode_step(self):
+        """`decode_one_token` compiled once for every shape; on CUDA, torch.compile records each shape's CUDA graph."""
+        on_cuda = self.model.device.type == "cuda"
+        mode = "reduce-overhead" if on_cuda else "default"
+        return torch.compile(decode_one_token, mode=mode, dynamic=True, fullgraph=True)
+
+    def _run_decode_step(self, slot: DecodeSlot) -> None:
+        torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
+        self.compiled_step(self.model, slot, self.end_tokens)
 
     def _loop_gives_generates_tokens(self) -> bool:
         """The loop applies the replayed lengths and the greedy choice only: a model whose generation config adds
@@ -131,7 +139,7 @@ class GraphEngine(CompiledEngine):
         return not processors and plain_layers(StaticCache(config=self.model.config, max_cache_len=1))
 
     def _new_cache(self, rows: int, length: int) -> DecodeSlot:
-        return DecodeSlot.allocate(super()._new_cache(rows, length), rows, length, self.model.device)
+        return self.slot_class.allocate(super()._new_cache(rows, length), rows, length, self.model.device)
 
     def _end_tokens(self, vocabulary: int) -> EndTokens:
         if self.end_tokens is None:
@@ -208,12 +216,10 @@ class GraphEngine(CompiledEngine):
     def _decode(self, slot: DecodeSlot, steps: int, look_for_the_end: bool, clock: StepClock | None) -> int:
         """Up to `steps` decode steps queued back to back; with `look_for_the_end`, every CHECK_EVERY steps the host
         waits for the device and stops once every row has finished. Returns the steps run."""
-        end = self.end_tokens
         for done in range(steps):
             if look_for_the_end and done % CHECK_EVERY == 0 and bool(slot.finished.all()):
                 return done
-            torch.compiler.cudagraph_mark_step_begin()  # the previous replay's outputs are no longer read
-            self.compiled_step(self.model, slot, end)
+            self._run_decode_step(slot)
             if clock is not None:
                 clock.mark_step()
         return steps

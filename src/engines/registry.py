@@ -16,6 +16,7 @@ ENGINES = {
     "transformers": "src.engines.eager:TransformersEngine",
     "compiled": "src.engines.compiled:CompiledEngine",
     "graph": "src.engines.graph:GraphEngine",
+    "captured": "src.engines.captured:CapturedEngine",
 }
 # `--engine auto`: the compiled engine where it pays (CUDA graphs), eager elsewhere (docs/CPU.md's measurement)
 AUTO_ENGINE = "auto"

@@ -43,7 +43,8 @@ def add_model_arguments(parser) -> None:
         help="how the model runs (src/engines/registry.py): transformers = eager generate and its continuous "
         "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); graph = the compiled "
         "engine's caches with the whole decode step in one compiled function and no wait for the device between "
-        "steps; auto = compiled on CUDA, transformers elsewhere",
+        "steps; captured = the graph engine's loop with its eager step captured in CUDA graphs, nothing compiled; "
+        "auto = compiled on CUDA, transformers elsewhere",
     )
     parser.add_argument(
         "--conv-template",
