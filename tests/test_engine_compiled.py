@@ -326,3 +326,37 @@ def test_gpu_table_fallback_runs_only_what_the_parts_before_left_out(tmp_path, m
         ("graph", ["vanilla", "gt+vbs+fcr"]),
         ("compiled", ["vanilla", "gt+vbs+fcr"]),
     ]
+
+
+def test_offline_wheels_installs_the_carried_wheels_before_the_command(tmp_path):
+    """benchmarks/offline_wheels.sh run: the wheels in its folder installed into a site folder put first on the path,
+    then the command; without a command or without wheels, one line and exit 2, before anything is installed."""
+    import os
+    import subprocess
+    import zipfile
+
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels.mkdir()
+    environment = os.environ | {"OFFLINE_WHEELS": str(wheels), "OFFLINE_SITE": str(site)}
+
+    def offline(*arguments):
+        command = ["bash", "benchmarks/offline_wheels.sh", *arguments]
+        return subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, env=environment, timeout=300)
+
+    for arguments, message in (((), "usage:"), (("run",), "run needs a command"), (("run", "true"), "no wheels in")):
+        done = offline(*arguments)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1
+    assert not site.exists()
+
+    info = "offline_probe-1.0.dist-info"
+    with zipfile.ZipFile(wheels / "offline_probe-1.0-py3-none-any.whl", "w") as wheel:  # the least a wheel holds
+        wheel.writestr("offline_probe/__init__.py", "CARRIED = 'from the wheel'\n")
+        wheel.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: offline_probe\nVersion: 1.0\n")
+        wheel.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        wheel.writestr(f"{info}/RECORD", "")
+    done = offline("run", sys.executable, "-c", "import offline_probe; print(offline_probe.CARRIED)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "from the wheel" and (site / "offline_probe").is_dir()
+    assert done.stdout.startswith("torch ")  # the versions the command will run with
