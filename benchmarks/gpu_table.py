@@ -284,8 +284,8 @@ def run_static_parts(args, out: Path, deadline: float) -> dict:
     codes, returned = {}, set()
     for part, engine in STATIC_PARTS.items():
         missing = [strategy for strategy in statics if strategy not in returned]
-        # after a part that ended by itself (one skipped or stopped at the deadline leaves no time for another)
-        ended = any(code is not None for code in codes.values())
+        # after a last part that ended by itself (one skipped or stopped at the deadline leaves no time for another)
+        ended = bool(codes) and list(codes.values())[-1] is not None
         fallback = part in FALLBACK_PARTS and ended and bool(missing)
         if part not in args.parts and not fallback:
             continue

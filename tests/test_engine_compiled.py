@@ -296,6 +296,8 @@ def test_gpu_table_fallback_runs_only_what_the_parts_before_left_out(tmp_path, m
             calls.append((name, strategies))
             done = returned.get(name, strategies)
             (out / f"{name}.json").write_text(json.dumps({"results": [{"strategy": s} for s in done]}))
+            if name in returned.get("stopped at the deadline", []):
+                return None
             return 0 if done == strategies else 1
 
         return calls, run_part
@@ -321,6 +323,9 @@ def test_gpu_table_fallback_runs_only_what_the_parts_before_left_out(tmp_path, m
     # the default: the captured part runs the table; a failing one hands it to the graph part, then to the compiled one
     assert run(["captured"], {}) == [("captured", whole)]
     assert run(["captured"], {"captured": []}) == [("captured", whole), ("graph", whole)]
+    # a part stopped at the deadline leaves no time for the next one in the chain, even after one that ended
+    stopped = {"captured": [], "graph": ["vanilla"], "stopped at the deadline": ["graph"]}
+    assert run(["captured"], stopped) == [("captured", whole), ("graph", whole)]
     assert run(["captured"], {"captured": ["vanilla", "gt"], "graph": ["vanilla"]}) == [
         ("captured", whole),
         ("graph", ["vanilla", "gt+vbs+fcr"]),

@@ -129,7 +129,7 @@ def test_captured_engine_compiles_nothing_and_its_warm_up_leaves_the_batch_as_it
     torch._dynamo.reset()
     counters.clear()
     captured = WarmedUpOnTheCpu(model, tokenizer)
-    assert captured.graph_pool is None and captured.compiled_step is None
+    assert not captured.on_cuda and captured.compiled_step is None
     for rows in (3, 5):
         replayed = [9, 4, 11, 2, 6][:rows]
         expected = eager.generate(PROMPTS[:rows], 14, 0.0, replayed)
@@ -199,3 +199,112 @@ def test_decode_step_benchmark_keeps_each_engines_figures_as_it_goes(tiny_model_
         "transformers": 2,
         "captured": 2,
     }
+
+
+class StandInGraph:
+    """What the captured engine's CUDA branch asks of torch.cuda, on the CPU: a graph records the step's arguments
+    while `torch.cuda.graph` is open (the step is recorded, not run) and runs the step eagerly at each replay."""
+
+    recording = None  # the graph being captured
+
+    def __init__(self):
+        self.arguments, self.replays = None, 0
+
+    def replay(self):
+        from src.engines.graph import decode_one_token
+
+        self.replays += 1
+        decode_one_token(*self.arguments)
+
+
+@pytest.fixture
+def cuda_stand_ins(monkeypatch):
+    """torch.cuda's streams and graphs replaced by stand-ins, and the captured module's step made to record itself
+    into the graph being captured; returns the graphs made."""
+    from contextlib import contextmanager, nullcontext
+
+    from src.engines import captured
+    from src.engines.graph import decode_one_token
+
+    graphs = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def new_graph():
+        graphs.append(StandInGraph())
+        return graphs[-1]
+
+    @contextmanager
+    def capturing(graph, **options):
+        StandInGraph.recording = graph
+        yield
+        StandInGraph.recording = None
+
+    def step(*arguments):
+        if StandInGraph.recording is None:
+            decode_one_token(*arguments)
+        else:
+            StandInGraph.recording.arguments = arguments
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", capturing)
+    monkeypatch.setattr(captured, "decode_one_token", step)
+    return graphs
+
+
+def test_captured_engine_captures_each_shape_once_and_replays_every_step(eos_model_dir, cuda_stand_ins, monkeypatch):
+    """The CUDA branch with stand-ins for streams and graphs: one capture per shape at its first decode step (in the
+    shape's filler warm-up), a replay for every later step, the answers the eager engine's; a replay that does not
+    reproduce the eager warm-up's choice stops the run."""
+    from torch._dynamo.utils import counters
+
+    from src.engines.captured import CapturedEngine
+
+    model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
+    eager = TransformersEngine(model, tokenizer)
+    torch._dynamo.reset()
+    counters.clear()
+    captured = CapturedEngine(model, tokenizer)
+    captured.on_cuda = True
+    replayed = [9, 4, 11]
+    expected = eager.generate(PROMPTS[:3], 14, 0.0, replayed)
+    assert answers(captured.generate(PROMPTS[:3], 14, 0.0, replayed)) == answers(expected)
+    assert answers(captured.generate(PROMPTS[:3], 14, 0.0)) == answers(eager.generate(PROMPTS[:3], 14, 0.0))
+    (slot,) = captured.caches.values()
+    assert cuda_stand_ins == slot.graphs  # one graph, captured for the (4, 128) shape and kept in its slot
+    # the filler warm-up's 3 steps (the first one captured, then replayed), 10 replayed steps, then the free batch's
+    assert cuda_stand_ins[0].replays == 3 + 10 + captured.last_timing.decode_steps
+    assert counters["stats"]["unique_graphs"] == 0
+
+    class Faulty(StandInGraph):  # a capture that does not reproduce the step: every row chooses token 0
+        def replay(self):
+            super().replay()
+            self.arguments[1].tokens.zero_()
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Faulty)
+    faulty = CapturedEngine(model, tokenizer)
+    faulty.on_cuda = True
+    with pytest.raises(RuntimeError, match="captured decode step chose other tokens"):
+        faulty.generate(PROMPTS[:3], 14, 0.0, replayed)
+
+
+def test_captured_sampling_goes_through_generate_uncompiled(eos_model_dir):
+    """At temperature 1 the captured engine samples through generate, told not to compile (on CUDA it would):
+    under one seed its answers are the eager engine's, with no compilation."""
+    from torch._dynamo.utils import counters
+
+    model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
+    eager, captured = TransformersEngine(model, tokenizer), build_engine("captured", model, tokenizer)
+    assert captured._generate_options("cache") == {"past_key_values": "cache", "disable_compile": True}
+    torch._dynamo.reset()
+    counters.clear()
+    set_seed(0)
+    expected = eager.generate(PROMPTS[:2], 6, 1.0)
+    set_seed(0)
+    assert answers(captured.generate(PROMPTS[:2], 6, 1.0)) == answers(expected)
+    assert counters["stats"]["unique_graphs"] == 0

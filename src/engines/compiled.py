@@ -107,6 +107,10 @@ class CompiledEngine(TransformersEngine):
         self.warmed_shapes.append(key)
         return cache
 
+    def _generate_options(self, cache) -> dict:
+        """What `generate` is given besides the batch: the shape's static cache, and how to compile its step."""
+        return {"past_key_values": cache, "compile_config": self.compile_config}
+
     def _run(
         self,
         prompts,
@@ -120,7 +124,6 @@ class CompiledEngine(TransformersEngine):
         keep_caches: bool = False,
     ) -> list[GeneratedSample]:
         cache.reset()  # a kept cache still holds the previous batch; generate reads its length from the cache
-        options = {"past_key_values": cache, "compile_config": self.compile_config}
         return generate_batch(
             self.model,
             self.tokenizer,
@@ -130,7 +133,7 @@ class CompiledEngine(TransformersEngine):
             replay_lengths,
             self.eos_token_ids,
             clock,
-            options,
+            self._generate_options(cache),
             inference_mode=False,  # transformers' compiled decoding runs under no_grad, as its own generate does
             prefix_caches=prefix_caches,
             keep_caches=keep_caches,
