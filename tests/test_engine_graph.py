@@ -110,12 +110,10 @@ def test_a_model_with_its_own_logits_processors_decodes_through_generate(eos_mod
     assert answers(graph.generate(PROMPTS[:2], 10, 0.0)) == answers(expected)
 
 
-def test_captured_engine_compiles_nothing_and_its_warm_up_leaves_the_batch_as_it_was(eos_model_dir):
+def test_captured_engines_warm_up_leaves_the_batch_as_it_was(eos_model_dir):
     """Before it captures a shape's step on CUDA, the captured engine runs the step a few times mid-batch from the
     batch's own state. Run here on the CPU before every step of every batch, that warm-up leaves every answer the
-    eager engine's (the state it restores is complete), with no compilation at all."""
-    from torch._dynamo.utils import counters
-
+    eager engine's (the state it restores is complete)."""
     from src.engines.captured import CapturedEngine, warm_up_decode_step
     from src.engines.graph import decode_one_token
 
@@ -126,8 +124,6 @@ def test_captured_engine_compiles_nothing_and_its_warm_up_leaves_the_batch_as_it
 
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
     eager = TransformersEngine(model, tokenizer)
-    torch._dynamo.reset()
-    counters.clear()
     captured = WarmedUpOnTheCpu(model, tokenizer)
     assert not captured.on_cuda and captured.compiled_step is None
     for rows in (3, 5):
@@ -135,7 +131,6 @@ def test_captured_engine_compiles_nothing_and_its_warm_up_leaves_the_batch_as_it
         expected = eager.generate(PROMPTS[:rows], 14, 0.0, replayed)
         assert answers(captured.generate(PROMPTS[:rows], 14, 0.0, replayed)) == answers(expected)
         assert answers(captured.generate(PROMPTS[:rows], 14, 0.0)) == answers(eager.generate(PROMPTS[:rows], 14, 0.0))
-    assert counters["stats"]["unique_graphs"] == 0
 
 
 def test_a_warm_up_before_a_capture_changes_only_the_next_position(eos_model_dir):

@@ -2,8 +2,8 @@
 replayed lengths and EOS, the greedy choice, the token's record) is captured by `torch.cuda.graph` into one CUDA graph
 per (rows, cache length) shape, at that shape's first decode step, and replayed from then on.
 
-Why: on an H200, torch.compile took 150 s to compile the 7B shape's step, which alone is most of a GPU session's
-budget for the whole table. A CUDA graph of the eager kernels costs a capture per shape (no compilation) and removes
+Why: on an H200, torch.compile took 150 s to compile the 7B shape's step, a third of the GPU table's 450 s budget
+before its first sample. A CUDA graph of the eager kernels costs a capture per shape (no compilation) and removes
 the host's launches, which make eager decoding host-bound; what it keeps is every eager kernel (no fusion), so its
 step should sit between the eager engine's and the graph engine's. transformers' models are written to be captured
 this way: their host-side checks are skipped while a stream is capturing, as while torch.compile traces.
