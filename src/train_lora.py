@@ -8,7 +8,8 @@ Arguments are dataclasses read by HfArgumentParser; every transformers TrainingA
 Every check (flags, the data file, the base model's folder, the output folder) runs before the model loads
 (`--check_only True` stops there). With `--save_strategy steps` a checkpoint is saved every `--save_steps`, and the
 same command after an interruption resumes from the last one in `--output_dir`; a folder that holds a finished
-adapter is refused unless `--overwrite True`.
+adapter is refused unless `--overwrite True`, which trains beside it in `<output_dir>.replacing` and swaps the new
+adapter in at the end, so that an interrupted replacement leaves the finished adapter as it was (and resumes there).
 The prompt is built by the same PromptFormatter as at inference, and the loss covers only the answer tokens
 (the bucket and its end-of-turn token), masked by prompt length and attention mask rather than by pad id,
 since some tokenizers (SmolLM2's) pad with their EOS.
@@ -57,7 +58,10 @@ class DataArguments:
 class RunArguments:
     check_only: bool = field(default=False, metadata={"help": "check the arguments and files, then stop (train.sh)"})
     overwrite: bool = field(
-        default=False, metadata={"help": "replace a finished adapter in --output_dir and start again from step 0"}
+        default=False,
+        metadata={
+            "help": "replace a finished adapter in --output_dir (trained in <output_dir>.replacing, then swapped)"
+        },
     )
 
 
@@ -126,27 +130,37 @@ def read_conversations(data_args: DataArguments) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_output_folder(output_dir: str, overwrite: bool) -> str | None:
-    """Refuse to replace a finished adapter without --overwrite; return the checkpoint to resume from, if any."""
+def replacement_folder(output_dir: str) -> Path:
+    """Where --overwrite trains the adapter that replaces a finished one: beside it, so that the finished adapter
+    stays whole until the new one is saved, and the swap is a rename on one filesystem."""
+    folder = Path(output_dir)
+    return folder.with_name(folder.name + ".replacing")
+
+
+def plan_training_folder(output_dir: str, overwrite: bool) -> tuple[Path, str | None]:
+    """(the folder to train in, the checkpoint to resume from, if any); refuses to replace a finished adapter
+    without --overwrite. With it, training goes to `replacement_folder`, and resumes from that folder's checkpoints
+    when an earlier --overwrite run was interrupted."""
     from transformers.trainer_utils import get_last_checkpoint
 
     check_output_dir("--output_dir", output_dir)
     folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    if (folder / ARGUMENTS_FILE).is_file() and not overwrite:
+    finished = (folder / ARGUMENTS_FILE).is_file()
+    if finished and not overwrite:
         raise UserError(
             f"--output_dir {output_dir} holds a finished adapter: choose another folder, or pass --overwrite True"
         )
-    return None if overwrite else get_last_checkpoint(output_dir)
+    training_folder = replacement_folder(output_dir) if finished else folder
+    if not training_folder.is_dir() or (overwrite and not finished):
+        return training_folder, None
+    return training_folder, get_last_checkpoint(str(training_folder))
 
 
-def forget_earlier_run(folder: Path) -> None:
-    """--overwrite: the finished adapter's marker and the checkpoints of the run it replaces go, so that an
-    interruption of this run resumes from this run's checkpoints only."""
+def forget_unfinished_run(folder: Path) -> None:
+    """--overwrite on a folder with no finished adapter: the checkpoints of the run it replaces go, so that this
+    run starts from step 0 and an interruption of it resumes from its own checkpoints only."""
     import shutil
 
-    (folder / ARGUMENTS_FILE).unlink(missing_ok=True)
     for checkpoint in folder.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
 
@@ -195,16 +209,17 @@ def main(argv: list[str] | None = None):
     from transformers import Trainer
 
     from .common.models import load_model_and_formatter
-    from .common.utils import write_json_atomic
     from .engines.generate import eos_token_ids_of
 
     model_args, data_args, lora_args, run_args, training_args = parse_args(argv)
-    resume_from = check_output_folder(training_args.output_dir, run_args.overwrite)
+    output_dir = training_args.output_dir
+    training_folder, resume_from = plan_training_folder(output_dir, run_args.overwrite)
     pairs = read_conversations(data_args)
     if run_args.check_only:
         return None
-    if run_args.overwrite and training_args.process_index == 0:
-        forget_earlier_run(Path(training_args.output_dir))
+    if run_args.overwrite and training_folder == Path(output_dir) and training_args.process_index == 0:
+        forget_unfinished_run(training_folder)
+    training_args.output_dir = str(training_folder)  # checkpoints go there; the adapter ends in output_dir
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
     model, tokenizer, formatter, path = load_model_and_formatter(
         model_args.model_name_or_path,
@@ -232,22 +247,33 @@ def main(argv: list[str] | None = None):
         data_collator=AnswerOnlyCollator(tokenizer.pad_token_id),
     )
     trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(training_args.output_dir)
+    trainer.save_model(str(training_folder))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(training_args.output_dir)
+        tokenizer.save_pretrained(str(training_folder))
+        training = {**json.loads(training_args.to_json_string()), "output_dir": output_dir}
         arguments = {
             "model": asdict(model_args),
             "data": asdict(data_args),
             "lora": asdict(lora_args),
             "resumed_from": resume_from,
-            "training": json.loads(training_args.to_json_string()),
+            "training": training,
             "base_model_path": path,
             "template": formatter.template,
             "processes": training_args.world_size,
         }
-        write_json_atomic(Path(training_args.output_dir) / ARGUMENTS_FILE, arguments)
-        print(f"adapter saved to {training_args.output_dir}")
+        finish_adapter(training_folder, Path(output_dir), arguments)
     return trainer
+
+
+def finish_adapter(training_folder: Path, output_folder: Path, arguments: dict) -> None:
+    """Mark the saved adapter finished (its arguments file, written last), then, for --overwrite, put its folder where
+    the finished one it replaces is, in one step: a reader finds the old adapter or the new one."""
+    from .common.utils import replace_folder, write_json_atomic
+
+    write_json_atomic(training_folder / ARGUMENTS_FILE, arguments)
+    if training_folder != output_folder:
+        replace_folder(training_folder, output_folder)
+    print(f"adapter saved to {output_folder}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import pytest
 
 from src import benchmark, infer, lenpred, predict, train_proxy
 from src import eval as length_eval
-from src.predictors import proxy
+from src.common import utils
 
 from .conftest import PROJECT
 
@@ -57,7 +57,7 @@ def crashed(monkeypatch, main, argv: list[str], at: int) -> bool:
         patch.setattr(os, "fsync", points.wrap(os.fsync))
         patch.setattr(os, "replace", points.wrap(os.replace))
         patch.setattr(Path, "rename", points.wrap(Path.rename))
-        patch.setattr(proxy, "exchange_paths", points.wrap(proxy.exchange_paths))
+        patch.setattr(utils, "exchange_paths", points.wrap(utils.exchange_paths))
         try:
             main(argv)
         except SimulatedCrash:

@@ -355,6 +355,72 @@ def test_training_interrupted_after_a_checkpoint_resumes_there(tiny_model_dir, s
         train_lora.main(argv(tmp_path / "cut"))
 
 
+def test_overwrite_interrupted_keeps_the_finished_adapter_and_resumes(
+    tiny_model_dir, small_data, tmp_path, monkeypatch
+):
+    """--overwrite over a finished adapter, stopped right after its step-2 checkpoint, leaves that adapter as it was
+    (weights and marker); the same command again trains steps 3 and 4 only and ends with the weights of a run that
+    was never stopped, in --output_dir, with nothing left beside it."""
+    from transformers import Trainer
+
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+
+    def argv(output_dir, seed):
+        return [
+            *("--model_name_or_path", str(tiny_model_dir), "--data_path", str(instruct)),
+            *("--output_dir", str(output_dir), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
+            *("--learning_rate", "0.02", "--per_device_train_batch_size", "2", "--lora_r", "4", "--seed", seed),
+            *("--use_cpu", "True", "--report_to", "none", "--overwrite", "True"),
+        ]
+
+    adapter, reference = tmp_path / "adapter", tmp_path / "reference"
+    train_lora.main(argv(adapter, "3"))  # the finished adapter that the next command replaces
+    train_lora.main(argv(reference, "5"))  # the replacement, never stopped
+    first = lora_weights(adapter)
+    first_marker = (adapter / train_lora.ARGUMENTS_FILE).read_text()
+
+    class Killed(Exception):
+        pass
+
+    save_checkpoint = Trainer._save_checkpoint
+
+    def save_then_die(self, *args, **kwargs):
+        save_checkpoint(self, *args, **kwargs)
+        if self.state.global_step == 2:
+            raise Killed
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_lora.main(argv(adapter, "5"))
+    monkeypatch.undo()
+    assert (adapter / train_lora.ARGUMENTS_FILE).read_text() == first_marker
+    for name, tensor in lora_weights(adapter).items():
+        torch.testing.assert_close(tensor, first[name])
+    assert (tmp_path / "adapter.replacing" / "checkpoint-2").is_dir()
+
+    steps_run = []
+    training_step = Trainer.training_step
+
+    def count_step(self, *args, **kwargs):
+        steps_run.append(self.state.global_step + 1)
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", count_step)
+    train_lora.main(argv(adapter, "5"))
+    monkeypatch.undo()
+    assert steps_run == [3, 4]
+    assert not (tmp_path / "adapter.replacing").exists()
+    saved = json.loads((adapter / train_lora.ARGUMENTS_FILE).read_text())
+    assert saved["training"]["output_dir"] == str(adapter) and saved["training"]["seed"] == 5
+    expected, got = lora_weights(reference), lora_weights(adapter)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+    assert any(not torch.equal(got[name], first[name]) for name in got)  # the other seed's adapter, not the first
+
+
 def test_train_sh_cpu_preset_trains_in_two_processes(tiny_model_dir, small_data, tmp_path):
     """`PROCESSES=2 bash train.sh cpu` runs data-parallel on gloo and saves one adapter (later flags override
     the preset's model, data and length of training)."""

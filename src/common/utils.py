@@ -213,6 +213,26 @@ def exchange_paths(first: Path, second: Path) -> bool:
     return done == 0
 
 
+def replace_folder(staging: Path, folder: Path) -> None:
+    """Put `staging` where `folder` is: a reader finds the old folder or the new one, never half of each. On Linux the
+    two are swapped in one step; elsewhere by two renames, where a kill between them leaves no folder there and the
+    old one beside it as `.NAME.old-*`."""
+    import shutil
+    import tempfile
+
+    if not folder.exists():
+        staging.rename(folder)
+        return
+    if exchange_paths(staging, folder):
+        shutil.rmtree(staging, ignore_errors=True)  # the old folder, now under the staging name
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    aside.rmdir()
+    folder.rename(aside)
+    staging.rename(folder)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def current_umask() -> int:
     """The process's umask: read from /proc where Linux shows it, else set and set back (for a moment, files that
     another thread creates would get mode 0)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.utils import UserError, exchange_paths, share_with_umask
+from ..common.utils import UserError, replace_folder, share_with_umask
 from .proxy_model import LengthProxy
 
 PROXY_FORMAT = "length-proxy/1"
@@ -195,31 +195,11 @@ def save_proxy(
         )
         (staging / CONFIG_NAME).write_text(text + "\n")
         share_with_umask(staging)
-        _replace_folder(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
-
-
-def _replace_folder(staging: Path, folder: Path) -> None:
-    """Put `staging` where `folder` is: a reader finds the old folder or the new one, never half of each. On Linux the
-    two are swapped in one step; elsewhere by two renames, where a kill between them leaves no folder there and the
-    old one beside it as `.NAME.old-*`."""
-    import shutil
-    import tempfile
-
-    if not folder.exists():
-        staging.rename(folder)
-        return
-    if exchange_paths(staging, folder):
-        shutil.rmtree(staging, ignore_errors=True)  # the old folder, now under the staging name
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    aside.rmdir()
-    folder.rename(aside)
-    staging.rename(folder)
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 class LoadedProxy:
