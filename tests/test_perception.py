@@ -294,42 +294,30 @@ def lora_weights(folder) -> dict:
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
-def test_training_interrupted_after_a_checkpoint_resumes_there(tiny_model_dir, small_data, tmp_path, monkeypatch):
-    """A run stopped right after its step-2 checkpoint, started again with the same command, trains steps 3 and 4
-    only, and ends with the weights of a run that was never stopped; a finished folder is then refused."""
+class Killed(Exception):
+    """Stands for a kill of the training process."""
+
+
+def train_killed_after_step(monkeypatch, step: int, argv: list[str]) -> None:
+    """`train_lora.main(argv)`, stopped right after it saved its checkpoint of `step`."""
     from transformers import Trainer
-
-    data, lengths = small_data
-    instruct = tmp_path / "instruct.json"
-    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
-
-    def argv(output_dir):
-        return [
-            *("--model_name_or_path", str(tiny_model_dir), "--data_path", str(instruct)),
-            *("--output_dir", str(output_dir), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
-            *("--learning_rate", "0.02", "--per_device_train_batch_size", "2", "--lora_r", "4", "--seed", "3"),
-            *("--use_cpu", "True", "--report_to", "none", "--logging_steps", "1"),
-        ]
-
-    whole = train_lora.main(argv(tmp_path / "whole"))
-    assert whole.state.global_step == 4
-
-    class Killed(Exception):
-        pass
 
     save_checkpoint = Trainer._save_checkpoint
 
     def save_then_die(self, *args, **kwargs):
         save_checkpoint(self, *args, **kwargs)
-        if self.state.global_step == 2:
+        if self.state.global_step == step:
             raise Killed
 
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train_lora.main(argv(tmp_path / "cut"))
-    monkeypatch.undo()
-    assert (tmp_path / "cut" / "checkpoint-2").is_dir()
-    assert not (tmp_path / "cut" / train_lora.ARGUMENTS_FILE).exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            train_lora.main(argv)
+
+
+def train_counting_steps(monkeypatch, argv: list[str]) -> tuple:
+    """(the trainer of `train_lora.main(argv)`, the numbers of the optimizer steps it ran)."""
+    from transformers import Trainer
 
     steps_run = []
     training_step = Trainer.training_step
@@ -338,9 +326,40 @@ def test_training_interrupted_after_a_checkpoint_resumes_there(tiny_model_dir, s
         steps_run.append(self.state.global_step + 1)
         return training_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "training_step", count_step)
-    resumed = train_lora.main(argv(tmp_path / "cut"))
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "training_step", count_step)
+        trainer = train_lora.main(argv)
+    return trainer, steps_run
+
+
+def four_step_argv(model_dir, instruct, output_dir, seed: str = "3") -> list[str]:
+    """train_lora for 4 steps on the tiny model, a checkpoint every 2."""
+    return [
+        *("--model_name_or_path", str(model_dir), "--data_path", str(instruct)),
+        *("--output_dir", str(output_dir), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
+        *("--learning_rate", "0.02", "--per_device_train_batch_size", "2", "--lora_r", "4", "--seed", seed),
+        *("--use_cpu", "True", "--report_to", "none", "--logging_steps", "1"),
+    ]
+
+
+def test_training_interrupted_after_a_checkpoint_resumes_there(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    """A run stopped right after its step-2 checkpoint, started again with the same command, trains steps 3 and 4
+    only, and ends with the weights of a run that was never stopped; a finished folder is then refused."""
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+
+    def argv(output_dir):
+        return four_step_argv(tiny_model_dir, instruct, output_dir)
+
+    whole = train_lora.main(argv(tmp_path / "whole"))
+    assert whole.state.global_step == 4
+
+    train_killed_after_step(monkeypatch, 2, argv(tmp_path / "cut"))
+    assert (tmp_path / "cut" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "cut" / train_lora.ARGUMENTS_FILE).exists()
+
+    resumed, steps_run = train_counting_steps(monkeypatch, argv(tmp_path / "cut"))
     assert steps_run == [3, 4] and resumed.state.global_step == 4
     saved = json.loads((tmp_path / "cut" / train_lora.ARGUMENTS_FILE).read_text())
     assert saved["resumed_from"].endswith("checkpoint-2")
@@ -361,19 +380,12 @@ def test_overwrite_interrupted_keeps_the_finished_adapter_and_resumes(
     """--overwrite over a finished adapter, stopped right after its step-2 checkpoint, leaves that adapter as it was
     (weights and marker); the same command again trains steps 3 and 4 only and ends with the weights of a run that
     was never stopped, in --output_dir, with nothing left beside it."""
-    from transformers import Trainer
-
     data, lengths = small_data
     instruct = tmp_path / "instruct.json"
     construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
 
     def argv(output_dir, seed):
-        return [
-            *("--model_name_or_path", str(tiny_model_dir), "--data_path", str(instruct)),
-            *("--output_dir", str(output_dir), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"),
-            *("--learning_rate", "0.02", "--per_device_train_batch_size", "2", "--lora_r", "4", "--seed", seed),
-            *("--use_cpu", "True", "--report_to", "none", "--overwrite", "True"),
-        ]
+        return [*four_step_argv(tiny_model_dir, instruct, output_dir, seed), "--overwrite", "True"]
 
     adapter, reference = tmp_path / "adapter", tmp_path / "reference"
     train_lora.main(argv(adapter, "3"))  # the finished adapter that the next command replaces
@@ -381,35 +393,13 @@ def test_overwrite_interrupted_keeps_the_finished_adapter_and_resumes(
     first = lora_weights(adapter)
     first_marker = (adapter / train_lora.ARGUMENTS_FILE).read_text()
 
-    class Killed(Exception):
-        pass
-
-    save_checkpoint = Trainer._save_checkpoint
-
-    def save_then_die(self, *args, **kwargs):
-        save_checkpoint(self, *args, **kwargs)
-        if self.state.global_step == 2:
-            raise Killed
-
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        train_lora.main(argv(adapter, "5"))
-    monkeypatch.undo()
+    train_killed_after_step(monkeypatch, 2, argv(adapter, "5"))
     assert (adapter / train_lora.ARGUMENTS_FILE).read_text() == first_marker
     for name, tensor in lora_weights(adapter).items():
         torch.testing.assert_close(tensor, first[name])
     assert (tmp_path / "adapter.replacing" / "checkpoint-2").is_dir()
 
-    steps_run = []
-    training_step = Trainer.training_step
-
-    def count_step(self, *args, **kwargs):
-        steps_run.append(self.state.global_step + 1)
-        return training_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", count_step)
-    train_lora.main(argv(adapter, "5"))
-    monkeypatch.undo()
+    _, steps_run = train_counting_steps(monkeypatch, argv(adapter, "5"))
     assert steps_run == [3, 4]
     assert not (tmp_path / "adapter.replacing").exists()
     saved = json.loads((adapter / train_lora.ARGUMENTS_FILE).read_text())
