@@ -292,12 +292,15 @@ def test_dry_run_needs_lengths_and_a_model_free_predictor(small_data, capsys):
     assert "needs a model" in err
 
 
-def test_continuous_batching_on_the_engine(tiny_model_dir, small_data, tmp_path):
-    """transformers' continuous batching returns one result per id at its replayed length, and its token
-    columns equal the dry run's iteration model; admission by prediction sorts the queue."""
+@pytest.mark.parametrize("engine", ["transformers", "slots"])
+def test_continuous_batching_on_the_engine(tiny_model_dir, small_data, tmp_path, engine):
+    """Continuous batching, transformers' manager or the slots engine's refilled rows, returns one result per id at
+    its replayed length, and its token columns equal the dry run's iteration model; admission by prediction sorts the
+    queue."""
     data, lengths = small_data
     strategies = ["--strategies", "continuous", "continuous:gt", "--slots", "2", "--gt-field", "L_t0.0"]
-    real = benchmark.main(base_args(tiny_model_dir, data, lengths, tmp_path / "real.json") + strategies)
+    real_args = base_args(tiny_model_dir, data, lengths, tmp_path / "real.json") + ["--engine", engine]
+    real = benchmark.main(real_args + strategies)
     dry = benchmark.main(base_args("no-such-model", data, lengths, tmp_path / "dry.json") + strategies + ["--dry-run"])
     for real_result, dry_result in zip(real["results"], dry["results"], strict=True):
         lengths_by_id = {sample["id"]: sample["length"] for sample in real_result["samples"]}
@@ -306,8 +309,10 @@ def test_continuous_batching_on_the_engine(tiny_model_dir, small_data, tmp_path)
             assert real_result[field] == dry_result[field]
         assert untimed(real_result["samples"]) == dry_result["samples"]
         assert real_result["mean_latency_s"] > 0
-        # the engine's resolved step settings (the default speed), which the iteration model has none of
-        assert real_result["continuous_settings"]["speed"] == "graphs" and dry_result["continuous_settings"] is None
+        # the engine's resolved step settings (the manager's default speed), which the iteration model has none of
+        expected_settings = {"engine": "slots"} if engine == "slots" else {"speed": "graphs"}
+        assert expected_settings.items() <= real_result["continuous_settings"].items()
+        assert dry_result["continuous_settings"] is None
     fcfs, ordered = real["results"]
     # by hand, 2 slots: FCFS a3 b8 | c1 -> d6 | e2 -> f8 finish at steps 3, 8, 4, 10, 10, 18;
     # shortest first c1 e2 | a3 d6 | b8 f8 finish at 1, 2, 4, 8, 12, 16

@@ -60,7 +60,7 @@ def test_every_model_call_of_the_benchmark_goes_through_the_chosen_engine(
 
 def test_an_unknown_engine_is_a_user_error(tiny_model):
     model, tokenizer = tiny_model
-    expected = "unknown --engine 'vllm': choose from auto, captured, compiled, graph, transformers"
+    expected = "unknown --engine 'vllm': choose from auto, captured, compiled, graph, slots, transformers"
     with pytest.raises(UserError, match=expected):
         registry.build_engine("vllm", model, tokenizer)
 

@@ -68,10 +68,10 @@ def test_a_cache_is_dropped_when_the_budget_is_spent(engines):
 def test_engine_auto_is_compiled_on_cuda_only(tiny_model):
     assert resolve_engine_name("auto", "cuda") == "compiled"
     assert resolve_engine_name("auto", "cuda:1") == "compiled"
-    assert resolve_engine_name("auto", "cpu") == "transformers"
+    assert resolve_engine_name("auto", "cpu") == "slots"
     assert resolve_engine_name("compiled", "cpu") == "compiled"
     model, tokenizer = tiny_model
-    assert build_engine("auto", model, tokenizer).name == "transformers"
+    assert build_engine("auto", model, tokenizer).name == "slots"
 
 
 @pytest.mark.parametrize("engine_name", ["compiled", "graph", "captured"])

@@ -29,6 +29,18 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class QueueResult:
+    """One request's answer, told by continuous batching (`run_queue`'s `on_result`) as soon as it ends."""
+
+    id: str
+    length: int  # generated tokens, EOS included
+    finished: bool  # ended by EOS (or at its replayed length) within max_length
+    text: str
+    seconds: float  # since the first request was queued
+    done: int  # requests answered so far, this one included
+
+
+@dataclass(frozen=True)
 class ContinuousOutcome:
     """What continuous batching returns (`run_queue`): every request's result by id."""
 
@@ -72,12 +84,12 @@ class Engine(Protocol):
         slots: int,
         temperature: float = 0.0,
         replay: dict[str, int] | None = None,
-        on_result: Callable[[int], None] | None = None,
+        on_result: Callable[[QueueResult], None] | None = None,
         seed: int | None = None,
         speed: str = DEFAULT_CONTINUOUS_SPEED,
     ) -> ContinuousOutcome:
         """Continuous batching: requests admitted in `order`, at most `slots` at once, the step's settings chosen by
-        `speed` (CONTINUOUS_SPEEDS above)."""
+        `speed` (CONTINUOUS_SPEEDS above); `on_result` is told each answer as it ends."""
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:
         """The time of one decode step of `batch_size` sequences at a `context`-token cache (VBS auto)."""

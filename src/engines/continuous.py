@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from transformers import ContinuousBatchingConfig, GenerationConfig
 
-from .base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome
+from .base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome, QueueResult
 from .generate import eos_token_ids_of, sampling_arguments
 
 # Tokens per KV-cache page: small pages waste little memory on short requests, at a few more page lookups.
@@ -95,8 +95,9 @@ def queue_requests(
             manager.add_request(prompt_ids[sample_id], request_id=sample_id, max_new_tokens=max_length)
 
 
-def wait_for_results(manager, count: int, on_result: Callable[[int], None] | None) -> dict:
-    """Every one of the `count` queued requests' finished result, by request id; `on_result(done)` after each."""
+def wait_for_results(manager, count: int, on_result: Callable[[object, int], None] | None) -> dict:
+    """Every one of the `count` queued requests' finished result, by request id; `on_result(result, done)` after
+    each."""
     results = {}
     while len(results) < count:
         result = manager.get_result(timeout=1)
@@ -110,8 +111,20 @@ def wait_for_results(manager, count: int, on_result: Callable[[int], None] | Non
             raise RuntimeError(f"continuous batching failed on id {result.request_id}: {result.error}")
         results[result.request_id] = result
         if on_result:
-            on_result(len(results))
+            on_result(result, len(results))
     return results
+
+
+def queue_result(result, done: int, start: float, tokenizer, eos_token_ids, replay, max_length) -> QueueResult:
+    """The manager's finished `result` as the engine contract tells it: a replayed request ends at its length (the
+    manager ran it without EOS), any other at EOS."""
+    tokens = list(result.generated_tokens)
+    if replay is not None:
+        finished = replay[result.request_id] <= max_length
+    else:
+        finished = bool(tokens) and tokens[-1] in eos_token_ids
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return QueueResult(result.request_id, len(tokens), finished, text, result.lifespan[1] - start, done)
 
 
 # no_grad, never inference_mode: the engine's worker thread updates its static tensors outside inference mode,
@@ -127,7 +140,7 @@ def run_continuous(
     slots: int,
     temperature: float = 0.0,
     replay: dict[str, int] | None = None,
-    on_result: Callable[[int], None] | None = None,
+    on_result: Callable[[QueueResult], None] | None = None,
     seed: int | None = None,
     speed: str = DEFAULT_CONTINUOUS_SPEED,
 ) -> ContinuousOutcome:
@@ -159,17 +172,16 @@ def run_continuous(
         start = time.perf_counter()
         warmup = start - setup_start
         queue_requests(manager, order, prompt_ids, max_length, replay)
-        results = wait_for_results(manager, len(order), on_result)
+
+        def describe(result, done: int) -> QueueResult:
+            return queue_result(result, done, start, tokenizer, eos_token_ids, replay, max_length)
+
+        told = (lambda result, done: on_result(describe(result, done))) if on_result else None
+        results = wait_for_results(manager, len(order), told)
         settings = resolved_settings(manager, speed)
-    lengths, finished, texts, finish_seconds = {}, {}, {}, {}
-    for sample_id in order:
-        result = results[sample_id]
-        tokens = list(result.generated_tokens)
-        lengths[sample_id] = len(tokens)
-        if replay is not None:
-            finished[sample_id] = replay[sample_id] <= max_length
-        else:
-            finished[sample_id] = bool(tokens) and tokens[-1] in eos_token_ids
-        texts[sample_id] = tokenizer.decode(tokens, skip_special_tokens=True)
-        finish_seconds[sample_id] = result.lifespan[1] - start
+    answers = [describe(results[sample_id], done) for done, sample_id in enumerate(order, start=1)]
+    lengths = {answer.id: answer.length for answer in answers}
+    finished = {answer.id: answer.finished for answer in answers}
+    texts = {answer.id: answer.text for answer in answers}
+    finish_seconds = {answer.id: answer.seconds for answer in answers}
     return ContinuousOutcome(lengths, finished, texts, finish_seconds, warmup, settings)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from .base import DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome, EngineBase
+from .base import DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome, EngineBase, QueueResult
 from .continuous import run_continuous
 from .generate import GeneratedSample, StepClock, eos_token_ids_of, generate_batch
 
@@ -63,7 +63,7 @@ class TransformersEngine(EngineBase):
         slots: int,
         temperature: float = 0.0,
         replay: dict[str, int] | None = None,
-        on_result: Callable[[int], None] | None = None,
+        on_result: Callable[[QueueResult], None] | None = None,
         seed: int | None = None,
         speed: str = DEFAULT_CONTINUOUS_SPEED,
     ) -> ContinuousOutcome:

@@ -17,17 +17,19 @@ ENGINES = {
     "compiled": "src.engines.compiled:CompiledEngine",
     "graph": "src.engines.graph:GraphEngine",
     "captured": "src.engines.captured:CapturedEngine",
+    "slots": "src.engines.slots:SlotEngine",
 }
-# `--engine auto`: the compiled engine where it pays (CUDA graphs), eager elsewhere (docs/CPU.md's measurement)
+# `--engine auto`: the compiled engine where it pays (CUDA graphs); elsewhere the slots engine, whose static batches are
+# eager `generate` (docs/CPU.md's measurement) and whose continuous batching refills a static cache's rows itself
 AUTO_ENGINE = "auto"
 DEFAULT_ENGINE = AUTO_ENGINE
 
 
 def resolve_engine_name(name: str, device: str) -> str:
-    """`auto` -> compiled on CUDA, transformers on any other device; any other name as it is."""
+    """`auto` -> compiled on CUDA, slots on any other device; any other name as it is."""
     if name != AUTO_ENGINE:
         return name
-    return "compiled" if str(device).startswith("cuda") else "transformers"
+    return "compiled" if str(device).startswith("cuda") else "slots"
 
 
 def build_engine(name: str, model, tokenizer) -> Engine:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ..common.answers import AnswerWriter, answer_row, error_row
 from ..common.data import Sample
@@ -13,11 +14,17 @@ from ..common.request_file import Request
 from ..common.utils import Timer
 from ..engines.base import Engine
 from ..predictors.registry import Predictor
+from ..scheduling.continuous import admission_order, simulate_continuous
 from ..scheduling.metrics import data_order_token_slots
 from ..scheduling.schedule import run_schedule
 from .executor import StaticBatchExecutor
 from .runner import predict_for_schedule, schedule_config
 from .settings import RunSettings
+
+
+class _Answered(NamedTuple):
+    length: int
+    finished: bool
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Totals:
     generation_s: float = 0.0
     engine_warmup_s: float = 0.0
     oom_splits: int = 0
+    latency_sum_s: float = 0.0  # over the answers: seconds from the first group's start to the answer's line
 
 
 def groups_of(requests, group_size: int, default_cap: int, default_temperature: float):
@@ -65,8 +73,11 @@ class Runner:
     writer: AnswerWriter
     context_length: int | None
     totals: Totals = field(default_factory=Totals)
+    started: float | None = None  # when the first group began, the clock of every answer's latency
 
     def answer_group(self, cap: int, temperature: float, requests: list[Request], progress) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
         prompt_ids = self.encode_fitting(requests, cap, progress)
         if not prompt_ids:
             return
@@ -78,21 +89,56 @@ class Runner:
             predicted = predict_for_schedule(
                 strategy, self.predictor, samples, cap, retry_levels=self.settings.retry_levels_of(strategy)
             )
-        config = schedule_config(strategy, self.settings.batch_size, len(samples), cap, self.settings.vbs_table)
+        ids = [sample.id for sample in samples]
         warmup_before = self.engine.warmup_seconds
         with Timer(self.engine.device) as generation_timer:
-            record = run_schedule(
-                [sample.id for sample in samples],
-                predicted.lengths,
-                config,
-                self.executor,
-                self.progress_reporter(progress),
-                caps=predicted.caps,
-                retry_caps=predicted.retry_caps,
-                on_result=self.answer_writer(prompt_ids, predicted.lengths),
-            )
+            if strategy.continuous:
+                slots = self.count_continuous(
+                    self.answer_queue(ids, cap, temperature, prompt_ids, predicted.lengths, progress), cap
+                )
+            else:
+                slots = self.count_static(self.answer_static(ids, cap, prompt_ids, predicted, progress))
         warmup = self.engine.warmup_seconds - warmup_before
-        self.count(record, prediction_timer.seconds, generation_timer.seconds - warmup, warmup)
+        self.totals.prediction_s += prediction_timer.seconds
+        self.totals.generation_s += generation_timer.seconds - warmup
+        self.totals.engine_warmup_s += warmup
+        self.totals.token_slots += slots
+
+    def answer_static(self, ids: list[str], cap: int, prompt_ids, predicted, progress):
+        """The group's static batches through the scheduler and the executor, each answer written as it is final."""
+        strategy = self.settings.strategies[0]
+        config = schedule_config(strategy, self.settings.batch_size, len(ids), cap, self.settings.vbs_table)
+        return run_schedule(
+            ids,
+            predicted.lengths,
+            config,
+            self.executor,
+            self.progress_reporter(progress),
+            caps=predicted.caps,
+            retry_caps=predicted.retry_caps,
+            on_result=self.answer_writer(prompt_ids, predicted.lengths),
+        )
+
+    def answer_queue(self, ids: list[str], cap: int, temperature: float, prompt_ids, predictions, progress):
+        """The group as one queue of continuous batching, `--batch-size` rows at once, shortest prediction first
+        (data order under vanilla); each answer is written and flushed as it ends."""
+        by_prediction = predictions if self.settings.strategies[0].predictor != "vanilla" else None
+        order = admission_order(ids, by_prediction, len(ids))
+        write = self.answer_writer(prompt_ids, predictions)
+        started, generated_before = time.perf_counter(), self.totals.generated_tokens
+
+        def on_result(told) -> None:
+            write(told, attempts=1)
+            self.writer.flush()
+            progress.update(1)
+            rate = (self.totals.generated_tokens - generated_before) / max(1e-9, time.perf_counter() - started)
+            progress.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
+
+        outcome = self.engine.run_queue(
+            order, prompt_ids, cap, self.settings.batch_size, temperature, self.executor.replay, on_result,
+            self.settings.seed,
+        )  # fmt: skip
+        return order, outcome
 
     def encode_fitting(self, requests: list[Request], cap: int, progress) -> dict[str, list[int]]:
         """Each request's prompt tokens; one that leaves no room for `cap` new tokens in the model's context gets an
@@ -112,7 +158,10 @@ class Runner:
         return prompt_ids
 
     def answer_writer(self, prompt_ids: dict[str, list[int]], predictions: dict[str, int]):
-        def on_result(result, executed) -> None:  # a request's final answer: written with its batch
+        """A request's final answer to its line: `write(result, executed)` from the scheduler (static batches), or
+        `write(told, attempts=1)` from continuous batching; both have id, text, length and finished."""
+
+        def write(result, executed=None, attempts: int | None = None) -> None:
             self.writer.add(
                 answer_row(
                     result.id,
@@ -121,12 +170,13 @@ class Runner:
                     result.length,
                     result.finished,
                     predictions[result.id],
-                    executed.batch.attempt + 1,
+                    attempts if attempts is not None else executed.batch.attempt + 1,
                 )
             )
             self.totals.generated_tokens += result.length
+            self.totals.latency_sum_s += time.perf_counter() - self.started
 
-        return on_result
+        return write
 
     def progress_reporter(self, progress):
         """After each batch: the written lines flushed, the bar moved on, and the group's tokens per second shown."""
@@ -142,18 +192,29 @@ class Runner:
 
         return on_batch
 
-    def count(self, record, prediction_seconds: float, generation_seconds: float, warmup: float) -> None:
-        lengths = [result.length for result in record.results.values()]
+    def count_static(self, record) -> int:
+        """The group's totals from the scheduler's record; returns its token slots."""
+        self.count_answers(list(record.results.values()))
         totals = self.totals
-        totals.requests += len(record.results)
-        totals.token_slots += sum(executed.token_slots for executed in record.batches)
-        totals.data_order_token_slots += data_order_token_slots(lengths, self.settings.batch_size)
-        totals.truncated += sum(not result.finished for result in record.results.values())
         totals.recomputed += sum(result.recomputed for result in record.results.values())
-        totals.prediction_s += prediction_seconds
-        totals.generation_s += generation_seconds
-        totals.engine_warmup_s += warmup
         totals.oom_splits += sum(executed.oom_splits for executed in record.batches)
+        return sum(executed.token_slots for executed in record.batches)
+
+    def count_continuous(self, order_and_outcome, cap: int) -> int:
+        """The group's totals from continuous batching; its token slots are the iteration model's (iterations x
+        rows, src.scheduling.metrics), with the lengths generated."""
+        order, outcome = order_and_outcome
+        record = simulate_continuous(order, outcome.lengths, self.settings.batch_size, cap)
+        self.count_answers(
+            [_Answered(length, outcome.finished[sample_id]) for sample_id, length in outcome.lengths.items()]
+        )
+        return max(record.finish_steps.values(), default=0) * self.settings.batch_size
+
+    def count_answers(self, answers) -> None:
+        lengths = [answer.length for answer in answers]
+        self.totals.requests += len(answers)
+        self.totals.data_order_token_slots += data_order_token_slots(lengths, self.settings.batch_size)
+        self.totals.truncated += sum(not answer.finished for answer in answers)
 
     def refuse(self, sample_id: str, message: str, progress) -> None:
         self.writer.add(error_row(sample_id, message))

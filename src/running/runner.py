@@ -300,7 +300,7 @@ def _run_continuous(strategy, settings, ids, predictions, executors, device, rep
             record = simulate_continuous(ordered, replay, slots, settings.max_length)
             progress.update(len(ids))
         else:
-            outcome = executors.run_continuous(ordered, slots, lambda done: progress.update(done - progress.n))
+            outcome = executors.run_continuous(ordered, slots, lambda told: progress.update(told.done - progress.n))
             modelled = simulate_continuous(ordered, outcome.lengths, slots, settings.max_length)
             record = ContinuousRecord(ordered, outcome.lengths, outcome.finished, modelled.finish_steps, slots)
             seconds = dict(outcome.finish_seconds)

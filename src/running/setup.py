@@ -43,8 +43,10 @@ def add_model_arguments(parser) -> None:
         help="how the model runs (src/engines/registry.py): transformers = eager generate and its continuous "
         "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); graph = the compiled "
         "engine's caches with the whole decode step in one compiled function and no wait for the device between "
-        "steps; captured = the graph engine's loop with its eager step captured in CUDA graphs, nothing compiled; "
-        "auto = compiled on CUDA, transformers elsewhere",
+        "steps; captured = the graph engine's loop with its eager step captured in CUDA graphs, nothing compiled "
+        "(graph and captured: not yet run on a GPU); slots = transformers' static batches, and continuous batching "
+        "by its own loop that gives a finished answer's row of a static cache to the next request; "
+        "auto = compiled on CUDA, slots elsewhere",
     )
     parser.add_argument(
         "--conv-template",
