@@ -8,8 +8,10 @@
 replay: every request ends at Vicuna-7B's greedy length (`L_t0.0`), max 512 new tokens, as docs/CPU.md's table;
 src.infer with --strategy vanilla, then with its default strategy, then src.benchmark with that strategy on the same
 samples (the tool should cost nothing over the benchmark).
-real: the model stops where it stops, max 256 new tokens; vanilla, then the default strategy once per predictor;
-every strategy's texts are compared with vanilla's, id by id, and each predictor's medians (as the answers record them)
+real: the model stops where it stops, max 256 new tokens; vanilla (static batches in file order), proxy+fcr+resume
+(static batches of similar predicted length, cut and resumed), transformers' continuous-batching manager (FCFS), then
+src.infer's default plan (on a CPU: one queue, shortest predicted first, on the slots engine) once per predictor;
+every run's texts are compared with vanilla's, id by id, and each predictor's medians (as the answers record them)
 with the lengths of vanilla's answers.
 parity: replayed lengths as in replay; src.infer's default strategy and src.benchmark with that strategy, `--repeats`
 pairs, each pair in the other order, so the machine's drift falls on both alike; the figure is the median paired ratio.
@@ -31,6 +33,7 @@ from src.common.answers import read_complete_lines
 from src.common.cli import check_output_dir, check_output_file, run_cli
 from src.common.data import PAPER_VAL_DATA, default_length_path, load_conversations, select_samples
 from src.common.utils import UserError, write_json_atomic
+from src.running.plan import QUEUE_STRATEGY
 from src.scheduling.metrics import length_metrics
 
 LENGTHS = default_length_path(PAPER_VAL_DATA)
@@ -64,7 +67,7 @@ def measure_parity(args: argparse.Namespace, common: list[str], work: Path, max_
         answers = work / f"default-{repeat}.jsonl"
         infer_flags = [*common, "--predictor-path", args.predictor_path[0], "--output", str(answers)]
         if repeat % 2:  # every other pair the benchmark goes first, so neither always runs on a warmer machine
-            result = run_benchmark(args, infer.DEFAULT_STRATEGY, max_length)
+            result = run_benchmark(args, QUEUE_STRATEGY, max_length)
             summary = infer.main(infer_flags)
         else:
             summary = infer.main(infer_flags)
@@ -119,13 +122,17 @@ def main(argv: list[str] | None = None) -> dict:
         common += ["--replay-lengths", LENGTHS, "--replay-field", "L_t0.0"]
     if args.part == "parity":
         return measure_parity(args, common, work, max_length)
-    runs = [("vanilla", ["--strategy", "vanilla"])]
+    runs = [("vanilla", ["--strategy", "vanilla", "--engine", "transformers"])]
+    if args.part == "real":  # what else a user might run on the same requests: our static plan, the manager's queue
+        first_predictor = ["--predictor-path", args.predictor_path[0]]
+        runs += [("proxy+fcr+resume", ["--strategy", "proxy+fcr+resume", "--engine", "transformers", *first_predictor])]
+        runs += [("continuous (manager)", ["--strategy", "continuous", "--engine", "transformers"])]
     runs += [(f"default:{path}", ["--predictor-path", path]) for path in args.predictor_path]
     if args.part == "replay":
         runs = runs[:2]
     output = {"part": args.part, "max_length": max_length, "num_data": args.num_data, "runs": {}}
     for name, flags in runs:
-        answers = work / f"{name.replace('/', '_').replace(':', '-')}.jsonl"
+        answers = work / f"{name.replace('/', '_').replace(':', '-').replace(' ', '_').strip('()')}.jsonl"
         summary = infer.main([*common, *flags, "--output", str(answers)])
         output["runs"][name] = {key: value for key, value in summary.items() if key != "settings"}
         output["runs"][name]["answers"] = str(answers)
@@ -134,9 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     reference = rows_by_id(Path(vanilla["answers"]))
     for name, run in output["runs"].items():
         run["speedup_over_vanilla"] = run["requests_per_s"] / vanilla["requests_per_s"]
+        run["latency_over_vanilla"] = run["mean_latency_s"] / vanilla["mean_latency_s"]
         rows = rows_by_id(Path(run["answers"]))
         run["texts_equal_to_vanilla"] = sum(rows[key].get("text") == reference[key].get("text") for key in reference)
-        if name != "vanilla":  # the predictor against this model's own lengths (capped at max length)
+        if name not in ("vanilla", "continuous (manager)"):  # the predictor against this model's own lengths
             run["predictor_on_these_lengths"] = length_metrics(
                 [rows[key]["predicted_length"] for key in reference],
                 [reference[key]["generated_tokens"] for key in reference],
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     for name, run in output["runs"].items():
         print(
-            f"{name:<40} {run['requests_per_s']:.3f} requests/s ({run['speedup_over_vanilla']:.2f}x vanilla), "
+            f"{name:<40} {run['requests_per_s']:.3f} requests/s ({run['speedup_over_vanilla']:.2f}x vanilla), mean "
+            f"latency {run['mean_latency_s']:.1f} s ({run['latency_over_vanilla']:.2f}x), "
             f"{run['effective_token_ratio'] * 100:.1f} % effective, texts equal to vanilla's "
             f"{run['texts_equal_to_vanilla']}/{run['requests']}"
         )

