@@ -8,9 +8,9 @@
 replay: every request ends at Vicuna-7B's greedy length (`L_t0.0`), max 512 new tokens, as docs/CPU.md's table;
 src.infer with --strategy vanilla, then with its default strategy, then src.benchmark with that strategy on the same
 samples (the tool should cost nothing over the benchmark).
-real: the model stops where it stops, max 256 new tokens; vanilla (static batches in file order), proxy+fcr+resume
-(static batches of similar predicted length, cut and resumed), transformers' continuous-batching manager (FCFS), then
-src.infer's default plan (on a CPU: one queue, shortest predicted first, on the slots engine) once per predictor;
+real: the model stops where it stops, max 256 new tokens; vanilla (static batches in file order), src.infer's default
+plan (on a CPU: one queue, shortest predicted first, on the slots engine) once per predictor, transformers'
+continuous-batching manager (FCFS), then proxy+fcr+resume (static batches of similar predicted length, cut and resumed);
 every run's texts are compared with vanilla's, id by id, and each predictor's medians (as the answers record them)
 with the lengths of vanilla's answers.
 parity: replayed lengths as in replay; src.infer's default strategy and src.benchmark with that strategy, `--repeats`
@@ -123,13 +123,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.part == "parity":
         return measure_parity(args, common, work, max_length)
     runs = [("vanilla", ["--strategy", "vanilla", "--engine", "transformers"])]
-    if args.part == "real":  # what else a user might run on the same requests: our static plan, the manager's queue
-        first_predictor = ["--predictor-path", args.predictor_path[0]]
-        runs += [("proxy+fcr+resume", ["--strategy", "proxy+fcr+resume", "--engine", "transformers", *first_predictor])]
-        runs += [("continuous (manager)", ["--strategy", "continuous", "--engine", "transformers"])]
     runs += [(f"default:{path}", ["--predictor-path", path]) for path in args.predictor_path]
     if args.part == "replay":
         runs = runs[:2]
+    else:  # what else a user might run on the same requests: transformers' manager, our static plan
+        first_predictor = ["--predictor-path", args.predictor_path[0]]
+        runs += [("continuous (manager)", ["--strategy", "continuous", "--engine", "transformers"])]
+        runs += [("proxy+fcr+resume", ["--strategy", "proxy+fcr+resume", "--engine", "transformers", *first_predictor])]
     output = {"part": args.part, "max_length": max_length, "num_data": args.num_data, "runs": {}}
     for name, flags in runs:
         answers = work / f"{name.replace('/', '_').replace(':', '-').replace(' ', '_').strip('()')}.jsonl"
