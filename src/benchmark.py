@@ -39,6 +39,7 @@ from .common.utils import UserError, describe_device, library_versions, partial_
 from .engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor
+from .running.cost_estimate import add_device_profile_argument, check_device_profile
 from .running.report import print_result, print_table
 from .running.result_file import check_same_hardware, earlier_results, keep_finished, run_identity, write_complete
 from .running.runner import Executors, run_strategy
@@ -50,19 +51,22 @@ from .running.settings import (
     equal_memory_slots,
     run_settings,
 )
-from .running.setup import add_model_arguments, check_model_arguments, load_model_with_engine, prepare_executors
+from .running.setup import (
+    add_model_arguments,
+    build_predictors_without_model,
+    check_model_arguments,
+    dry_run_executors,
+    load_model_with_engine,
+    prepare_executors,
+)
 from .scheduling.batches import PAPER_VBS_TABLE
 from .scheduling.metrics import merge_process_results
 from .scheduling.schedule import replay_executor
 
 # the flags that name files or folders the run reads: none may be an output, and a resumed run must find them unchanged
 INPUT_FLAGS = (
-    "--data-path",
-    "--replay-lengths",
-    "--length-path",
-    "--predictions-path",
-    "--predictor-path",
-    "--lora-path",
+    *("--data-path", "--replay-lengths", "--length-path"),
+    *("--predictions-path", "--predictor-path", "--lora-path"),
 )
 
 
@@ -172,6 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="testing: raise an out-of-memory error for static batches above this size, to exercise the back-off",
     )
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up batch")
+    add_device_profile_argument(parser)
     parser.add_argument("--output-json", default=None, help="write every metric and the arguments here")
     parser.add_argument(
         "--answers-dir",
@@ -193,6 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_range("--aging", args.aging, 0)
     if args.arrival_rate is not None and not args.dry_run:
         raise UserError("--arrival-rate runs in the dry run only (the iteration model): add --dry-run")
+    check_device_profile(args)
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_range("--temperature", args.temperature, 0)
     check_range("--fcr-quantile", args.fcr_quantile, 0, 1, open_low=True, open_high=True)
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     earlier, earlier_record = earlier_results(args.output_json, identity, processes)  # before the model loads
     if args.dry_run:
         model_path, device = None, "cpu"
-        executors = Executors(replay_executor(replay))
+        executors = dry_run_executors(replay_executor(replay), settings.device_profile, samples)
         if processes.is_main:
             print(f"dry run: no model, {len(all_samples)} samples from {args.data_path} end at {args.replay_field}")
     else:
@@ -272,21 +278,6 @@ def main(argv: list[str] | None = None) -> dict:
     return output
 
 
-def build_predictors_without_model(args, settings: RunSettings, context, all_samples) -> dict:
-    """The predictors that need no model, built (and a length file's ids checked) before the model loads, so that
-    a missing predictor or id fails fast."""
-    predictors = {}
-    for strategy in settings.strategies:
-        kind = PREDICTORS[strategy.predictor]
-        if args.dry_run and kind.needs_model:
-            raise UserError(f"strategy {strategy.predictor} needs a model and cannot run with --dry-run")
-        if strategy.predictor not in predictors and not kind.needs_model:
-            predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
-            if kind.reads_ids_from_file:
-                predictors[strategy.predictor].predict(all_samples)  # checks every id has a row
-    return predictors
-
-
 def run_record(args, settings: RunSettings, executors: Executors, model_path, device, processes: Processes) -> dict:
     """The output's "args": every flag as resolved, and what the run found (model, device, versions)."""
     record = vars(args) | {
@@ -298,6 +289,8 @@ def run_record(args, settings: RunSettings, executors: Executors, model_path, de
     }
     if executors.calibration is not None:  # what --vbs-table auto measured, beside the arguments as before
         record["vbs_calibration"] = executors.calibration
+    if executors.device_costs is not None:
+        record["device_costs"] = executors.device_costs.to_json()
     record["longest_prompt_tokens"] = max(executors.prompt_lengths.values()) if executors.prompt_lengths else 0
     record["device_resolved"] = device
     record["engine_resolved"] = executors.engine.name if executors.engine is not None else None

@@ -22,8 +22,12 @@ def print_result(result: dict) -> None:
             f"generation {result['generation_time_s']:.2f} s)"
         )
         print(f"Throughput: {result['throughput_samples_per_s']:.3f} samples/s")
+        if "estimated_seconds" in result:
+            print(f"Estimated: {estimate_line(result)}")
         if result.get("engine_warmup_s"):
             print(f"Engine warm-up: {result['engine_warmup_s']:.2f} s (compiling new shapes; not in the time above)")
+    if result["dry_run"] and "estimated_seconds" in result:
+        print(f"Estimated: {estimate_line(result)}")
     print(f"Average length: {result['average_length']:.2f} tokens")
     print(f"Effective token ratio: {result['effective_token_ratio'] * 100:.2f} %")
     print(f"Failure ratio: {result['failure_ratio'] * 100:.2f} %")
@@ -48,6 +52,15 @@ def print_result(result: dict) -> None:
     print()
 
 
+def estimate_line(result: dict) -> str:
+    """The cost model's seconds of generation, and against the measured ones in a real run."""
+    estimated = result["estimated_seconds"]
+    line = f"{estimated:.2f} s of generation, {result['num_samples'] / estimated:.3f} samples/s"
+    if not result["dry_run"]:
+        line += f" (measured {result['generation_time_s']:.2f} s: {result['generation_time_s'] / estimated:.2f}x)"
+    return line + f", device profile {result['device_profile']}"
+
+
 def print_table(results: list[dict]) -> None:
     """One line per strategy. Latency is in decode steps in a dry run, in seconds otherwise."""
     baseline = next((result for result in results if result["strategy"] == "vanilla"), None)
@@ -63,7 +76,10 @@ def print_table(results: list[dict]) -> None:
             f"{result['throughput_samples_per_s'] / baseline['throughput_samples_per_s']:.2f}x" if baseline else "n/a"
         )
         throughput = f"{result['throughput_samples_per_s']:.3f}"
-        if result["dry_run"]:  # no generation was timed: only the token columns mean anything
+        if result["dry_run"] and "estimated_seconds" in result:  # the device profile's seconds stand in for time
+            throughput = f"~{result['num_samples'] / result['estimated_seconds']:.3f}"
+            speedup = f"~{baseline['estimated_seconds'] / result['estimated_seconds']:.2f}x" if baseline else "n/a"
+        elif result["dry_run"]:  # no generation was timed: only the token columns mean anything
             speedup = throughput = "-"
         print(
             f"{result['strategy']:<20}{throughput:>11}{result['average_length']:>12.2f}"

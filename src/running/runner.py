@@ -28,6 +28,7 @@ from ..scheduling.metrics import (
 )
 from ..scheduling.schedule import RunBatch, final_batches, run_schedule
 from ..scheduling.strategy import Strategy
+from .cost_estimate import estimate_fields
 from .settings import RunSettings, require_quantiles
 
 
@@ -44,6 +45,8 @@ class Executors:
     mean_prompt_length: float = 0.0
     calibration: dict | None = None  # the step costs and the calibration's seconds, as the JSON records them
     prompt_lengths: dict | None = None  # id -> prompt tokens; None in the dry run, which has no prompts
+    device_costs: object = None  # cost_model.DeviceCosts of --device-profile; None: no estimate of seconds
+    cost_prompt_tokens: dict | None = None  # id -> prompt tokens the estimate counts (the dry run's approximated)
 
     def warmup_seconds(self) -> float:
         """The engine's one-off costs so far (compiling and recording new shapes): kept out of every throughput."""
@@ -252,6 +255,7 @@ def _run_static(strategy, settings, ids, predicted, executors, device, progress,
         metrics["vbs_table"] = None
         metrics["sorted_batch_size"] = config.batch_size
     metrics["engine_warmup_s"] = warmup
+    metrics |= estimate_fields(executors.device_costs, executors.cost_prompt_tokens, record)
     return RunParts(
         [_batch_row(executed, executors.prompt_lengths) for executed in record.batches],
         sample_rows,
@@ -318,6 +322,7 @@ def _run_continuous(strategy, settings, ids, predictions, executors, device, rep
         for position, sample_id in enumerate(ordered)
     }
     metrics = compute_continuous_metrics(record) | {"engine_warmup_s": warmup, "continuous_settings": engine_settings}
+    metrics |= estimate_fields(executors.device_costs, executors.cost_prompt_tokens, record)
     return RunParts([], sample_rows, metrics, seconds, generation_timer.seconds - warmup)
 
 

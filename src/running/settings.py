@@ -42,6 +42,7 @@ class RunSettings:
     aging: float = 0.0
     debug: bool = False
     inject_oom_above: int | None = None  # testing: batches above this size raise an out-of-memory error
+    device_profile: str | None = None  # the cost model each result's estimated seconds come from; None: no estimate
     # predictor name -> the levels of +resume's capped retries, resolved against the built predictors
     retry_levels: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
@@ -168,6 +169,7 @@ def run_settings(args) -> RunSettings:
         aging=args.aging,
         debug=args.debug,
         inject_oom_above=args.inject_oom_above,
+        device_profile=args.device_profile,
     )
 
 

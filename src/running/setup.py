@@ -7,9 +7,13 @@ from dataclasses import dataclass
 
 from ..common.distributed import Processes
 from ..common.models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS, check_adapter_path, check_model_name
+from ..common.utils import UserError
 from ..engines.base import Engine
 from ..engines.registry import AUTO_ENGINE, DEFAULT_ENGINE, ENGINES
+from ..predictors.registry import PREDICTORS, build_predictor
+from ..scheduling.cost_model import load_profiles
 from ..scheduling.vbs_choice import CANDIDATE_BATCH_SIZES
+from .cost_estimate import MEASURE, describe_costs, dry_run_costs, measured_costs
 from .executor import StaticBatchExecutor
 from .runner import Executors
 from .settings import RunSettings
@@ -95,8 +99,6 @@ def load_model_with_engine(args, context=None) -> LoadedModel:
 def attach_model_if_needed(args, context, strategy: str) -> str:
     """Load the model into `context` when the predictor generates (po, seqsch); returns the device the predictions
     run on (the proxy's own, else the CPU)."""
-    from ..predictors.registry import PREDICTORS
-
     if not PREDICTORS[strategy].needs_model:
         return context.options["predictor_device"] if strategy == "proxy" else "cpu"
     return load_model_with_engine(args, context).engine.device
@@ -136,7 +138,44 @@ def prepare_executors(
     if settings.vbs_table is None and any(strategy.vbs for strategy in settings.strategies):
         step_costs, calibration = calibrate_vbs(engine, round(mean_prompt_length) + settings.max_length, processes)
     prompt_lengths = {sample_id: len(ids) for sample_id, ids in prompt_ids.items()}
-    return Executors(run_batch, run_continuous, engine, step_costs, mean_prompt_length, calibration, prompt_lengths)
+    device_costs = None
+    if processes.is_main:  # timed once, so that every process estimates with the same costs
+        device_costs = device_costs_of(settings, engine, round(mean_prompt_length))
+    return Executors(
+        run_batch,
+        run_continuous,
+        engine,
+        step_costs,
+        mean_prompt_length,
+        calibration,
+        prompt_lengths,
+        processes.broadcast(device_costs if processes.is_main else None),
+        prompt_lengths,
+    )
+
+
+def dry_run_executors(run_batch, device_profile: str | None, samples) -> Executors:
+    """The dry run's: batches replayed, and with a device profile, seconds estimated over approximate prompts."""
+    device_costs, prompt_tokens = dry_run_costs(device_profile, samples)
+    return Executors(run_batch, device_costs=device_costs, cost_prompt_tokens=prompt_tokens)
+
+
+def device_costs_of(settings: RunSettings, engine: Engine, prompt_tokens: int):
+    """--device-profile's cost model on a real run: a named one, or this engine's, timed now at the batch sizes up to
+    the largest this run asks for (the slots, the batch size, the VBS table's largest)."""
+    if settings.device_profile is None:
+        return None
+    if settings.device_profile != MEASURE:
+        return load_profiles()[settings.device_profile]
+    largest = max(settings.batch_size, settings.slots if isinstance(settings.slots, int) else 0)
+    if any(strategy.vbs for strategy in settings.strategies):
+        largest = max(largest, *(settings.vbs_table or {0: max(CANDIDATE_BATCH_SIZES)}).values())
+    if not engine.device.startswith("cuda"):  # as calibrate_vbs: a CPU's prefills of more rows take minutes
+        largest = min(largest, 64)
+    # the growth with the context is linear: 128 steps show it at a CPU's cost
+    costs, _ = measured_costs(engine, largest, prompt_tokens, min(settings.max_length, 128))
+    print(describe_costs(costs))
+    return costs
 
 
 def calibrate_vbs(engine: Engine, longest_context: int, processes: Processes):
@@ -153,3 +192,18 @@ def calibrate_vbs(engine: Engine, longest_context: int, processes: Processes):
     if processes.is_main:
         print(describe(step_costs, seconds))
     return step_costs, step_costs.to_json() | {"seconds": seconds}
+
+
+def build_predictors_without_model(args, settings: RunSettings, context, all_samples) -> dict:
+    """The predictors that need no model, built (and a length file's ids checked) before the model loads, so that
+    a missing predictor or id fails fast."""
+    predictors = {}
+    for strategy in settings.strategies:
+        kind = PREDICTORS[strategy.predictor]
+        if args.dry_run and kind.needs_model:
+            raise UserError(f"strategy {strategy.predictor} needs a model and cannot run with --dry-run")
+        if strategy.predictor not in predictors and not kind.needs_model:
+            predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
+            if kind.reads_ids_from_file:
+                predictors[strategy.predictor].predict(all_samples)  # checks every id has a row
+    return predictors

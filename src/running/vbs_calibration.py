@@ -1,11 +1,16 @@
-"""`--vbs-table auto`, the measurement: decode steps timed through the engine on random prompts, the step costs from
-which src.scheduling.vbs_choice picks each bucket's batch size. The only part of VBS auto that touches the device."""
+"""The device's costs timed through the engine on random prompts: decode steps (the step costs from which
+src.scheduling.vbs_choice picks each bucket's batch size under `--vbs-table auto`) and prefills (with the steps, the
+cost model of `--device-profile measure`). The only part of either that touches the device."""
 
 from __future__ import annotations
 
 import time
 
+from ..common.utils import UserError
 from ..scheduling.vbs_choice import CALIBRATION_PROMPT, CANDIDATE_BATCH_SIZES, StepCosts
+
+# decode steps per batch size in --device-profile measure's sweep: enough for a mean, few enough for a CPU
+BASE_STEPS = 16
 
 
 def kv_token_budget(model) -> int | None:
@@ -47,6 +52,45 @@ def calibrate_step_costs(engine, largest_batch: int, longest_context: int) -> St
         extra = 0.0
     per_token = max(0.0, extra / (probe * (long_context - CALIBRATION_PROMPT)))
     return StepCosts(base, per_token, CALIBRATION_PROMPT, max(base), kv_token_budget(engine.model))
+
+
+def measure_device_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> tuple[StepCosts, float]:
+    """`--device-profile measure`: the decode step by rows and context, and the prefill per token, read from the
+    engine's own step clock (`last_timing`) over random prompts, every row replayed to the end. The step at each
+    candidate batch size up to `largest_batch` is one call's mean over BASE_STEPS steps after a short prompt; one
+    call of 16 rows (fewer where fewer fit) with `prompt_tokens`-token prompts decoding `new_tokens` steps gives
+    the prefill (its seconds over its tokens) and the growth with the context (its last tenth of steps against its
+    first, 0.9 x its steps further on)."""
+    import torch
+
+    vocabulary = engine.model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+
+    def timed_call(rows: int, context: int, steps: int):
+        # prompts: [rows, context]
+        prompts = torch.randint(100, vocabulary, (rows, context), generator=generator).tolist()
+        engine.generate(prompts, steps, 0.0, [steps] * rows)
+        if engine.last_timing is None:
+            raise UserError(f"--device-profile measure: engine {engine.name} keeps no step clock; name a profile")
+        return engine.last_timing
+
+    timed_call(1, CALIBRATION_PROMPT, BASE_STEPS)  # warm-up: first-call allocations and kernel selection
+    base: dict[int, float] = {}
+    for rows in (size for size in CANDIDATE_BATCH_SIZES if size <= largest_batch):
+        try:
+            timing = timed_call(rows, CALIBRATION_PROMPT, BASE_STEPS)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            break
+        base[rows] = timing.decode_s / timing.decode_steps
+    if not base:
+        raise RuntimeError("--device-profile measure: even a batch of one ran out of memory")
+    rows = min(16, max(base))
+    timing = timed_call(rows, max(1, prompt_tokens), max(10, new_tokens))
+    prefill = timing.prefill_s / (rows * max(1, prompt_tokens))
+    growth = (timing.last_steps_ms - timing.first_steps_ms) / 1000 / (rows * 0.9 * timing.decode_steps)
+    context = CALIBRATION_PROMPT + BASE_STEPS // 2  # the mean cache of the base steps
+    return StepCosts(base, max(0.0, growth), context, max(base), kv_token_budget(engine.model)), prefill
 
 
 def describe(costs: StepCosts, seconds: float) -> str:

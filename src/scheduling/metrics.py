@@ -53,6 +53,8 @@ class StrategyResult(TokenMetrics, total=False):
     generated_tokens_per_s: float
     token_slots_per_s: float
     mean_latency_s: float  # real runs only
+    estimated_seconds: float  # generation's seconds by the cost model of --device-profile (when given)
+    device_profile: str
     p90_latency_s: float
     unparsable_predictions: int
     oom_splits: int
@@ -206,6 +208,8 @@ def merge_process_results(results: list[StrategyResult], ids: list[str]) -> Stra
         raise RuntimeError("the processes' samples do not cover every id exactly once")
     merged["samples"] = [rows[sample_id] for sample_id in ids]
     merged["engine_warmup_s"] = max(result.get("engine_warmup_s", 0.0) for result in results)
+    if "estimated_seconds" in merged:  # the processes run side by side: the slowest one's
+        merged["estimated_seconds"] = max(result["estimated_seconds"] for result in results)
     # a process numbers its own groups 0, 1, ...; its group g is the run's group g * K + rank (share_groups)
     merged["batches"] = [
         batch | {"group": batch["group"] * len(results) + rank, "process": rank}

@@ -36,6 +36,8 @@ class StepCosts:
         sizes = sorted(self.base)
         if batch_size in self.base:
             base = self.base[batch_size]
+        elif batch_size < sizes[0]:  # below the measurements: no dearer than the smallest (weights read once a step)
+            base = self.base[sizes[0]]
         elif batch_size > sizes[-1]:  # beyond the measurements: slots cost what the largest measured ones did
             base = self.base[sizes[-1]] * batch_size / sizes[-1]
         else:  # linear between the neighbours
