@@ -59,8 +59,7 @@ def measure_device_costs(engine, largest_batch: int, prompt_tokens: int, new_tok
     engine's own step clock (`last_timing`) over random prompts, every row replayed to the end. The step at each
     candidate batch size up to `largest_batch` is one call's mean over BASE_STEPS steps after a short prompt; one
     call of 16 rows (fewer where fewer fit) with `prompt_tokens`-token prompts decoding `new_tokens` steps gives
-    the prefill (its seconds over its tokens) and the growth with the context (its last tenth of steps against its
-    first, 0.9 x its steps further on)."""
+    the prefill (its seconds over its tokens) and the growth with the context."""
     import torch
 
     vocabulary = engine.model.config.get_text_config().vocab_size
@@ -85,11 +84,14 @@ def measure_device_costs(engine, largest_batch: int, prompt_tokens: int, new_tok
         base[rows] = timing.decode_s / timing.decode_steps
     if not base:
         raise RuntimeError("--device-profile measure: even a batch of one ran out of memory")
-    rows = min(16, max(base))
-    timing = timed_call(rows, max(1, prompt_tokens), max(10, new_tokens))
-    prefill = timing.prefill_s / (rows * max(1, prompt_tokens))
-    growth = (timing.last_steps_ms - timing.first_steps_ms) / 1000 / (rows * 0.9 * timing.decode_steps)
-    context = CALIBRATION_PROMPT + BASE_STEPS // 2  # the mean cache of the base steps
+    rows, prompt_tokens = min(16, max(base)), max(1, prompt_tokens)
+    timing = timed_call(rows, prompt_tokens, max(BASE_STEPS, new_tokens))
+    prefill = timing.prefill_s / (rows * prompt_tokens)
+    # the long call's mean step against the base step of as many rows, over the mean caches of the two: the whole
+    # call's mean, as a tenth of its steps against another swings with the host's speed
+    context = CALIBRATION_PROMPT + BASE_STEPS // 2
+    further = prompt_tokens + timing.decode_steps // 2 - context
+    growth = (timing.decode_s / timing.decode_steps - base[rows]) / (rows * further) if further > 0 else 0.0
     return StepCosts(base, max(0.0, growth), context, max(base), kv_token_budget(engine.model)), prefill
 
 
