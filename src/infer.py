@@ -43,7 +43,8 @@ from .common.utils import UserError, write_json_atomic, write_text_atomic
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.proxy import SHIPPED_PROXY_PATH
 from .predictors.registry import PREDICTORS, build_predictor
-from .running.answering import Runner, Totals, groups_of
+from .running.answering import Runner, groups_of
+from .running.cost_estimate import TYPICAL_PROMPT_TOKENS, add_device_profile_argument, describe_costs
 from .running.executor import StaticBatchExecutor
 from .running.plan import (
     ENGINES_THAT_REFILL_ROWS,
@@ -54,9 +55,9 @@ from .running.plan import (
     default_strategy,
 )
 from .running.settings import RunSettings, parse_strategies, parse_vbs_table_flag
-from .running.setup import add_model_arguments, check_model_arguments, load_model_with_engine
+from .running.setup import add_model_arguments, check_model_arguments, device_costs_of, load_model_with_engine
+from .running.summary import print_summary, summary
 from .scheduling.batches import PAPER_VBS_TABLE
-from .scheduling.metrics import token_ratios
 
 # Settings that change what a request's answer is: an output written under others is not continued.
 ANSWER_SETTINGS = (
@@ -111,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--replay-field", default="L_t0.0", help="the length file's column to replay")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
+    add_device_profile_argument(parser)
     add_predictor_arguments(parser)
     parser.set_defaults(predictor_path=str(SHIPPED_PROXY_PATH))
     args = parser.parse_args(argv)
@@ -139,6 +141,7 @@ def infer_settings(args) -> RunSettings:
         top_p=args.top_p,
         seed=args.seed,
         vbs_table=parse_vbs_table_flag(args.vbs_table),
+        device_profile=args.device_profile,
     )
 
 
@@ -191,65 +194,6 @@ def check_settings(args, answered: int) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def summary(totals: list[Totals], args, strategy_label: str, skipped: int, device: str) -> dict:
-    """The run's summary from every process's totals: the processes ran side by side, so the run took as long as
-    the slowest one."""
-    requests = sum(total.requests for total in totals)
-    generated = sum(total.generated_tokens for total in totals)
-    slots = sum(total.token_slots for total in totals)
-    data_order = sum(total.data_order_token_slots for total in totals)
-    slowest = max(totals, key=lambda total: total.prediction_s + total.generation_s)
-    latency = sum(total.latency_sum_s for total in totals)
-    wall = slowest.prediction_s + slowest.generation_s
-    ratios = token_ratios(
-        requests, slots, generated, sum(t.recomputed for t in totals), sum(t.truncated for t in totals)
-    )
-    return {
-        "input": args.input,
-        "output": args.output,
-        "strategy": strategy_label,
-        "predictor_path": args.predictor_path if strategy_label.startswith("proxy") else None,
-        "device": device,
-        "processes": len(totals),
-        "requests": requests,
-        "errors": sum(total.errors for total in totals),
-        "answered_before": skipped,
-        "wall_time_s": wall,  # prediction and generation; model loading and engine warm-up left out
-        "prediction_time_s": slowest.prediction_s,
-        "generation_time_s": slowest.generation_s,
-        "engine_warmup_s": max(total.engine_warmup_s for total in totals),
-        "requests_per_s": requests / wall if wall else 0.0,
-        "mean_latency_s": latency / requests if requests else 0.0,  # from the start to each answer's line
-        "generated_tokens": generated,
-        "generated_tokens_per_s": generated / wall if wall else 0.0,
-        "token_slots": slots,
-        "effective_token_ratio": ratios["effective_token_ratio"],
-        "truncated_ratio": ratios["truncated_ratio"],
-        "failure_ratio": ratios["failure_ratio"],
-        "data_order_token_slots": data_order,
-        "data_order_effective_token_ratio": generated / data_order if data_order else 0.0,
-        "token_slots_saved": 1 - slots / data_order if data_order else 0.0,
-        "oom_splits": sum(total.oom_splits for total in totals),
-        "settings": answer_settings(args),
-    }
-
-
-def print_summary(result: dict) -> None:
-    lines = [
-        f"answered {result['requests']} requests (errors {result['errors']}, answered before "
-        f"{result['answered_before']}) with {result['strategy']} on {result['device']} in "
-        f"{result['wall_time_s']:.1f} s: {result['requests_per_s']:.3f} requests/s, "
-        f"{result['generated_tokens_per_s']:.1f} generated tokens/s, mean latency {result['mean_latency_s']:.1f} s",
-        f"token slots {result['token_slots']} ({result['effective_token_ratio'] * 100:.1f} % effective); in file "
-        f"order they would have been {result['data_order_token_slots']} "
-        f"({result['data_order_effective_token_ratio'] * 100:.1f} % effective): scheduling saved "
-        f"{result['token_slots_saved'] * 100:.1f} % of the token slots",
-    ]
-    if result["engine_warmup_s"]:
-        lines.append(f"engine warm-up {result['engine_warmup_s']:.1f} s (compiling new shapes; not in the time above)")
-    print("\n".join(lines), file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = infer_settings(args)
@@ -291,13 +235,18 @@ def main(argv: list[str] | None = None) -> dict:
     runner = Runner(
         settings, predictor, loaded.formatter, loaded.engine, executor, writer, context_length(loaded.model)
     )
+    if processes.is_main:  # measured once, before the clock starts, so that every process estimates alike
+        runner.device_costs = device_costs_of(settings, loaded.engine, TYPICAL_PROMPT_TOKENS)
+        if runner.device_costs is not None:
+            print(describe_costs(runner.device_costs), file=sys.stderr)
+    runner.device_costs = processes.broadcast(runner.device_costs if processes.is_main else None)
     answer_pending(runner, args, strategy.label, set(pending), processes)
     totals = processes.gather(runner.totals)
     processes.wait()
     if not processes.is_main:
         return {}
     merge_rank_files(args.output)
-    result = summary(totals, args, strategy.label, len(answered), loaded.engine.device)
+    result = summary(totals, args, strategy.label, len(answered), loaded.engine.device, answer_settings(args))
     print_summary(result)
     if args.summary_json:
         write_json_atomic(args.summary_json, result)

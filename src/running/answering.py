@@ -15,8 +15,10 @@ from ..common.utils import Timer
 from ..engines.base import Engine
 from ..predictors.registry import Predictor
 from ..scheduling.continuous import admission_order, simulate_continuous
+from ..scheduling.cost_model import DeviceCosts, data_order_seconds
 from ..scheduling.metrics import data_order_token_slots
 from ..scheduling.schedule import run_schedule
+from .cost_estimate import estimated_seconds, final_lengths
 from .executor import StaticBatchExecutor
 from .runner import predict_for_schedule, schedule_config
 from .settings import RunSettings
@@ -43,6 +45,9 @@ class Totals:
     engine_warmup_s: float = 0.0
     oom_splits: int = 0
     latency_sum_s: float = 0.0  # over the answers: seconds from the first group's start to the answer's line
+    estimated_s: float = 0.0  # generation as the cost model of --device-profile sees the groups that ran
+    data_order_estimated_s: float = 0.0  # the same, had they run as plain batches in file order
+    device_profile: str | None = None  # the cost model's name, once a group was estimated
 
 
 def groups_of(requests, group_size: int, default_cap: int, default_temperature: float):
@@ -74,6 +79,7 @@ class Runner:
     context_length: int | None
     totals: Totals = field(default_factory=Totals)
     started: float | None = None  # when the first group began, the clock of every answer's latency
+    device_costs: DeviceCosts | None = None  # --device-profile's cost model; None: no estimate
 
     def answer_group(self, cap: int, temperature: float, requests: list[Request], progress) -> None:
         if self.started is None:
@@ -93,16 +99,30 @@ class Runner:
         warmup_before = self.engine.warmup_seconds
         with Timer(self.engine.device) as generation_timer:
             if strategy.continuous:
-                slots = self.count_continuous(
-                    self.answer_queue(ids, cap, temperature, prompt_ids, predicted.lengths, progress), cap
-                )
+                order, outcome = self.answer_queue(ids, cap, temperature, prompt_ids, predicted.lengths, progress)
+                record = simulate_continuous(order, outcome.lengths, self.settings.batch_size, cap)
+                slots = self.count_continuous(record, outcome.finished)
             else:
-                slots = self.count_static(self.answer_static(ids, cap, prompt_ids, predicted, progress))
+                record = self.answer_static(ids, cap, prompt_ids, predicted, progress)
+                slots = self.count_static(record)
         warmup = self.engine.warmup_seconds - warmup_before
         self.totals.prediction_s += prediction_timer.seconds
         self.totals.generation_s += generation_timer.seconds - warmup
         self.totals.engine_warmup_s += warmup
         self.totals.token_slots += slots
+        self.estimate(ids, record, prompt_ids)
+
+    def estimate(self, ids: list[str], record, prompt_ids) -> None:
+        """The cost model's seconds for the group as it ran, and as plain batches in file order would have run it
+        (with the lengths generated)."""
+        if self.device_costs is None:
+            return
+        tokens = {sample_id: len(prompt_ids[sample_id]) for sample_id in ids}
+        self.totals.device_profile = self.device_costs.name
+        self.totals.estimated_s += estimated_seconds(self.device_costs, tokens, record)
+        self.totals.data_order_estimated_s += data_order_seconds(
+            ids, final_lengths(record), self.device_costs, tokens, self.settings.batch_size
+        )
 
     def answer_static(self, ids: list[str], cap: int, prompt_ids, predicted, progress):
         """The group's static batches through the scheduler and the executor, each answer written as it is final."""
@@ -200,14 +220,10 @@ class Runner:
         totals.oom_splits += sum(executed.oom_splits for executed in record.batches)
         return sum(executed.token_slots for executed in record.batches)
 
-    def count_continuous(self, order_and_outcome, cap: int) -> int:
+    def count_continuous(self, record, finished: dict[str, bool]) -> int:
         """The group's totals from continuous batching; its token slots are the iteration model's (iterations x
         rows, src.scheduling.metrics), with the lengths generated."""
-        order, outcome = order_and_outcome
-        record = simulate_continuous(order, outcome.lengths, self.settings.batch_size, cap)
-        self.count_answers(
-            [_Answered(length, outcome.finished[sample_id]) for sample_id, length in outcome.lengths.items()]
-        )
+        self.count_answers([_Answered(length, finished[sample_id]) for sample_id, length in record.lengths.items()])
         return max(record.finish_steps.values(), default=0) * self.settings.batch_size
 
     def count_answers(self, answers) -> None:

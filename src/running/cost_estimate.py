@@ -17,6 +17,8 @@ from ..scheduling.cost_model import (
 )
 
 MEASURE = "measure"  # time decode steps and prefills through the engine before the first strategy
+# the prompt length src.infer measures its device at: it reads its requests group by group, after the measurement
+TYPICAL_PROMPT_TOKENS = 128
 
 
 def add_device_profile_argument(parser) -> None:
@@ -33,6 +35,7 @@ def add_device_profile_argument(parser) -> None:
 
 
 def check_device_profile(args) -> None:
+    """A dry run has no device to measure."""
     if args.device_profile == MEASURE and args.dry_run:
         raise UserError("--device-profile measure times the device, and a dry run loads no model: name a profile")
 
@@ -56,13 +59,25 @@ def measured_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: i
     return DeviceCosts(steps, prefill, MEASURE, source), seconds
 
 
+def estimated_seconds(costs: DeviceCosts, prompt_tokens, record) -> float:
+    """The seconds the cost model gives the run that was recorded: a static RunRecord or a ContinuousRecord."""
+    estimate = continuous_run_seconds if isinstance(record, ContinuousRecord) else static_run_seconds
+    return estimate(record, costs, prompt_tokens)
+
+
 def estimate_fields(costs: DeviceCosts | None, prompt_tokens, record) -> dict:
-    """What a result records of the estimate: the seconds the cost model gives the run that was recorded (a static
-    RunRecord or a ContinuousRecord) and the profile it comes from; nothing without a profile."""
+    """What a benchmark result records of the estimate: its seconds and the profile they come from; nothing
+    without a profile."""
     if costs is None:
         return {}
-    estimate = continuous_run_seconds if isinstance(record, ContinuousRecord) else static_run_seconds
-    return {"estimated_seconds": estimate(record, costs, prompt_tokens), "device_profile": costs.name}
+    return {"estimated_seconds": estimated_seconds(costs, prompt_tokens, record), "device_profile": costs.name}
+
+
+def final_lengths(record) -> dict[str, int]:
+    """Each sample's generated tokens in all, from either kind of record."""
+    if isinstance(record, ContinuousRecord):
+        return dict(record.lengths)
+    return {sample_id: result.length for sample_id, result in record.results.items()}
 
 
 def describe_costs(costs: DeviceCosts) -> str:

@@ -141,6 +141,8 @@ def prepare_executors(
     device_costs = None
     if processes.is_main:  # timed once, so that every process estimates with the same costs
         device_costs = device_costs_of(settings, engine, round(mean_prompt_length))
+        if device_costs is not None:
+            print(describe_costs(device_costs))
     return Executors(
         run_batch,
         run_continuous,
@@ -174,7 +176,6 @@ def device_costs_of(settings: RunSettings, engine: Engine, prompt_tokens: int):
         largest = min(largest, 64)
     # the growth with the context is linear: 128 steps show it at a CPU's cost
     costs, _ = measured_costs(engine, largest, prompt_tokens, min(settings.max_length, 128))
-    print(describe_costs(costs))
     return costs
 
 

@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .batches import ScheduleConfig
 from .continuous import ContinuousRecord
-from .schedule import RunRecord
+from .schedule import RunRecord, replay_executor, run_schedule
 from .vbs_choice import StepCosts
 
 PROFILES_FILE = Path(__file__).with_name("device_profiles.json")
@@ -99,6 +100,18 @@ def continuous_run_seconds(record: ContinuousRecord, costs: DeviceCosts, prompt_
         total += costs.prefill_seconds(1, prompt_tokens[sample_id])
         total += costs.context_seconds(prompt_tokens[sample_id] + 1, length - 1)
     return total + sum(costs.steps.seconds(rows, costs.steps.context) for rows in decoding if rows)
+
+
+def data_order_seconds(
+    ids: list[str], lengths: Mapping[str, int], costs: DeviceCosts, prompt_tokens: Mapping[str, int], batch_size: int
+) -> float:
+    """What the same requests would have cost as plain batches in the order given (vanilla), each batch running
+    until its longest answer (`lengths`, as generated) ends."""
+    if not ids:
+        return 0.0
+    config = ScheduleConfig(batch_size=batch_size, group_size=len(ids), max_length=max(lengths.values()), sort=False)
+    record = run_schedule(ids, dict.fromkeys(ids, 1), config, replay_executor(lengths))
+    return static_run_seconds(record, costs, prompt_tokens)
 
 
 def load_profiles(path: Path = PROFILES_FILE) -> dict[str, DeviceCosts]:
