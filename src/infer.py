@@ -136,6 +136,7 @@ def infer_settings(args) -> RunSettings:
         strategies=(choose_strategy(args),),
         max_length=args.max_length,
         batch_size=args.batch_size,
+        slots=args.batch_size,  # a queue runs --batch-size rows
         group_size=args.group_size,
         temperature=args.temperature,
         top_p=args.top_p,

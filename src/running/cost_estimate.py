@@ -47,16 +47,15 @@ def dry_run_costs(name: str | None, samples) -> tuple[DeviceCosts | None, dict[s
     return load_profiles()[name], {sample.id: approximate_prompt_tokens(sample.prompt) for sample in samples}
 
 
-def measured_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> tuple[DeviceCosts, float]:
+def measured_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> DeviceCosts:
     """The device's cost model timed through the engine (vbs_calibration.measure_device_costs) on prompts of the
-    run's mean length, decoding `new_tokens` steps. Returns it and the seconds it took."""
+    run's mean length, decoding `new_tokens` steps; its source says how long the measurement took."""
     from .vbs_calibration import measure_device_costs
 
     start = time.perf_counter()
     steps, prefill = measure_device_costs(engine, largest_batch, prompt_tokens, new_tokens)
-    seconds = time.perf_counter() - start
-    source = f"measured through engine {engine.name} on {engine.device} in {seconds:.1f} s"
-    return DeviceCosts(steps, prefill, MEASURE, source), seconds
+    source = f"measured through engine {engine.name} on {engine.device} in {time.perf_counter() - start:.1f} s"
+    return DeviceCosts(steps, prefill, MEASURE, source)
 
 
 def estimated_seconds(costs: DeviceCosts, prompt_tokens, record) -> float:

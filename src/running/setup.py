@@ -172,11 +172,15 @@ def device_costs_of(settings: RunSettings, engine: Engine, prompt_tokens: int):
     largest = max(settings.batch_size, settings.slots if isinstance(settings.slots, int) else 0)
     if any(strategy.vbs for strategy in settings.strategies):
         largest = max(largest, *(settings.vbs_table or {0: max(CANDIDATE_BATCH_SIZES)}).values())
-    if not engine.device.startswith("cuda"):  # as calibrate_vbs: a CPU's prefills of more rows take minutes
-        largest = min(largest, 64)
+    largest = min(largest, largest_calibrated_batch(engine))
     # the growth with the context is linear: 128 steps show it at a CPU's cost
-    costs, _ = measured_costs(engine, largest, prompt_tokens, min(settings.max_length, 128))
-    return costs
+    return measured_costs(engine, largest, prompt_tokens, min(settings.max_length, 128))
+
+
+def largest_calibrated_batch(engine: Engine) -> int:
+    """The largest batch size a calibration times: on a CPU its prefills of more than 64 rows take minutes, and
+    larger sizes are extrapolated."""
+    return max(CANDIDATE_BATCH_SIZES) if engine.device.startswith("cuda") else 64
 
 
 def calibrate_vbs(engine: Engine, longest_context: int, processes: Processes):
@@ -184,8 +188,7 @@ def calibrate_vbs(engine: Engine, longest_context: int, processes: Processes):
     costs; returns them and what the JSON records of them."""
     from .vbs_calibration import describe, timed_calibration
 
-    # on a CPU the calibration's prefills of more than 64 rows take minutes; larger sizes are extrapolated
-    largest = max(CANDIDATE_BATCH_SIZES) if engine.device.startswith("cuda") else 64
+    largest = largest_calibrated_batch(engine)
     step_costs = seconds = None
     if processes.is_main:
         step_costs, seconds = timed_calibration(engine, largest, longest_context)
