@@ -21,7 +21,7 @@ import torch
 from src.common.cli import check_range, run_cli
 from src.common.models import load_model
 from src.common.utils import write_json_atomic
-from src.engines.registry import ENGINES, build_engine
+from src.engines.registry import build_engine, engine_names
 from src.running.setup import add_model_arguments
 
 
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument(
-        "--engines", nargs="+", default=["transformers", "compiled", "graph", "captured"], choices=sorted(ENGINES)
+        "--engines", nargs="+", default=["transformers", "compiled", "graph", "captured"], choices=engine_names()
     )
     parser.add_argument("--batch-size", type=int, default=16, help="rows in the batch")
     parser.add_argument("--context", type=int, default=256, help="prompt tokens per row")

@@ -8,6 +8,7 @@ import pytest
 from src import benchmark
 from src.common.utils import UserError
 from src.engines import registry
+from src.engines.base import EngineBase
 from src.engines.eager import TransformersEngine
 
 from .conftest import SMALL_LENGTHS, cli_args
@@ -15,18 +16,26 @@ from .conftest import SMALL_LENGTHS, cli_args
 CALLS: list[tuple[str, int]] = []
 
 
-class RecordingEngine(TransformersEngine):
-    """A second engine as a user would add one: here it only records what it is asked to run."""
+class RecordingEngine(EngineBase):
+    """A second engine as a user would add one, holding the eager one (no engine derives from another): here it only
+    records what it is asked to run."""
 
     name = "recording"
+    keeps_kv_caches = True
+
+    def __init__(self, model, tokenizer):
+        super().__init__(model, tokenizer)
+        self.eager = TransformersEngine(model, tokenizer)
 
     def generate(self, prompts, max_new_tokens, temperature=0.0, replay_lengths=None, **options):
         CALLS.append(("generate", len(prompts)))
-        return super().generate(prompts, max_new_tokens, temperature, replay_lengths, **options)
+        samples = self.eager.generate(prompts, max_new_tokens, temperature, replay_lengths, **options)
+        self.last_timing = self.eager.last_timing
+        return samples
 
     def run_queue(self, order, *args, **kwargs):
         CALLS.append(("run_queue", len(order)))
-        return super().run_queue(order, *args, **kwargs)
+        return self.eager.run_queue(order, *args, **kwargs)
 
     def decode_step_seconds(self, batch_size, context):
         CALLS.append(("decode_step_seconds", batch_size))
@@ -36,7 +45,7 @@ class RecordingEngine(TransformersEngine):
 def test_every_model_call_of_the_benchmark_goes_through_the_chosen_engine(
     tiny_model_dir, small_data, tmp_path, monkeypatch
 ):
-    monkeypatch.setitem(registry.ENGINES, "recording", "tests.test_engine:RecordingEngine")
+    monkeypatch.setitem(registry.ENGINE_CLASSES, "recording", "tests.test_engine:RecordingEngine")
     CALLS.clear()
     data, lengths = small_data
     flags = cli_args(
@@ -65,6 +74,24 @@ def test_an_unknown_engine_is_a_user_error(tiny_model):
         registry.build_engine("vllm", model, tokenizer)
 
 
+def test_engines_are_composed_not_derived(tiny_model):
+    """Every --engine name builds one of three classes, each over the contract's defaults only; the static-cache names
+    differ by their decode step alone, and a step is a class of its own."""
+    from src.engines.base import EngineBase
+    from src.engines.static_cache import StaticCacheEngine
+
+    model, tokenizer = tiny_model
+    built = {name: registry.build_engine(name, model, tokenizer) for name in registry.engine_names()}
+    assert {name: engine.name for name, engine in built.items()} == {name: name for name in built}
+    for engine in built.values():
+        assert type(engine).__mro__[1:] == (EngineBase, object)
+    static = {name for name, engine in built.items() if isinstance(engine, StaticCacheEngine)}
+    assert static == {"captured", "compiled", "graph"}
+    steps = {name: type(built[name].step) for name in static}
+    assert len(set(steps.values())) == 3 and all(step.__mro__[1:] == (object,) for step in steps.values())
+    assert [built[name].decodes_itself for name in sorted(static)] == [True, False, True]
+
+
 # A whole engine as a user would write one: a module with one class over the contract's defaults (no kept caches,
 # no continuous batching), and nothing else.
 PLAIN_ENGINE_MODULE = """
@@ -90,7 +117,7 @@ def test_a_new_engine_is_one_module_and_one_registry_line(eos_model_dir, small_d
     it lacks, is refused as a user's mistake naming it."""
     (tmp_path / "plain_engine.py").write_text(PLAIN_ENGINE_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(registry.ENGINES, "plain", "plain_engine:PlainEngine")
+    monkeypatch.setitem(registry.ENGINE_CLASSES, "plain", "plain_engine:PlainEngine")
     data, lengths = small_data
     flags = cli_args(model=eos_model_dir, device="cpu", data_path=data, length_path=lengths, max_length=24)
     strategies = ["--strategies", "vanilla", "gt+fcr", "gt+fcr+resume", "--gt-field", "L_t0.0", "--batch-size", "2"]

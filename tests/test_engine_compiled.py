@@ -11,9 +11,9 @@ import pytest
 
 from src import benchmark
 from src.common.models import load_model
-from src.engines.compiled import CACHE_LENGTH_STEP, CompiledEngine, cache_length, padded_rows
 from src.engines.eager import TransformersEngine
 from src.engines.registry import build_engine, resolve_engine_name
+from src.engines.static_cache import CACHE_LENGTH_STEP, cache_length, padded_rows
 
 from .conftest import PROJECT, cli_args, run_command
 
@@ -24,7 +24,7 @@ TOKEN_COLUMNS = ("token_slots", "generated_tokens", "average_length", "effective
 def engines(eos_model_dir):
     """Both engines on one model whose greedy answers end at lengths that vary from prompt to prompt."""
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
-    return TransformersEngine(model, tokenizer), CompiledEngine(model, tokenizer)
+    return TransformersEngine(model, tokenizer), build_engine("compiled", model, tokenizer)
 
 
 def test_shapes_are_rounded_to_few_sizes():
@@ -55,8 +55,8 @@ def test_compiled_generation_equals_eager_greedy_and_replayed(engines):
 
 def test_a_cache_is_dropped_when_the_budget_is_spent(engines):
     eager, _ = engines
-    compiled = CompiledEngine(eager.model, eager.tokenizer)
-    compiled.cache_budget_bytes = compiled._cache_bytes(4, 128)  # room for one cache of 4 rows
+    compiled = build_engine("compiled", eager.model, eager.tokenizer)
+    compiled.cache_budget_bytes = 4 * 128 * compiled.bytes_per_token  # room for one cache of 4 rows
     compiled.generate([[1, 5], [1, 6], [1, 7]], 4)
     compiled.generate([[1, 5]], 4)
     assert list(compiled.caches) == [(2, 128)]  # the 4-row cache made room
@@ -199,7 +199,7 @@ def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
 
 def test_calibration_compiles_both_timed_shapes_before_timing(engines):
     eager, _ = engines
-    compiled = CompiledEngine(eager.model, eager.tokenizer)
+    compiled = build_engine("compiled", eager.model, eager.tokenizer)
     # context 120: the 1-token call needs a 128-token cache, the 9-token call a 256-token one
     assert compiled.decode_step_seconds(2, 120) > 0
     assert compiled.warmed_shapes == [(2, 128), (2, 256)]
@@ -210,7 +210,7 @@ def free_running_engines(tiny_model):
     """Both engines on the tiny model, whose near-flat random logits rarely make EOS the top token or a sampled one:
     answers run to the cap, and sampling at temperature 1 almost never picks the greedy token."""
     model, tokenizer = tiny_model
-    return TransformersEngine(model, tokenizer), CompiledEngine(model, tokenizer)
+    return TransformersEngine(model, tokenizer), build_engine("compiled", model, tokenizer)
 
 
 def test_compiled_generation_past_one_cache_step_equals_eager(free_running_engines):
@@ -269,7 +269,7 @@ def test_one_compilation_serves_every_batch_size_and_cache_length(tiny_model):
     model, tokenizer = tiny_model
     torch._dynamo.reset()  # forget what other tests compiled, so that this engine's first batch compiles afresh
     counters.clear()
-    compiled, eager = CompiledEngine(model, tokenizer), TransformersEngine(model, tokenizer)
+    compiled, eager = build_engine("compiled", model, tokenizer), TransformersEngine(model, tokenizer)
     graphs = []
     for rows, new_tokens in ((1, 4), (3, 4), (8, 4), (16, 4), (2, 140)):
         prompts = [[tokenizer.bos_token_id, 100 + row, 200] for row in range(rows)]

@@ -5,15 +5,18 @@ for every shape, the captured engine compiles nothing, and its warm-up before a 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 from src.common.models import load_model
 from src.common.utils import set_seed
-from src.engines.compiled import CACHE_LENGTH_STEP
+from src.engines.decode_loop import CHECK_EVERY, decode_one_token
+from src.engines.decode_steps import CapturedStep, warm_up_decode_step
 from src.engines.eager import TransformersEngine
-from src.engines.graph import CHECK_EVERY, GraphEngine
 from src.engines.registry import build_engine
+from src.engines.static_cache import CACHE_LENGTH_STEP, StaticCacheEngine
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13, 14, 15, 16], [1, 300, 400, 500], [1, 42]]
 
@@ -69,7 +72,7 @@ def test_one_compiled_step_serves_every_batch_size_and_cache_length(tiny_model):
     model, tokenizer = tiny_model
     torch._dynamo.reset()  # forget what other tests compiled, so that this engine's first batch compiles afresh
     counters.clear()
-    graph, eager = GraphEngine(model, tokenizer), TransformersEngine(model, tokenizer)
+    graph, eager = build_engine("graph", model, tokenizer), TransformersEngine(model, tokenizer)
     graphs = []
     for rows, new_tokens in ((1, 4), (3, 4), (8, 4), (16, 4), (2, CACHE_LENGTH_STEP + 12)):
         prompts = [[tokenizer.bos_token_id, 100 + row, 200] for row in range(rows)]
@@ -86,7 +89,7 @@ def test_graph_sampling_is_the_eager_engines_under_one_seed(tiny_model):
     """At temperature 1 the graph engine samples through generate's compiled step: under one seed its answers are
     the eager engine's, and they are not its greedy ones."""
     model, tokenizer = tiny_model
-    graph, eager = GraphEngine(model, tokenizer), TransformersEngine(model, tokenizer)
+    graph, eager = build_engine("graph", model, tokenizer), TransformersEngine(model, tokenizer)
     prompts = [[1, 5, 6, 7, 8], [1, 9, 10]]
     greedy = graph.generate(prompts, 6, 0.0)
     set_seed(0)
@@ -103,7 +106,7 @@ def test_a_model_with_its_own_logits_processors_decodes_through_generate(eos_mod
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
     plain = TransformersEngine(model, tokenizer).generate(PROMPTS[:2], 10, 0.0)
     model.generation_config.repetition_penalty = 3.0
-    graph = GraphEngine(model, tokenizer)
+    graph = build_engine("graph", model, tokenizer)
     assert not graph.decodes_itself
     expected = TransformersEngine(model, tokenizer).generate(PROMPTS[:2], 10, 0.0)
     assert answers(expected) != answers(plain)  # the penalty changes what greedy decoding writes
@@ -114,18 +117,22 @@ def test_captured_engines_warm_up_leaves_the_batch_as_it_was(eos_model_dir):
     """Before it captures a shape's step on CUDA, the captured engine runs the step a few times mid-batch from the
     batch's own state. Run here on the CPU before every step of every batch, that warm-up leaves every answer the
     eager engine's (the state it restores is complete)."""
-    from src.engines.captured import CapturedEngine, warm_up_decode_step
-    from src.engines.graph import decode_one_token
 
-    class WarmedUpOnTheCpu(CapturedEngine):
-        def _run_decode_step(self, slot):  # what a capture runs first, then the eager step standing for the replay
-            warm_up_decode_step(self.model, slot, self.end_tokens)
-            decode_one_token(self.model, slot, self.end_tokens)
+    class WarmedUpOnTheCpu:  # a step of its own: what a capture runs first, then the eager step standing for the replay
+        decodes_in_loop = True
+        generate_options = {"disable_compile": True}
+
+        def compiling(self):
+            return nullcontext()
+
+        def run(self, model, slot, end_tokens):
+            warm_up_decode_step(model, slot, end_tokens)
+            decode_one_token(model, slot, end_tokens)
 
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
     eager = TransformersEngine(model, tokenizer)
-    captured = WarmedUpOnTheCpu(model, tokenizer)
-    assert not captured.on_cuda and captured.compiled_step is None
+    captured = StaticCacheEngine(model, tokenizer, "captured", WarmedUpOnTheCpu())
+    assert not CapturedStep(model.device).on_cuda
     for rows in (3, 5):
         replayed = [9, 4, 11, 2, 6][:rows]
         expected = eager.generate(PROMPTS[:rows], 14, 0.0, replayed)
@@ -136,10 +143,8 @@ def test_captured_engines_warm_up_leaves_the_batch_as_it_was(eos_model_dir):
 def test_a_warm_up_before_a_capture_changes_only_the_next_position(eos_model_dir):
     """A capture's warm-up runs the step mid-batch: afterwards every tensor of the slot is as it was, except the keys
     and values at the cache's next column and `generated`'s next column, both of which the batch's next step writes."""
-    from src.engines.captured import CapturedEngine, warm_up_decode_step
-
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
-    captured = CapturedEngine(model, tokenizer)
+    captured = build_engine("captured", model, tokenizer)
     # cut at 7 tokens before their replayed 20: 4 rows (a filler's included) of width 7 with 7 + 6 = 13 cached positions
     captured.generate(PROMPTS[:3], 7, 0.0, [20, 20, 20])
     (slot,) = [slot for shape, slot in captured.caches.items() if shape == (4, 128)]
@@ -206,8 +211,6 @@ class StandInGraph:
         self.arguments, self.replays = None, 0
 
     def replay(self):
-        from src.engines.graph import decode_one_token
-
         self.replays += 1
         decode_one_token(*self.arguments)
 
@@ -216,10 +219,9 @@ class StandInGraph:
 def cuda_stand_ins(monkeypatch):
     """torch.cuda's streams and graphs replaced by stand-ins, and the captured module's step made to record itself
     into the graph being captured; returns the graphs made."""
-    from contextlib import contextmanager, nullcontext
+    from contextlib import contextmanager
 
-    from src.engines import captured
-    from src.engines.graph import decode_one_token
+    from src.engines import decode_steps
 
     graphs = []
 
@@ -248,7 +250,7 @@ def cuda_stand_ins(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
     monkeypatch.setattr(torch.cuda, "graph", capturing)
-    monkeypatch.setattr(captured, "decode_one_token", step)
+    monkeypatch.setattr(decode_steps, "decode_one_token", step)
     return graphs
 
 
@@ -258,14 +260,12 @@ def test_captured_engine_captures_each_shape_once_and_replays_every_step(eos_mod
     reproduce the eager warm-up's choice stops the run."""
     from torch._dynamo.utils import counters
 
-    from src.engines.captured import CapturedEngine
-
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
     eager = TransformersEngine(model, tokenizer)
     torch._dynamo.reset()
     counters.clear()
-    captured = CapturedEngine(model, tokenizer)
-    captured.on_cuda = True
+    captured = build_engine("captured", model, tokenizer)
+    captured.step.on_cuda = True
     replayed = [9, 4, 11]
     expected = eager.generate(PROMPTS[:3], 14, 0.0, replayed)
     assert answers(captured.generate(PROMPTS[:3], 14, 0.0, replayed)) == answers(expected)
@@ -282,8 +282,8 @@ def test_captured_engine_captures_each_shape_once_and_replays_every_step(eos_mod
             self.arguments[1].tokens.zero_()
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Faulty)
-    faulty = CapturedEngine(model, tokenizer)
-    faulty.on_cuda = True
+    faulty = build_engine("captured", model, tokenizer)
+    faulty.step.on_cuda = True
     with pytest.raises(RuntimeError, match="captured decode step chose other tokens"):
         faulty.generate(PROMPTS[:3], 14, 0.0, replayed)
 
@@ -295,7 +295,7 @@ def test_captured_sampling_goes_through_generate_uncompiled(eos_model_dir):
 
     model, tokenizer, _ = load_model(str(eos_model_dir), "cpu", "float32")
     eager, captured = TransformersEngine(model, tokenizer), build_engine("captured", model, tokenizer)
-    assert captured._generate_options("cache") == {"past_key_values": "cache", "disable_compile": True}
+    assert captured.step.generate_options == {"disable_compile": True}
     torch._dynamo.reset()
     counters.clear()
     set_seed(0)

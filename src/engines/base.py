@@ -5,7 +5,7 @@ optionally, replayed lengths) or a queue for continuous batching; the generative
 the VBS calibration use the same methods. `Engine` lists every member those callers use, and `EngineBase` gives each
 optional one its default, so that no caller probes an engine for what it has: a new engine subclasses `EngineBase`,
 writes `generate` (and, where it has them, continuous batching and a kept KV cache per row), and names itself in
-`src.engines.registry.ENGINES`.
+`src.engines.registry.ENGINE_CLASSES`.
 """
 
 from __future__ import annotations

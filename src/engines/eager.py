@@ -10,10 +10,7 @@ import torch
 
 from .base import DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome, EngineBase, QueueResult
 from .continuous import run_continuous
-from .generate import GeneratedSample, StepClock, eos_token_ids_of, generate_batch
-
-# Decode steps per timing in `decode_step_seconds`: enough to average out the first step's allocations.
-TIMED_STEPS = 8
+from .generate import GeneratedSample, StepClock, eos_token_ids_of, generate_batch, time_decode_step
 
 
 class TransformersEngine(EngineBase):
@@ -82,15 +79,5 @@ class TransformersEngine(EngineBase):
         )
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:
-        """Random prompts of `context` ordinary tokens through this engine's own `generate`: one call of 1 token and
-        one of 1 + TIMED_STEPS, every row replayed to the end, so that the prefill cancels out and no EOS ends a
-        row early."""
         vocabulary = self.model.config.get_text_config().vocab_size
-        # prompts: [B, context]
-        prompts = torch.randint(100, vocabulary, (batch_size, context), generator=self._random_prompts).tolist()
-        timings = []
-        for new_tokens in (1, 1 + TIMED_STEPS):
-            start = time.perf_counter()
-            self.generate(prompts, new_tokens, 0.0, [new_tokens] * batch_size)
-            timings.append(time.perf_counter() - start)
-        return max(1e-9, (timings[1] - timings[0]) / TIMED_STEPS)
+        return time_decode_step(self.generate, vocabulary, batch_size, context, self._random_prompts)

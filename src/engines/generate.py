@@ -308,3 +308,21 @@ def generate_splitting_on_oom(
                 generate, prompts[part], part_lengths, on_split, fail_above, part_caches
             )
         return results
+
+
+# Decode steps per timing in `time_decode_step`: enough to average out the first step's allocations.
+TIMED_STEPS = 8
+
+
+def time_decode_step(generate, vocabulary: int, batch_size: int, context: int, generator: torch.Generator) -> float:
+    """The seconds of one decode step of `batch_size` rows at a `context`-token cache through an engine's `generate`:
+    random prompts of ordinary tokens (drawn from `generator`), one call of 1 token and one of 1 + TIMED_STEPS, every
+    row replayed to the end, so that the prefill cancels out and no EOS ends a row early."""
+    # prompts: [B, context]
+    prompts = torch.randint(100, vocabulary, (batch_size, context), generator=generator).tolist()
+    timings = []
+    for new_tokens in (1, 1 + TIMED_STEPS):
+        start = time.perf_counter()
+        generate(prompts, new_tokens, 0.0, [new_tokens] * batch_size)
+        timings.append(time.perf_counter() - start)
+    return max(1e-9, (timings[1] - timings[0]) / TIMED_STEPS)

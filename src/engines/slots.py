@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .base import DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome, EngineBase, QueueResult
+from .decode_loop import EndTokens
 from .eager import TransformersEngine
 from .generate import GeneratedSample, left_pad, replay_scores
 from .slot_cache import SlotCache
@@ -56,23 +57,6 @@ class Answer:
     def position(self) -> int:
         """The position of its last token, the input of its next step (positions count from its prompt's first)."""
         return self.prompt_length + len(self.tokens) - 1
-
-
-@dataclass(frozen=True)
-class EndTokens:
-    """`eos_mask` [1, V]: True at the EOS ids; `forced_end` [1, V]: scores that allow only the first EOS."""
-
-    ids: tuple[int, ...]
-    eos_mask: torch.Tensor
-    forced_end: torch.Tensor
-
-    @classmethod
-    def of(cls, eos_token_ids: list[int], vocabulary: int, device) -> EndTokens:
-        eos_mask = torch.zeros((1, vocabulary), dtype=torch.bool, device=device)
-        eos_mask[0, eos_token_ids] = True
-        forced_end = torch.full((1, vocabulary), -float("inf"), device=device)
-        forced_end[0, eos_token_ids[0]] = 0.0
-        return cls(tuple(eos_token_ids), eos_mask, forced_end)
 
 
 def choose_tokens(logits: torch.Tensor, answers: list[Answer], end: EndTokens) -> list[int]:
@@ -284,7 +268,9 @@ class SlotEngine(EngineBase):
 
     def end_tokens(self, logits: torch.Tensor) -> EndTokens:
         if self._end_tokens is None:
-            self._end_tokens = EndTokens.of(self.eos_token_ids, logits.shape[-1], logits.device)
+            self._end_tokens = EndTokens.of(
+                self.eos_token_ids, logits.shape[-1], logits.device, self.tokenizer.pad_token_id
+            )
         return self._end_tokens
 
     def generate(

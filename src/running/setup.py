@@ -9,7 +9,7 @@ from ..common.distributed import Processes
 from ..common.models import SMOLLM2_ALIAS, VICUNA_SHAPE_ALIAS, check_adapter_path, check_model_name
 from ..common.utils import UserError
 from ..engines.base import Engine
-from ..engines.registry import AUTO_ENGINE, DEFAULT_ENGINE, ENGINES
+from ..engines.registry import AUTO_ENGINE, DEFAULT_ENGINE, engine_names
 from ..predictors.registry import PREDICTORS, build_predictor
 from ..scheduling.cost_model import load_profiles
 from ..scheduling.vbs_choice import CANDIDATE_BATCH_SIZES
@@ -43,13 +43,14 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--engine",
         default=DEFAULT_ENGINE,
-        choices=[AUTO_ENGINE, *sorted(ENGINES)],
+        choices=[AUTO_ENGINE, *engine_names()],
         help="how the model runs (src/engines/registry.py): transformers = eager generate and its continuous "
-        "batching; compiled = a static KV cache and torch.compile (CUDA graphs on a GPU); graph = the compiled "
-        "engine's caches with the whole decode step in one compiled function and no wait for the device between "
-        "steps; captured = the graph engine's loop with its eager step captured in CUDA graphs, nothing compiled "
-        "(graph and captured: not yet run on a GPU); slots = transformers' static batches, and continuous batching "
-        "by its own loop that gives a finished answer's row of a static cache to the next request; "
+        "batching; compiled, graph and captured = one static-cache engine with kept caches per batch shape, told apart "
+        "by their decode step: compiled = generate with its step compiled by torch.compile (CUDA graphs on a GPU); "
+        "graph = the engine's own loop, the whole step one compiled function, no wait for the device between steps; "
+        "captured = that loop with its eager step captured in CUDA graphs, nothing compiled (graph and captured: not "
+        "yet run on a GPU, on no default path); slots = transformers' static batches, and continuous batching by its "
+        "own loop that gives a finished answer's row of a static cache to the next request; "
         "auto = compiled on CUDA, slots elsewhere",
     )
     parser.add_argument(
