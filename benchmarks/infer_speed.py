@@ -32,7 +32,7 @@ from src import benchmark, infer
 from src.common.answers import read_complete_lines
 from src.common.cli import check_output_dir, check_output_file, run_cli
 from src.common.data import PAPER_VAL_DATA, default_length_path, load_conversations, select_samples
-from src.common.utils import UserError, write_json_atomic
+from src.common.utils import UserError, provenance, write_json_atomic
 from src.running.plan import QUEUE_STRATEGY
 from src.scheduling.metrics import length_metrics
 
@@ -62,7 +62,8 @@ def run_benchmark(args: argparse.Namespace, strategy: str, max_length: int) -> d
 
 
 def measure_parity(args: argparse.Namespace, common: list[str], work: Path, max_length: int) -> dict:
-    output = {"part": "parity", "max_length": max_length, "num_data": args.num_data, "pairs": []}
+    output = {"part": "parity", "max_length": max_length, "num_data": args.num_data, "provenance": provenance()}
+    output["pairs"] = []
     for repeat in range(args.repeats):
         answers = work / f"default-{repeat}.jsonl"
         infer_flags = [*common, "--predictor-path", args.predictor_path[0], "--output", str(answers)]
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         first_predictor = ["--predictor-path", args.predictor_path[0]]
         runs += [("continuous (manager)", ["--strategy", "continuous", "--engine", "transformers"])]
         runs += [("proxy+fcr+resume", ["--strategy", "proxy+fcr+resume", "--engine", "transformers", *first_predictor])]
-    output = {"part": args.part, "max_length": max_length, "num_data": args.num_data, "runs": {}}
+    output = {"part": args.part, "max_length": max_length, "num_data": args.num_data, "provenance": provenance()}
+    output["runs"] = {}
     for name, flags in runs:
         answers = work / f"{name.replace('/', '_').replace(':', '-').replace(' ', '_').strip('()')}.jsonl"
         summary = infer.main([*common, *flags, "--output", str(answers)])
