@@ -64,7 +64,7 @@ CONTINUOUS_PART = "continuous"
 PLAIN_CONTINUOUS_PART = "continuous-plain"  # the fallback at the manager's plain settings
 # benchmarks.train_smoke (train.sh for a few steps, the adapter loaded by src.eval); its paper preset needs CUDA
 TRAIN_PART = "train"
-# benchmarks.decode_step: one step of --batch-size rows at a 768-token cache (the 5.5 ms) on the captured and
+# benchmarks.decode_step: one step of --batch-size rows at a 768-token cache on the captured and
 # graph engines in one process, with each one's compilation and captures (warmup_s)
 STEP_PART = "step"
 STEP_ENGINES = ["captured", "graph"]

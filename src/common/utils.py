@@ -197,9 +197,13 @@ def provenance(device: str = "cpu") -> dict:
     import subprocess
     from datetime import datetime, timezone
 
+    project = Path(__file__).resolve().parents[2]  # the checkout this code runs from, wherever the command runs
+
     def git(*arguments: str) -> str | None:
         try:
-            done = subprocess.run(["git", *arguments], capture_output=True, text=True, timeout=10, check=True)
+            done = subprocess.run(
+                ["git", *arguments], capture_output=True, text=True, timeout=10, check=True, cwd=project
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip()

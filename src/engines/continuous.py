@@ -6,9 +6,9 @@ Its defaults size the KV cache from free memory (0.9 of it: about 19 GB of RAM o
 from the requests.
 
 Its defaults also leave its step slow on a GPU with the attention the static engines use (sdpa): an attention mask is
-then needed, so the manager turns its CUDA graphs and asynchronous batching off, and on an H200 an iteration of 28
-slots of the 7B shape took 100 ms, ten times a compiled static step. `CONTINUOUS_SPEEDS` name the settings a run
-asks for; the resolved ones come back in `ContinuousOutcome.settings`, so that a result says what ran.
+then needed, so the manager turns its CUDA graphs and asynchronous batching off, and each iteration pays every kernel
+launch from the host (docs/GPU.md measures it against a compiled static step). `CONTINUOUS_SPEEDS` name the settings a
+run asks for; the resolved ones come back in `ContinuousOutcome.settings`, so that a result says what ran.
 """
 
 from __future__ import annotations

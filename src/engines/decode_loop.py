@@ -2,11 +2,10 @@
 each choose every row's next token in place, on tensors at fixed addresses, so that a step can be compiled into one
 function or captured into one CUDA graph (src.engines.decode_steps) and replayed back to back.
 
-Why not transformers' `generate`: on an H200 its compiled step of 16 rows of the 7B shape took 9.0 ms against a floor
-of about 4 ms (the weights and the cache read once). `generate` runs its logits processors and stopping criteria as
-separate kernels around the forward pass and, on CUDA, waits for the device at every step to learn whether every row
-has finished, so the host cannot queue the next step while the device runs this one. Here the host asks only every
-`CHECK_EVERY` steps, and never when every row's length is replayed, since the step count is then known.
+Why not transformers' `generate`: it runs its logits processors and stopping criteria as separate kernels around the
+forward pass and, on CUDA, waits for the device at every step to learn whether every row has finished, so the host
+cannot queue the next step while the device runs this one (docs/GPU.md measures what that costs). Here the host asks
+only every `CHECK_EVERY` steps, and never when every row's length is replayed, since the step count is then known.
 
 The loop decodes greedily, with replayed lengths where asked, as `generate` under the replay processor does (tested
 token for token on the CPU in float32); the engine sends sampling, and models whose generation config adds logits

@@ -33,8 +33,8 @@ class DecodeStep(Protocol):
 def compile_settings():
     """torch's symbolic-shape settings while a step compiles: duck sizing off. With it, dimensions of equal size get one
     symbol at the first compilation, so a first batch of 2 rows was tied to the test model's 2 KV heads and the next
-    batch size compiled the model again (as the H200 run did, 92 s, at its first batch of 16 rows); without it the
-    first compilation is the only one (tested). Scoped to the engine's calls, not set for the whole process."""
+    batch size compiled the model again; without it the first compilation is the only one (tested). Scoped to the
+    engine's calls, not set for the whole process."""
     return torch.fx.experimental._config.patch(use_duck_shape=False)
 
 
@@ -120,13 +120,13 @@ class CapturedStep:
     """`captured`: nothing compiled. On CUDA each shape's eager step is captured by `torch.cuda.graph` at its first
     decode step into a graph kept in the slot, and replayed from then on; elsewhere the step runs eagerly.
 
-    Why: on an H200, torch.compile took 150 s to compile the 7B shape's step, a third of the GPU table's 450 s budget
-    before its first sample. A CUDA graph of the eager kernels costs a capture per shape and removes the host's
-    launches, which make eager decoding host-bound; it keeps every eager kernel (no fusion), so its step should sit
-    between the eager engine's and the graph engine's. transformers' models skip their host-side checks while a
-    stream is capturing, as while torch.compile traces. A shape's first replay is checked against the last warm-up
-    step, which ran the same step eagerly from the same state: a capture that does not reproduce it stops the run
-    instead of writing other answers. Sampled batches go through `generate`, told not to compile (on CUDA it would)."""
+    Why: compiling a 7B model's step takes minutes on a GPU (docs/GPU.md), paid before the first answer. A CUDA graph of
+    the eager kernels costs a capture per shape and removes the host's launches, which make eager decoding host-bound;
+    it keeps every eager kernel (no fusion), so its step should sit between the eager engine's and the graph engine's.
+    transformers' models skip their host-side checks while a stream is capturing, as while torch.compile traces. A
+    shape's first replay is checked against the last warm-up step, which ran the same step eagerly from the same state:
+    a capture that does not reproduce it stops the run instead of writing other answers. Sampled batches go through
+    `generate`, told not to compile (on CUDA it would)."""
 
     decodes_in_loop = True
     generate_options = {"disable_compile": True}

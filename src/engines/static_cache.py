@@ -3,8 +3,8 @@
 the whole step compiled) or `captured` (the same loop, the eager step captured in a CUDA graph). Each of those
 `--engine` names is this one class with another step; a new step is one class in decode_steps.py.
 
-Eager decoding of a 7B model at batch 16 spends 10 to 15 times the time that reading the weights takes, in Python and
-kernel launches; a CUDA graph replays a whole step in one launch. Compilation and capture are paid per shape, so
+Eager decoding of a large model in small batches is bound by Python and the host's kernel launches, not by reading the
+weights; a CUDA graph replays a whole step in one launch. Compilation and capture are paid per shape, so
 shapes are bounded: a batch's rows are rounded up to a power of two, at least 2 (filler rows of one token end at their
 first step, and their results are dropped), and its cache length up to a multiple of `CACHE_LENGTH_STEP`. Each new
 (rows, cache length) shape costs one warm-up on filler prompts (CUDA graphs are recorded per shape), timed in
