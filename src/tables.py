@@ -1,0 +1,176 @@
+"""README's and docs' tables of measured runs, built from the results files that ship in results/.
+
+    python -m src.tables            # rebuild every marked table and compare: exit 1 naming each one that differs
+    python -m src.tables --write    # rewrite every marked table from its results file
+
+A published run writes its JSON (its `--output-json`, with the `provenance` of `src.common.utils.provenance`: the
+command, commit, date and machine) and the JSON is copied into results/. A table in a markdown file is marked by a line
+`<!-- table NAME -->`; the block under it (a line naming the run, a blank line, the table) is exactly what
+`TABLES[NAME]` builds from its results file. So a figure in a marked table is the
+results file's, and a cell edited by hand is found by `tests/test_tables.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+RESULTS = PROJECT / "results"
+# the markdown files whose marked tables are checked, relative to the project
+DOCUMENTS = ("README.md", "docs")
+MARKER = re.compile(r"^<!-- table ([a-z0-9-]+) -->$")
+
+
+RUN_LINE_START = "Run: "
+
+
+def run_line(provenance: dict) -> str:
+    """The sentence that names a table's run."""
+    return (
+        f"{RUN_LINE_START}`{provenance['command']}` at commit {provenance['commit']}, {provenance['date']}, "
+        f"{provenance['machine']}, torch {provenance['torch']}, transformers {provenance['transformers']}."
+    )
+
+
+def times(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def infer_real_rows(results: dict) -> list[tuple[str, dict]]:
+    """benchmarks.infer_speed real's runs, each with the words a table gives it, in the script's order."""
+    names = {
+        "vanilla": "plain batches, file order (`--strategy vanilla`)",
+        "continuous (manager)": "transformers' continuous batching (its manager, FCFS)",
+        "proxy+fcr+resume": "`proxy+fcr+resume` (static batches, cut and resumed)",
+    }
+    rows = []
+    for name, run in results["runs"].items():
+        if name.startswith("default:"):
+            words = f"**the default**: `{run['strategy']}`"
+        else:
+            words = names[name]
+        rows.append((words, run))
+    return rows
+
+
+def infer_real_table(results: dict) -> list[str]:
+    """README's short table: requests/s, mean latency and texts against vanilla's."""
+    lines = [
+        f"| run on the same {results['num_data']} requests | requests/s | x vanilla | mean latency | texts equal to "
+        "vanilla's |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for words, run in infer_real_rows(results):
+        texts = "-" if run["strategy"] == "vanilla" else f"{run['texts_equal_to_vanilla']} / {run['requests']}"
+        lines.append(
+            f"| {words} | {run['requests_per_s']:.3f} | {times(run['speedup_over_vanilla'])} | "
+            f"{run['mean_latency_s']:.1f} s ({times(run['latency_over_vanilla'])}) | {texts} |"
+        )
+    return lines
+
+
+def infer_real_full_table(results: dict) -> list[str]:
+    """docs/INFER.md's table: the short one's columns, with token slots, against vanilla's and each other's."""
+    lines = [
+        "| run | requests/s | x vanilla | mean latency | x vanilla | token slots | effective token ratio | texts equal "
+        "to vanilla's |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for words, run in infer_real_rows(results):
+        texts = "-" if run["strategy"] == "vanilla" else f"{run['texts_equal_to_vanilla']} / {run['requests']}"
+        lines.append(
+            f"| {words} | {run['requests_per_s']:.3f} | {times(run['speedup_over_vanilla'])} | "
+            f"{run['mean_latency_s']:.1f} s | {times(run['latency_over_vanilla'])} | {run['token_slots']:,} | "
+            f"{run['effective_token_ratio'] * 100:.1f} % | {texts} |"
+        )
+    return lines
+
+
+@dataclass(frozen=True)
+class Table:
+    results: str  # its file under results/
+    build: Callable[[dict], list[str]]  # the table's lines from that file's JSON
+
+
+TABLES = {
+    "infer-real": Table("infer-real-256.json", infer_real_table),
+    "infer-real-full": Table("infer-real-256.json", infer_real_full_table),
+}
+
+
+def built_block(name: str, results_dir: Path = RESULTS) -> list[str]:
+    """What the marker of table `name` must be followed by: the run's line, a blank line, the table."""
+    table = TABLES[name]
+    results = json.loads((results_dir / table.results).read_text())
+    return [run_line(results["provenance"]), "", *table.build(results)]
+
+
+def marked_blocks(lines: list[str]) -> list[tuple[str, int, int]]:
+    """Each marked table of a markdown file's lines: (name, first line after the marker, end). The block is the run's
+    line (it starts with "Run: "), the blank line after it and the table's lines after that; a marker followed by
+    anything else has an empty block, where --write inserts one."""
+    blocks = []
+    for index, line in enumerate(lines):
+        match = MARKER.match(line)
+        if not match:
+            continue
+        start = end = index + 1
+        if end < len(lines) and lines[end].startswith(RUN_LINE_START):
+            end += 2
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+        blocks.append((match.group(1), start, min(end, len(lines))))
+    return blocks
+
+
+def documents(project: Path = PROJECT) -> list[Path]:
+    paths = []
+    for entry in DOCUMENTS:
+        path = project / entry
+        paths += sorted(path.glob("*.md")) if path.is_dir() else [path]
+    return paths
+
+
+def rebuilt(text: str, results_dir: Path = RESULTS) -> tuple[str, list[str]]:
+    """The markdown `text` with every marked table rebuilt, and the names of those that differed or are unknown."""
+    lines = text.split("\n")
+    differing = []
+    for name, start, end in reversed(marked_blocks(lines)):
+        if name not in TABLES:
+            differing.append(f"{name} (no such table in src.tables.TABLES)")
+            continue
+        block = built_block(name, results_dir)
+        if lines[start:end] != block:
+            differing.append(name)
+            lines[start:end] = block
+    return "\n".join(lines), differing[::-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="rewrite the marked tables that differ")
+    args = parser.parse_args(argv)
+    problems = 0
+    for path in documents():
+        text = path.read_text()
+        new_text, differing = rebuilt(text)
+        for name in differing:
+            where = path.relative_to(PROJECT)
+            print(f"{where}: table {name} differs from its results file" + (": rewritten" if args.write else ""))
+        problems += len(differing)
+        if args.write and new_text != text:
+            path.write_text(new_text)
+    if problems and not args.write:
+        print("run `python -m src.tables --write` to rebuild them from results/", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Every marked table in README and docs/ is what its results file says, a cell edited by hand is found, and every
+results file names its run (command, commit, date, machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from src import tables
+from src.common.utils import provenance
+
+PROVENANCE = {
+    "command": "python -m benchmarks.infer_speed real --num-data 4",
+    "commit": "abc1234",
+    "date": "2026-12-07 18:00 UTC",
+    "machine": "AMD EPYC, 2 cores",
+    "torch": "2.13.0+cpu",
+    "transformers": "5.23.0",
+}
+
+
+def made_up_results() -> dict:
+    vanilla = {"strategy": "vanilla", "requests": 4, "requests_per_s": 0.25, "speedup_over_vanilla": 1.0}
+    vanilla |= {"mean_latency_s": 200.0, "latency_over_vanilla": 1.0, "texts_equal_to_vanilla": 4}
+    vanilla |= {"token_slots": 1024, "effective_token_ratio": 0.5}
+    default = {"strategy": "continuous:proxy", "requests": 4, "requests_per_s": 0.5, "speedup_over_vanilla": 2.0}
+    default |= {"mean_latency_s": 80.0, "latency_over_vanilla": 0.4, "texts_equal_to_vanilla": 3}
+    default |= {"token_slots": 600, "effective_token_ratio": 0.85333}
+    runs = {"vanilla": vanilla, "default:predictors/proxy": default}
+    return {"part": "real", "num_data": 4, "provenance": PROVENANCE, "runs": runs}
+
+
+def test_a_table_is_built_from_its_results_file(tmp_path):
+    (tmp_path / "infer-real-256.json").write_text(json.dumps(made_up_results()))
+    assert tables.built_block("infer-real", tmp_path) == [
+        "Run: `python -m benchmarks.infer_speed real --num-data 4` at commit abc1234, 2026-12-07 18:00 UTC, AMD EPYC, "
+        "2 cores, torch 2.13.0+cpu, transformers 5.23.0.",
+        "",
+        "| run on the same 4 requests | requests/s | x vanilla | mean latency | texts equal to vanilla's |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        "| plain batches, file order (`--strategy vanilla`) | 0.250 | 1.00x | 200.0 s (1.00x) | - |",
+        "| **the default**: `continuous:proxy` | 0.500 | 2.00x | 80.0 s (0.40x) | 3 / 4 |",
+    ]
+    full = tables.built_block("infer-real-full", tmp_path)
+    assert full[-1] == "| **the default**: `continuous:proxy` | 0.500 | 2.00x | 80.0 s | 0.40x | 600 | 85.3 % | 3 / 4 |"
+
+
+def test_a_cell_edited_by_hand_is_found_and_rebuilt(tmp_path):
+    (tmp_path / "infer-real-256.json").write_text(json.dumps(made_up_results()))
+    block = tables.built_block("infer-real", tmp_path)
+    text = "\n".join(["# Title", "", "<!-- table infer-real -->", *block, "", "After the table.", ""])
+    assert tables.rebuilt(text, tmp_path) == (text, [])
+    edited = text.replace("| 0.500 |", "| 0.600 |")
+    assert edited != text
+    assert tables.rebuilt(edited, tmp_path) == (text, ["infer-real"])
+    shortened = text.replace("| 3 / 4 |\n", "|\n")  # a cut row
+    assert tables.rebuilt(shortened, tmp_path) == (text, ["infer-real"])
+    unknown = text.replace("table infer-real", "table infer-nothing")
+    assert tables.rebuilt(unknown, tmp_path)[1] == ["infer-nothing (no such table in src.tables.TABLES)"]
+
+
+def test_every_marked_table_in_the_docs_equals_its_results_file():
+    used = set()
+    for path in tables.documents():
+        text = path.read_text()
+        assert tables.rebuilt(text)[1] == [], f"{path}: run python -m src.tables --write"
+        used |= {name for name, _, _ in tables.marked_blocks(text.split("\n"))}
+    assert used == set(tables.TABLES)  # every table is published somewhere
+    assert "<!-- table infer-real -->" in (tables.PROJECT / "README.md").read_text()
+
+
+def test_every_results_file_names_its_run_and_the_folder_stays_small():
+    files = sorted(tables.RESULTS.glob("*.json"))
+    assert files
+    for path in files:
+        named = json.loads(path.read_text())["provenance"]
+        assert all(named[key] for key in ("command", "commit", "date", "machine", "torch", "transformers")), path
+        assert named["command"].startswith("python -m ") and "+changes" not in named["commit"], path
+    assert sum(path.stat().st_size for path in tables.RESULTS.iterdir()) < 5 * 2**20
+
+
+def test_provenance_names_this_checkout():
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=tables.PROJECT)
+    named = provenance()
+    assert named["commit"].removesuffix("+changes") == head.stdout.strip()
+    assert named["machine"].endswith(" cores") and named["date"].endswith(" UTC")
