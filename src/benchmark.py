@@ -25,6 +25,7 @@ from .common.cli import (
     check_output_file,
     check_outputs_are_not_inputs,
     check_range,
+    check_temperature,
     run_cli,
 )
 from .common.data import (
@@ -35,6 +36,7 @@ from .common.data import (
     select_samples,
 )
 from .common.distributed import Processes, share_groups, start_processes
+from .common.models import model_folder
 from .common.utils import UserError, describe_device, library_versions, partial_path
 from .engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
@@ -200,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--arrival-rate runs in the dry run only (the iteration model): add --dry-run")
     check_device_profile(args)
     check_range("--seed", args.seed, 0, MAX_SEED)
-    check_range("--temperature", args.temperature, 0)
+    check_temperature("--temperature", args.temperature)
     check_range("--fcr-quantile", args.fcr_quantile, 0, 1, open_low=True, open_high=True)
     check_output_file("--output-json", args.output_json)
     check_output_dir("--answers-dir", args.answers_dir)
@@ -213,7 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.length_path is None:
         args.length_path = default_length_path(args.data_path)
     inputs = {flag: getattr(args, flag[2:].replace("-", "_")) for flag in INPUT_FLAGS}
-    check_outputs_are_not_inputs({"--output-json": args.output_json}, inputs)
+    inputs["--model"] = None if args.dry_run else model_folder(args.model)
+    check_outputs_are_not_inputs({"--output-json": args.output_json}, inputs, {"--answers-dir": args.answers_dir})
     return args
 
 

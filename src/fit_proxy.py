@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .common.cli import MAX_SEED, HelpFormatter, check_output_dir, check_range, run_cli
+from .common.cli import MAX_SEED, HelpFormatter, check_output_dir, check_range, check_temperature, run_cli
 from .common.data import PAPER_TRAIN_DATA, length_field
 from .common.request_file import check_request_file, read_requests
 from .common.utils import UserError, write_json_atomic, write_text_atomic
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_range(flag, value, 1)
     check_range("--batch-size", args.batch_size, 1)
     check_range("--holdout", args.holdout, 1)
-    check_range("--temperature", args.temperature, 0)
+    check_temperature("--temperature", args.temperature)
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_range("--epochs", args.epochs, 0, open_low=True)
     check_range("--learning-rate", args.learning_rate, 0, open_low=True)

@@ -26,20 +26,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from .common.answers import AnswerWriter, answered_ids, merge_rank_files, rank_path, read_run_settings, settings_path
+from .common.answers import (
+    AnswerWriter,
+    answered_ids,
+    check_answers_still_asked,
+    lock_output,
+    merge_rank_files,
+    rank_path,
+    read_run_settings,
+    settings_path,
+)
 from .common.cli import (
     MAX_SEED,
     HelpFormatter,
     check_output_file,
     check_outputs_are_not_inputs,
     check_range,
+    check_temperature,
     run_cli,
 )
 from .common.data import Sample, load_replay_lengths
 from .common.distributed import start_processes
-from .common.request_file import check_request_file, read_requests
-from .common.utils import UserError, write_json_atomic, write_text_atomic
+from .common.models import model_folder
+from .common.request_file import check_request_file, read_requests, request_fingerprints
+from .common.utils import GZIP_SUFFIX, UserError, resolve_device, resolve_dtype, write_json_atomic, write_text_atomic
+from .engines.registry import resolve_engine_name
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.proxy import SHIPPED_PROXY_PATH
 from .predictors.registry import PREDICTORS, build_predictor
@@ -119,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size)):
         check_range(flag, value, 1)
     check_range("--group-size", args.group_size, 1)
-    check_range("--temperature", args.temperature, 0)
+    check_temperature("--temperature", args.temperature)
     check_range("--top-p", args.top_p, 0, 1, open_low=True)
     check_range("--seed", args.seed, 0, MAX_SEED)
     check_predictor_arguments(args)
@@ -148,11 +161,16 @@ def infer_settings(args) -> RunSettings:
 
 def check_paths(args) -> None:
     """Outputs can be written and none of them is an input."""
+    if args.output.endswith(GZIP_SUFFIX):  # appended line by line through a kill, which a gzip stream cannot be
+        raise UserError(f"--output {args.output}: answers are appended as plain JSON lines; name it without .gz")
     check_output_file("--output", args.output)
     check_output_file("--summary-json", args.summary_json)
     inputs = {"--input": args.input, "--replay-lengths": args.replay_lengths, "--length-path": args.length_path}
     inputs |= {"--predictions-path": args.predictions_path, "--predictor-path": args.predictor_path}
-    check_outputs_are_not_inputs({"--output": args.output, "--summary-json": args.summary_json}, inputs)
+    inputs |= {"--model": model_folder(args.model), "--lora-path": args.lora_path}
+    outputs = {"--output": args.output, "--summary-json": args.summary_json}
+    outputs |= {"--output's settings file": settings_path(args.output)}
+    check_outputs_are_not_inputs(outputs, inputs)
 
 
 def choose_strategy(args):
@@ -171,7 +189,14 @@ def choose_strategy(args):
 
 
 def answer_settings(args) -> dict:
-    return {key: getattr(args, key) for key in ANSWER_SETTINGS}
+    """What makes the answers, resolved: an `auto` dtype and engine as this device resolves them, and the device's
+    kind, so that a float16 CUDA output is never continued in float32 on a CPU."""
+    settings = {key: getattr(args, key) for key in ANSWER_SETTINGS}
+    device = resolve_device(args.device)
+    settings["dtype"] = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
+    settings["engine"] = resolve_engine_name(args.engine, device)
+    settings["device_type"] = device.split(":")[0]
+    return settings
 
 
 def check_settings(args, answered: int) -> None:
@@ -182,7 +207,7 @@ def check_settings(args, answered: int) -> None:
     earlier = read_run_settings(path)
     if earlier != settings:
         different = (
-            [key for key in ANSWER_SETTINGS if earlier.get(key) != settings[key]]
+            [key for key in settings if earlier.get(key) != settings[key]]
             if isinstance(earlier, dict)
             else [f"{path} is missing or unreadable"]
         )
@@ -198,10 +223,21 @@ def check_settings(args, answered: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = infer_settings(args)
-    strategy = settings.strategies[0]
-    ids = check_request_file(args.input)  # a malformed file stops here, before any model loads
+    check_request_file(args.input)  # a malformed file stops here, before any model loads
+    ids = request_fingerprints(args.input)  # id -> what it asks, in file order
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
+    lock = lock_output(args.output, processes)  # before the output is read: a second run must not repair it
+    try:
+        return answer_requests(args, settings, ids, processes)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes) -> dict:
+    """Every pending request answered into the output (the lock held), and the run's summary."""
+    strategy = settings.strategies[0]
     answered, pending = pending_ids(args, ids, processes)
     replay = load_replay_lengths(args.replay_lengths, args.replay_field, pending)
     check_model_arguments(args)  # after the file checks, so that a mistake there is named first; before any load
@@ -214,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     if processes.is_main:
         write_text_atomic(settings_path(args.output), json.dumps(answer_settings(args), indent=2) + "\n")
     if not pending:
+        if processes.is_main:  # a run killed during its merge left answers in other processes' files
+            merge_rank_files(args.output)
         print(f"all {len(ids)} requests of {args.input} are answered in {args.output}", file=sys.stderr)
         return {"requests": 0, "answered_before": len(answered)}
 
@@ -232,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_warmup:  # one-off costs (allocator, kernels) before the clock starts
         loaded.engine.generate([loaded.formatter.encode("Hello")], 2, 0.0)
     executor = StaticBatchExecutor(loaded.engine, {}, args.temperature, replay, top_p=args.top_p)
-    writer = AnswerWriter(rank_path(args.output, processes.rank))
+    writer = AnswerWriter(rank_path(args.output, processes.rank), ids)
     runner = Runner(
         settings, predictor, loaded.formatter, loaded.engine, executor, writer, context_length(loaded.model)
     )
@@ -254,14 +292,21 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def pending_ids(args, ids: list[str], processes) -> tuple[set[str], list[str]]:
+def pending_ids(args, ids: dict[str, str], processes) -> tuple[set[str], list[str]]:
     """The ids answered before (under the same settings, else refused) and those still to answer, in file order;
     a line a kill cut short is cut off first."""
+    output = Path(args.output)
+    if output.is_file() and output.stat().st_size and not settings_path(args.output).is_file():
+        raise UserError(
+            f"{output} holds lines that no src.infer run wrote (it has no {settings_path(args.output).name} beside "
+            "it): choose another --output, or move that file away"
+        )
     check_settings(args, len(answered_ids(args.output, repair=False)))  # in every process: all stop alike
     processes.wait()
     if processes.is_main:
         answered_ids(args.output, repair=True)  # a line a kill cut short is cut off before anything is appended
     processes.wait()  # every process reads the repaired files
+    check_answers_still_asked(args.output, args.input, ids)
     answered = answered_ids(args.output, repair=False) & set(ids)
     return answered, [sample_id for sample_id in ids if sample_id not in answered]
 

@@ -17,13 +17,15 @@ OUTPUT is written in one step; the partial file goes away. Resuming with other p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from pathlib import Path
 
-from .common.answers import read_complete_lines, read_run_settings
+from .common.answers import OutputLock, read_complete_lines, read_run_settings
 from .common.cli import HelpFormatter, check_output_file, check_outputs_are_not_inputs, check_range, run_cli
 from .common.data import default_length_path, load_conversations
+from .common.models import model_folder
 from .common.utils import UserError, partial_path, path_fingerprint, write_text_atomic
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor, is_prediction_row
@@ -73,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.length_path = args.length_path or default_length_path(args.data_path)
     inputs = {"--data-path": args.data_path, "--length-path": args.length_path}
     inputs |= {"--predictor-path": args.predictor_path, "--predictions-path": args.predictions_path}
+    inputs |= {"--model": model_folder(args.model), "--lora-path": args.lora_path}
     check_outputs_are_not_inputs({"--output": args.output}, inputs)
     return args
 
@@ -91,6 +94,12 @@ def prediction_row(sample_id: str, predicted: int, quantiles: list[float] | None
     return row
 
 
+def prompt_fingerprint(prompt: str) -> str:
+    """A short hash of a prompt, kept with its prediction in the partial file, so that a resumed run knows the prompt
+    it predicted is still the one in the data."""
+    return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
 def ranked(rows: list[dict], order: list[str]) -> list[dict]:
     """Rows in file order, each with its rank by predicted length (1 = shortest; ties keep file order)."""
     by_id = {row["id"]: row for row in rows}
@@ -101,9 +110,15 @@ def ranked(rows: list[dict], order: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with OutputLock(args.output):  # one run per output: a second one must not repair or append to the partial file
+        return predict_all(args)
+
+
+def predict_all(args) -> dict:
+    """Every request's prediction, continuing the partial file of an interrupted run with the same settings."""
     from tqdm import tqdm
 
-    args = parse_args(argv)
     samples = load_conversations(args.data_path)
     order = [sample.id for sample in samples]
     settings = {key: getattr(args, key, None) for key in RESUME_KEYS}
@@ -120,6 +135,13 @@ def main(argv: list[str] | None = None) -> dict:
         unknown = [row["id"] for row in done if row["id"] not in set(order)]
         if unknown:
             raise UserError(f"{partial} has id {unknown[0]!r}, which {args.data_path} lacks: delete {partial}")
+        asked = {sample.id: prompt_fingerprint(sample.prompt) for sample in samples}
+        changed = [row["id"] for row in done if row.get("request") != asked[row["id"]]]
+        if changed:
+            raise UserError(
+                f"{partial} predicted id {changed[0]!r} for a prompt that {args.data_path} no longer asks: restore "
+                f"the data, or delete {partial} to predict anew"
+            )
         print(f"resuming: {len(done)} of {len(order)} requests were predicted before")
     finished = {row["id"] for row in done}
     todo = [sample for sample in samples if sample.id not in finished]
@@ -140,12 +162,13 @@ def main(argv: list[str] | None = None) -> dict:
                 for sample in chunk:
                     quantiles = rows[sample.id] if levels is not None else None
                     row = prediction_row(sample.id, predictions[sample.id], quantiles, levels, args.max_length)
+                    row["request"] = prompt_fingerprint(sample.prompt)  # in the partial file only
                     handle.write(json.dumps(row) + "\n")
                     done.append(row)
                 handle.flush()
                 os.fsync(handle.fileno())  # a chunk on disk is a chunk that a resumed run will not redo
                 progress.update(len(chunk))
-    lines = ranked(done, order)
+    lines = ranked([{key: value for key, value in row.items() if key != "request"} for row in done], order)
     write_text_atomic(args.output, "".join(json.dumps(row) + "\n" for row in lines))
     partial.unlink(missing_ok=True)
     settings_file.unlink(missing_ok=True)

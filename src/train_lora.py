@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -156,6 +157,39 @@ def plan_training_folder(output_dir: str, overwrite: bool) -> tuple[Path, str | 
     return training_folder, get_last_checkpoint(str(training_folder))
 
 
+def finished_run(folder: Path) -> dict | None:
+    """The arguments file of the finished adapter in `folder`, or None."""
+    marker = folder / ARGUMENTS_FILE
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def settle_interrupted_replacement(output_dir: str) -> bool:
+    """An --overwrite run killed after its new adapter was marked finished leaves a finished adapter in
+    `<output_dir>.replacing`: the new one, not yet swapped in (its `replaces` is the adapter in output_dir: the swap
+    is done now, and True returned), or the old one, swapped out but not yet deleted (output_dir's `replaces` names
+    it: it is deleted, so that this run neither resumes from its checkpoints nor swaps it back). Each finished adapter
+    records a `run_id`, and a replacement the `run_id` it replaces."""
+    import shutil
+
+    from .common.utils import replace_folder
+
+    folder, replacing = Path(output_dir), replacement_folder(output_dir)
+    aside, current = finished_run(replacing), finished_run(folder)
+    if aside is None or current is None:
+        return False
+    if aside.get("replaces") is not None and aside.get("replaces") == current.get("run_id"):
+        replace_folder(replacing, folder)
+        print(f"the adapter an interrupted run finished is now in {output_dir}")
+        return True
+    if current.get("replaces") is not None and current.get("replaces") == aside.get("run_id"):
+        shutil.rmtree(replacing)
+        return False
+    raise UserError(
+        f"{replacing} holds a finished adapter that is neither the one {output_dir} replaced nor its replacement: "
+        "move it away, then run again"
+    )
+
+
 def forget_unfinished_run(folder: Path) -> None:
     """--overwrite on a folder with no finished adapter: the checkpoints of the run it replaces go, so that this
     run starts from step 0 and an interruption of it resumes from its own checkpoints only."""
@@ -213,6 +247,8 @@ def main(argv: list[str] | None = None):
 
     model_args, data_args, lora_args, run_args, training_args = parse_args(argv)
     output_dir = training_args.output_dir
+    if run_args.overwrite and training_args.process_index == 0 and settle_interrupted_replacement(output_dir):
+        return None
     training_folder, resume_from = plan_training_folder(output_dir, run_args.overwrite)
     pairs = read_conversations(data_args)
     if run_args.check_only:
@@ -266,10 +302,13 @@ def main(argv: list[str] | None = None):
 
 
 def finish_adapter(training_folder: Path, output_folder: Path, arguments: dict) -> None:
-    """Mark the saved adapter finished (its arguments file, written last), then, for --overwrite, put its folder where
-    the finished one it replaces is, in one step: a reader finds the old adapter or the new one."""
+    """Mark the saved adapter finished (its arguments file, written last, with a `run_id` and the `run_id` it replaces),
+    then, for --overwrite, put its folder where the finished one it replaces is, in one step: a reader finds the old
+    adapter or the new one."""
     from .common.utils import replace_folder, write_json_atomic
 
+    replaced = finished_run(output_folder) if training_folder != output_folder else None
+    arguments = {**arguments, "run_id": uuid.uuid4().hex, "replaces": (replaced or {}).get("run_id")}
     write_json_atomic(training_folder / ARGUMENTS_FILE, arguments)
     if training_folder != output_folder:
         replace_folder(training_folder, output_folder)

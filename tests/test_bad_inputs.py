@@ -36,6 +36,8 @@ CASES = [
     (benchmark, "--dry-run {replay} --slots 0", "--slots must be at least 1"),
     (benchmark, "--dry-run {replay} --seed -1", "--seed must be at least 0 and at most 4294967295"),
     (benchmark, "--dry-run {replay} --temperature -0.5", "--temperature must be at least 0"),
+    (benchmark, "--dry-run {replay} --temperature 1e-40", "--temperature must be 0 (greedy) or at least 0.001"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --temperature 1e-9", "0 (greedy) or at least 0.001"),
     (benchmark, "--dry-run {replay} --fcr-quantile 1.5", "--fcr-quantile must be above 0 and below 1, got 1.5"),
     (benchmark, "--dry-run {replay} --fcr-retry-quantiles 0.8 1", "--fcr-retry-quantiles must be above 0 and below 1"),
     (benchmark, "--dry-run {replay} --fcr-retry-quantiles high", "--fcr-retry-quantiles expected levels"),
@@ -115,6 +117,41 @@ CASES = [
     (construct, "{data} --output-path {tmp}/small-length.json", "is the --length-path file"),
     (infer, "--input {tmp}/requests.jsonl --output {tmp}/requests.jsonl", "is the --input file"),
     (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --summary-json {tmp}/o.jsonl", "name the same file"),
+    # an output inside a folder the run reads (a model, a predictor) or writes (the answers)
+    (
+        infer,
+        "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --predictor-path {tmp}/folder "
+        "--summary-json {tmp}/folder/proxy_config.json",
+        "--summary-json {tmp}/folder/proxy_config.json lies inside the --predictor-path folder {tmp}/folder",
+    ),
+    (infer, "--input {tmp}/requests.jsonl --model {tmp}/folder --output {tmp}/folder/a.jsonl", "the --model folder"),
+    (benchmark, "{data} --model {tmp}/folder --output-json {tmp}/folder/config.json", "inside the --model folder"),
+    (
+        benchmark,
+        "{data} --answers-dir {tmp}/answers --output-json {tmp}/answers/vanilla.jsonl",
+        "--output-json {tmp}/answers/vanilla.jsonl lies inside the --answers-dir folder {tmp}/answers",
+    ),
+    (predict, "{data} --strategy gt --model {tmp}/folder --output {tmp}/folder/p.jsonl", "inside the --model folder"),
+    # an output file that holds what no run of this command wrote is never cut or appended to
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/mine.jsonl", "mine.jsonl holds lines that no src.infer run"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/trailer.jsonl", "trailer.jsonl line 2 is not an answer line"),
+    # what would be silently dropped or run otherwise
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --strategy vanilla+fcr", "vanilla is the unscheduled"),
+    (benchmark, "--dry-run {replay} --strategies vanilla+vbs", "+vbs, +fcr and +resume need a predictor"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --predictor-path {tmp}/nope", "no proxy predictor in"),
+    (infer, "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl.gz", "appended as plain JSON lines"),
+    (
+        infer,
+        "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --model smollm2-135m --strategy file "
+        "--predictions-path {tmp}/twice.jsonl",
+        "--predictions-path {tmp}/twice.jsonl: id 'r1' appears twice",
+    ),
+    (
+        infer,
+        "--input {tmp}/requests.jsonl --output {tmp}/o.jsonl --model smollm2-135m --strategy file "
+        "--predictions-path {tmp}/levels.jsonl",
+        "levels.jsonl line 1 is not a prediction line",
+    ),
     # length files: lengths are whole numbers of tokens, at least 0, one row per id
     (length_eval, "--strategy gt {data} --length-path {tmp}/negative.json", "has L_t0.3 = -3"),
     (length_eval, "--strategy gt {data} --length-path {tmp}/fractional.json", "has L_t0.3 = 2.5"),
@@ -177,6 +214,11 @@ def workspace(small_data, tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(bad))
     (tmp_path / "repeated.json").write_text(json.dumps(json.loads(lengths.read_text()) * 2))
     (tmp_path / "requests.jsonl").write_text('{"id": "r1", "prompt": "Say hi."}\n')
+    (tmp_path / "mine.jsonl").write_text('{"important": true}\n')
+    (tmp_path / "twice.jsonl").write_text('{"id": "r1", "predicted_length": 3}\n' * 2)
+    (tmp_path / "levels.jsonl").write_text('{"id": "r1", "predicted_length": 3, "quantiles": {"nan": 4}}\n')
+    (tmp_path / "trailer.jsonl").write_text('{"id": "r1", "text": "Hi."}\n{"summary": 1}\n')
+    (tmp_path / "trailer.jsonl.settings.json").write_text("{}")
     (tmp_path / "other.json.partial").write_text(json.dumps({"flags": {"max_length": 99}, "results": []}))
     (tmp_path / "damaged.json.partial").write_text('{"flags": ')
     (tmp_path / "torn.jsonl.partial").write_text('{"id": "a", "predic\n{"id": "b", "predicted_length": 3}\n')

@@ -92,7 +92,8 @@ def test_bad_records_become_error_lines_and_the_rest_run(eos_model_dir, tmp_path
     output = tmp_path / "out.jsonl"
     summary = run_infer(eos_model_dir, requests, output, strategy="vanilla")
     rows = answers_by_id(output)
-    assert rows["empty"] == {"id": "empty", "error": "empty prompt"}
+    assert {key: rows["empty"][key] for key in ("id", "error")} == {"id": "empty", "error": "empty prompt"}
+    assert rows["empty"].keys() == {"id", "error", "request"}  # and the hash of what it asked
     assert "exceed the model's context of 2048 tokens" in rows["long"]["error"]
     assert summary["errors"] == 2 and summary["requests"] == len(QUESTIONS)
     assert all("text" in rows[f"q{index}"] for index in range(len(QUESTIONS)))

@@ -11,6 +11,7 @@ from src import construct, train_lora
 from src import eval as length_eval
 from src.common.data import load_conversations
 from src.common.prompts import QUERY_PROMPT, VICUNA_TEMPLATE, PromptFormatter
+from src.common.utils import UserError
 from src.engines.generate import generate_batch
 from src.engines.registry import build_engine
 from src.predictors.registry import PredictorContext, build_predictor, parse_length_answer
@@ -409,6 +410,60 @@ def test_overwrite_interrupted_keeps_the_finished_adapter_and_resumes(
     for name in expected:
         torch.testing.assert_close(got[name], expected[name])
     assert any(not torch.equal(got[name], first[name]) for name in got)  # the other seed's adapter, not the first
+
+
+def test_overwrite_killed_after_its_swap_never_puts_the_old_adapter_back(
+    tiny_model_dir, small_data, tmp_path, monkeypatch
+):
+    """--overwrite killed after the swap, before the old adapter (now `<output_dir>.replacing`) is deleted: the same
+    command again deletes it and trains anew, instead of resuming from the old run's checkpoints and swapping the
+    old adapter back over the new one."""
+    from src.common import utils
+
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+    adapter = tmp_path / "adapter"
+    argv = [*four_step_argv(tiny_model_dir, instruct, adapter, "5"), "--overwrite", "True"]
+    train_lora.main(four_step_argv(tiny_model_dir, instruct, adapter, "3"))  # the adapter the next command replaces
+    old = lora_weights(adapter)
+
+    def swap_then_die(staging, folder):
+        assert utils.exchange_paths(staging, folder)
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(utils, "replace_folder", swap_then_die)
+        with pytest.raises(Killed):
+            train_lora.main(argv)
+    new = lora_weights(adapter)
+    assert (tmp_path / "adapter.replacing" / "checkpoint-4").is_dir()  # the old run's, now beside the new adapter
+    _, steps_run = train_counting_steps(monkeypatch, argv)
+    assert steps_run == [1, 2, 3, 4] and not (tmp_path / "adapter.replacing").exists()
+    got = lora_weights(adapter)
+    assert all(torch.equal(got[name], new[name]) for name in got)  # seed 5 again, from step 0: the same weights
+    assert any(not torch.equal(got[name], old[name]) for name in got)
+
+
+def test_an_interrupted_replacement_is_settled_by_its_run_ids(tmp_path):
+    """Which finished adapter `.replacing` holds is told by the run ids: the replacement, not yet swapped in (the swap
+    is done now), or the replaced one (deleted); a pair that names neither is refused."""
+    folder, replacing = tmp_path / "adapter", tmp_path / "adapter.replacing"
+
+    def finished(path, **marker):
+        path.mkdir(exist_ok=True)
+        (path / train_lora.ARGUMENTS_FILE).write_text(json.dumps(marker))
+
+    finished(folder, run_id="a")
+    finished(replacing, run_id="b", replaces="a")
+    assert train_lora.settle_interrupted_replacement(str(folder))
+    assert json.loads((folder / train_lora.ARGUMENTS_FILE).read_text()) == {"run_id": "b", "replaces": "a"}
+    assert not replacing.exists()
+    finished(replacing, run_id="a")
+    assert not train_lora.settle_interrupted_replacement(str(folder)) and not replacing.exists()
+    finished(replacing, run_id="c")
+    with pytest.raises(UserError, match="neither the one .* replaced nor its replacement"):
+        train_lora.settle_interrupted_replacement(str(folder))
 
 
 def test_train_sh_cpu_preset_trains_in_two_processes(tiny_model_dir, small_data, tmp_path):

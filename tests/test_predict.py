@@ -75,6 +75,37 @@ def test_an_interrupted_run_resumes_after_its_last_complete_line(small_data, tmp
     assert not partial.exists() and not (tmp_path / "predictions.jsonl.partial.settings.json").exists()
 
 
+def test_a_resume_refuses_predictions_of_prompts_the_data_no_longer_asks(small_data, tmp_path, monkeypatch):
+    """The partial file keeps a hash of each prompt it predicted: after an edit of a predicted prompt the run is
+    refused, naming the id, instead of keeping the old prompt's prediction."""
+    from src.common.utils import UserError
+
+    data, lengths = small_data
+    output = tmp_path / "predictions.jsonl"
+    argv = cli_args(data_path=data, length_path=lengths, strategy="gt", output=output, chunk_size=2)
+    oracle = PREDICTORS["gt"]
+
+    class StoppedInSecondChunk(oracle):
+        chunks = 0
+
+        def predict_raw(self, samples):
+            StoppedInSecondChunk.chunks += 1
+            if StoppedInSecondChunk.chunks == 2:
+                raise KeyboardInterrupt
+            return super().predict_raw(samples)
+
+    monkeypatch.setitem(PREDICTORS, "gt", StoppedInSecondChunk)
+    with pytest.raises(KeyboardInterrupt):
+        predict.main(argv)
+    monkeypatch.setitem(PREDICTORS, "gt", oracle)
+    records = json.loads(data.read_text())
+    records[1]["conversations"][0]["value"] = "Another question?"  # id b, predicted in the first chunk
+    data.write_text(json.dumps(records))
+    with pytest.raises(UserError, match="predicted id 'b' for a prompt that .* no longer asks"):
+        predict.main(argv)
+    assert [row["id"] for row in read_lines(tmp_path / "predictions.jsonl.partial")] == ["a", "b"]
+
+
 def test_resuming_with_other_settings_is_refused(small_data, tmp_path, capsys):
     data, lengths = small_data
     output = tmp_path / "predictions.jsonl"

@@ -74,6 +74,36 @@ def test_requests_that_cannot_run_are_kept_with_their_problem(tmp_path):
     }
 
 
+def test_an_openai_field_that_would_be_ignored_becomes_an_error_line_naming_it(tmp_path):
+    """A field src.infer does not honour (n > 1, streaming, nucleus sampling, stop strings, ...) is refused for its
+    line; at the value that asks for what src.infer does anyway (n 1, stream false, top_p 1, no stop), or a field that
+    changes nothing here (the model, the user), the line is answered."""
+    messages = [{"role": "user", "content": "hi"}]
+    bodies = {
+        "n2": {"n": 2},
+        "stream": {"stream": True},
+        "top-p": {"top_p": 0.9},
+        "stop": {"stop": ["\n"]},
+        "logprobs": {"logprobs": True},
+        "tools": {"tools": []},
+        "plain": {"model": "gpt-4o-mini", "user": "u1", "n": 1, "stream": False, "top_p": 1, "stop": None},
+        "no-stop": {"stop": []},
+    }
+    lines = [{"custom_id": name, "body": {"messages": messages, **fields}} for name, fields in bodies.items()]
+    problems = {request.id: request.problem for request in read_requests(write_lines(tmp_path / "in.jsonl", lines))}
+    suffix = " is not honoured by src.infer: remove it, or ask elsewhere"
+    assert problems == {
+        "n2": "body.n = 2" + suffix,
+        "stream": "body.stream = true" + suffix,
+        "top-p": "body.top_p = 0.9" + suffix,
+        "stop": 'body.stop = ["\\n"]' + suffix,
+        "logprobs": "body.logprobs = true" + suffix,
+        "tools": "body.tools = []" + suffix,
+        "plain": None,
+        "no-stop": None,
+    }
+
+
 @pytest.mark.parametrize(
     "line, message",
     [
@@ -84,6 +114,7 @@ def test_requests_that_cannot_run_are_kept_with_their_problem(tmp_path):
         ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "9"}}', "number"),
         ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}}', "at least"),
         ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}}', "finite"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-9}}', "0.001"),
         ('{"custom_id": "x", "body": {"messages": [{"role": "bot", "content": "hi"}]}}', "role"),
         ('{"id": "x", "body": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}}', "text parts"),
         ('{"id": "x", "conversations": [{"from": "robot", "value": "hi"}]}', "from"),

@@ -1,7 +1,8 @@
 """Answer files: one JSON line per request, keyed by id, appended as requests finish and kept through a kill.
 
 A line is {"id", "text", "prompt_tokens", "generated_tokens", "finish_reason", "predicted_length", "attempts"}, or
-{"id", "error"} for a request that could not run. `finish_reason` is "stop" when the answer ended (EOS), "length"
+{"id", "error"} for a request that could not run, each with the "request" fingerprint of what it answered where the
+writer is given them (src.infer). `finish_reason` is "stop" when the answer ended (EOS), "length"
 when it reached its cap. `attempts` counts the batches it ran in (more than one when FCR stopped it at its predicted
 length and ran it again). Lines are written in chunks (one batch's finished requests), each flushed to disk, so a
 kill loses at most the batch that was running; a line the kill cut short is dropped when the file is read again.
@@ -9,6 +10,7 @@ kill loses at most the batch that was running; a line the kill cut short is drop
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import json
 import os
@@ -46,10 +48,10 @@ def error_row(sample_id: str, message: str) -> dict:
 
 def read_complete_lines(path: Path, repair: bool = False, is_row=None, what: str = "an answer line") -> list[dict]:
     """The rows of every complete line of a JSON-lines file that a run appends to ([] when there is none). The last
-    line, if a kill cut it short (no newline, or not a row), is dropped; with `repair` the file is cut back to the
-    complete lines, so that appending continues a clean file. A bad line before the last is damage, not a kill: it
-    is refused, naming the line, and the file is left as it is. `is_row(row)`: what else a row must satisfy besides
-    being a JSON object with a text id."""
+    line, if a kill cut it short (no newline), is dropped; with `repair` the file is cut back to the complete lines,
+    so that appending continues a clean file. A bad line that ends in a newline, or that another line follows, is
+    damage, not a kill: it is refused, naming the line, and the file is left as it is. `is_row(row)`: what else a row
+    must satisfy besides being a JSON object with a text id."""
     if not path.is_file():
         return []
     compressed = path.name.endswith(GZIP_SUFFIX)  # a shipped file (read only): a run never appends to one
@@ -65,7 +67,9 @@ def read_complete_lines(path: Path, repair: bool = False, is_row=None, what: str
                 except ValueError:
                     valid = False
                 if not valid or not raw.endswith(b"\n"):
-                    if handle.read(1):  # a line follows it: damage, not a kill
+                    # a kill cuts the last line before its newline: a complete bad line, or one with a line after
+                    # it, is damage (or a file that is not this run's), never cut off
+                    if (not valid and raw.endswith(b"\n")) or handle.read(1):
                         raise UserError(
                             f"{path} line {number} is not {what}: the file is damaged; move it away to start over"
                         )
@@ -92,16 +96,19 @@ def read_run_settings(path: Path):
 
 
 class AnswerWriter:
-    """Appends rows to an answer file: `add` buffers, `flush` writes the buffered lines and syncs them to disk."""
+    """Appends rows to an answer file: `add` buffers, `flush` writes the buffered lines and syncs them to disk.
+    `fingerprints` (id -> the request's fingerprint): each row records its request's as "request"."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, fingerprints: dict[str, str] | None = None):
+        self.path, self.fingerprints = Path(path), fingerprints
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.pending: list[str] = []
         self.written = 0
 
     def add(self, row: dict) -> None:
+        if self.fingerprints is not None:
+            row = {**row, "request": self.fingerprints[row["id"]]}
         self.pending.append(json.dumps(row, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
@@ -124,6 +131,67 @@ class AnswerWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class OutputLock:
+    """One writer per output: an exclusive advisory lock (`flock`) on `<output>.lock`, held from before the output is
+    read for a resume until the run ends, when the file is removed (the system drops the lock of a killed run, whose
+    file the next run then takes over). A second run on the same output is refused, naming the holder's pid."""
+
+    def __init__(self, output: str | Path, flag: str = "--output"):
+        self.path, self.output, self.flag = Path(f"{output}.lock"), output, flag
+        self.handle = None
+
+    def __enter__(self) -> OutputLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self.handle is None:
+            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - closed by __exit__
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise UserError(
+                    f"{self.flag} {self.output} is being written by another run (pid {holder}): wait for it to end, "
+                    f"or choose another {self.flag}"
+                ) from None
+            if not self._still_named(handle):  # its holder removed it as we opened it: lock the file there now
+                handle.close()
+                continue
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            self.handle = handle
+        return self
+
+    def _still_named(self, handle) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def __exit__(self, *exc_info) -> None:
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)  # removed while locked, so no later run locks a file no longer named
+            self.handle.close()
+            self.handle = None
+
+
+def lock_output(output: str, processes) -> OutputLock | None:
+    """The main process holds the output's lock for the whole run; when another run holds it, every process stops
+    with the same line."""
+    lock, refusal = None, None
+    if processes.is_main:
+        try:
+            lock = OutputLock(output).__enter__()
+        except UserError as error:
+            refusal = str(error)
+    refusal = processes.broadcast(refusal)
+    if refusal:
+        raise UserError(refusal)
+    return lock
 
 
 def write_answer_file(path: str | Path, rows: list[dict]) -> None:
@@ -165,7 +233,14 @@ def rank_path(output: str, rank: int) -> Path:
 def rank_paths(output: str) -> list[Path]:
     """The output and every other process's file of an earlier or this run."""
     path = Path(output)
-    return [path, *sorted(path.parent.glob(f"{path.name}.rank*.partial"))]
+    prefix, suffix = f"{path.name}.rank", ".partial"
+    others = []  # by exact name: a glob of the user's file name would read its [, ] and * as patterns
+    if path.parent.is_dir():
+        for entry in path.parent.iterdir():
+            rank = entry.name.removeprefix(prefix).removesuffix(suffix)
+            if entry.name == f"{prefix}{rank}{suffix}" and rank.isdigit():
+                others.append((int(rank), entry))
+    return [path, *(entry for _, entry in sorted(others))]
 
 
 def settings_path(output: str) -> Path:
@@ -174,7 +249,24 @@ def settings_path(output: str) -> Path:
 
 def answered_ids(output: str, repair: bool) -> set[str]:
     """Ids with a complete line in the output or a process's file."""
-    return {row["id"] for path in rank_paths(output) for row in read_complete_lines(path, repair)}
+    return set(answered_rows(output, repair))
+
+
+def answered_rows(output: str, repair: bool = False) -> dict[str, dict]:
+    """The complete lines of the output and of every process's file, by id."""
+    return {row["id"]: row for path in rank_paths(output) for row in read_complete_lines(path, repair)}
+
+
+def check_answers_still_asked(output: str, input_path: str, fingerprints: dict[str, str]) -> None:
+    """Every kept answer of an id still in the input answers that request as it is now (the fingerprint it recorded):
+    an edited prompt, or ids by line number shifted by an added record, would otherwise keep another question's
+    answer."""
+    for sample_id, row in answered_rows(output).items():
+        if sample_id in fingerprints and row.get("request") != fingerprints[sample_id]:
+            raise UserError(
+                f"{output} answers id {sample_id!r} as it was asked before, and {input_path} now asks something else "
+                "there: restore the input, or choose another --output to answer it anew"
+            )
 
 
 def merge_rank_files(output: str) -> None:

@@ -18,6 +18,9 @@ from .utils import UserError
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
     """Run a CLI's `main`, turning a UserError into one line on stderr and exit status 2."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name.startswith(("src.", "benchmarks.")):  # usage lines name the command as typed
+        sys.argv[0] = f"python -m {spec.name}"
     try:
         main(argv)
     except UserError as error:
@@ -77,6 +80,25 @@ def check_range(flag: str, value, low=None, high=None, *, open_low: bool = False
         raise UserError(f"{flag} must be {' and '.join(part for part in (left, right) if part)}, got {value}")
 
 
+def temperature_problem(value: float) -> str | None:
+    """Why a temperature cannot run (None when it can): 0 is greedy; sampling needs MIN_SAMPLING_TEMPERATURE."""
+    from .data import MIN_SAMPLING_TEMPERATURE
+
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if value < 0:
+        return f"must be at least 0, got {value}"
+    if 0 < value < MIN_SAMPLING_TEMPERATURE:
+        return f"must be 0 (greedy) or at least {MIN_SAMPLING_TEMPERATURE:g}, got {value:g}"
+    return None
+
+
+def check_temperature(flag: str, value: float | None) -> None:
+    problem = None if value is None else temperature_problem(value)
+    if problem:
+        raise UserError(f"{flag} {problem}")
+
+
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():
@@ -127,14 +149,27 @@ def _same_file(first: str | Path, second: str | Path) -> bool:
     return first.resolve() == second.resolve()
 
 
-def check_outputs_are_not_inputs(outputs: dict, inputs: dict) -> None:
-    """Before any work: no output flag names the file of an input flag or of an earlier output flag (flag -> path;
-    None: not given), so that no run writes over what it reads."""
+def _inside(path: str | Path, folder: str | Path) -> bool:
+    """`path` lies in `folder` (at any depth), which is a folder or a path a run will make into one."""
+    return Path(folder).resolve() in Path(path).resolve().parents
+
+
+def check_outputs_are_not_inputs(outputs: dict, inputs: dict, output_folders: dict | None = None) -> None:
+    """Before any work: no output flag names the file of an input flag or of an earlier output flag, nor a path inside
+    an input folder (a model, adapter, predictor or answers folder) or inside an output folder (`output_folders`, flag
+    -> folder, checked first against the inputs); flag -> path, None: not given. So no run writes over what it reads
+    or over what it writes elsewhere."""
     named = dict(inputs)
-    for out_flag, out_path in outputs.items():
+    for out_flag, out_path in {**(output_folders or {}), **outputs}.items():
         for in_flag, in_path in named.items():
-            if out_path and in_path and _same_file(out_path, in_path):
+            if not (out_path and in_path):
+                continue
+            if _same_file(out_path, in_path):
                 if in_flag in inputs:
                     raise UserError(f"{out_flag} {out_path} is the {in_flag} file; choose another {out_flag}")
                 raise UserError(f"{out_flag} and {in_flag} name the same file; choose another {out_flag}")
+            if (Path(in_path).is_dir() or in_flag in (output_folders or {})) and _inside(out_path, in_path):
+                raise UserError(
+                    f"{out_flag} {out_path} lies inside the {in_flag} folder {in_path}: choose a path outside it"
+                )
         named[out_flag] = out_path

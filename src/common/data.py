@@ -14,6 +14,9 @@ PAPER_VAL_DATA = "data/alpaca-val-10k.json"
 
 # The four temperatures at which the paper records response lengths (one home for them).
 TEMPERATURES = (0.0, 0.3, 0.5, 0.7)
+# The lowest sampling temperature: logits divided by less overflow float32 into NaN draws, and below it sampling is
+# greedy in all but name; 0 is greedy decoding.
+MIN_SAMPLING_TEMPERATURE = 1e-3
 
 
 def length_field(temperature: float) -> str:

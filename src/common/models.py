@@ -165,6 +165,17 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+def model_folder(name_or_path: str | None) -> str | None:
+    """The local folder a --model names, built or not (an alias's folder under ckpts/), so that no output is written
+    into it; None for a hub id."""
+    aliases = {SMOLLM2_ALIAS: SMOLLM2_DIR_NAME, VICUNA_SHAPE_ALIAS: VICUNA_SHAPE_DIR_NAME}
+    if name_or_path in aliases:
+        return str(CKPT_DIR / aliases[name_or_path])
+    if name_or_path and os.path.isdir(os.path.expanduser(name_or_path)):
+        return os.path.expanduser(name_or_path)
+    return None
+
+
 def model_hint(flag: str) -> str:
     return (
         f"pass {flag} a folder with config.json, tokenizer and weights, a hub id, "

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cli import temperature_problem
 from .prompts import alpaca_human_turn
 from .utils import UserError, open_text, resolve_json_path
 
@@ -99,11 +100,31 @@ def _number(record: dict, key: str, where: str, integer: bool):
     return value
 
 
+# An OpenAI batch body's fields: those src.infer honours, those that change nothing here (the model is --model's), and
+# those it does not honour, allowed only at the value that asks for what it does anyway; any other field of a body is
+# not honoured either, and the request gets an error line naming it instead of an answer that ignores it.
+HONOURED_BODY_FIELDS = ("messages", "max_tokens", "max_completion_tokens", "temperature")
+IGNORED_BODY_FIELDS = ("model", "user", "metadata", "store")
+NEUTRAL_BODY_VALUES = {"n": 1, "stream": False, "top_p": 1, "logprobs": False, "presence_penalty": 0}
+NEUTRAL_BODY_VALUES |= {"frequency_penalty": 0, "stop": []}
+
+
+def unhonoured_body_field(body: dict) -> str | None:
+    """Why src.infer cannot answer this body as asked (its first field that it would ignore), or None."""
+    for key, value in body.items():
+        if key in HONOURED_BODY_FIELDS or key in IGNORED_BODY_FIELDS or value is None:
+            continue
+        if key in NEUTRAL_BODY_VALUES and (value == NEUTRAL_BODY_VALUES[key] or (key == "stop" and value == "")):
+            continue
+        return f"body.{key} = {json.dumps(value)} is not honoured by src.infer: remove it, or ask elsewhere"
+    return None
+
+
 def parse_record(record, line: int) -> Request:
     """One record of any known shape -> a Request; raises _Malformed when it has none."""
     if not isinstance(record, dict):
         raise _Malformed("a record must be a JSON object")
-    max_tokens = temperature = None
+    max_tokens = temperature = unhonoured = None
     if "body" in record:
         body = record["body"]
         if not isinstance(body, dict) or "messages" not in body:
@@ -112,7 +133,10 @@ def parse_record(record, line: int) -> Request:
         tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _number(body, tokens_key, "body.", integer=True)
         temperature = _number(body, "temperature", "body.", integer=False)
+        if temperature is not None and temperature_problem(temperature):
+            raise _Malformed(f"body.temperature {temperature_problem(temperature)}")
         identifier = record.get("custom_id", record.get("id"))
+        unhonoured = unhonoured_body_field(body)
     elif "conversations" in record:
         turns = _fastchat_messages(record["conversations"])
         identifier = record.get("id")
@@ -137,10 +161,10 @@ def parse_record(record, line: int) -> Request:
         raise _Malformed(f"the id must be text or an integer, got {identifier!r}")
     while turns and turns[-1][0] == ASSISTANT:  # answers given with the question (references) are not asked for
         turns.pop()
-    problem = None
-    if not turns or turns[-1][0] != USER:
+    problem = unhonoured
+    if problem is None and (not turns or turns[-1][0] != USER):
         problem = "no user turn to answer"
-    elif not turns[-1][1].strip():
+    elif problem is None and not turns[-1][1].strip():
         problem = "empty prompt"
     return Request(str(identifier), tuple(turns), line, max_tokens, temperature, problem)
 
@@ -203,3 +227,18 @@ def check_request_file(path: str | Path) -> list[str]:
     if not ids:
         raise UserError(f"request file {resolved} holds no requests")
     return ids
+
+
+def request_fingerprint(request: Request) -> str:
+    """What the model is asked, as a short hash: the turns and the record's own cap and temperature (the settings of
+    the whole run are in the settings file beside the output). An answer records it, so that a resumed run knows
+    whether the request it answered is still the one in the file."""
+    import hashlib
+
+    asked = json.dumps([request.messages, request.max_tokens, request.temperature], ensure_ascii=False)
+    return hashlib.sha256(asked.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def request_fingerprints(path: str | Path) -> dict[str, str]:
+    """Every request's fingerprint by id, in file order (the file already checked by `check_request_file`)."""
+    return {request.id: request_fingerprint(request) for request in read_requests(path)}

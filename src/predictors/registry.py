@@ -238,7 +238,16 @@ def is_prediction_row(row: dict) -> bool:
         and length >= 1
         and isinstance(quantiles, dict)
         and all(isinstance(value, int) and not isinstance(value, bool) for value in quantiles.values())
+        and all(is_quantile_level(name) for name in quantiles)
     )
+
+
+def is_quantile_level(name: str) -> bool:
+    """A quantile's key as src.predict writes it: a number strictly between 0 and 1 ("0.8")."""
+    try:
+        return 0.0 < float(name) < 1.0  # False for nan, which every comparison refuses
+    except ValueError:
+        return False
 
 
 class FilePredictor(Predictor):
@@ -261,6 +270,10 @@ class FilePredictor(Predictor):
         if not Path(path).is_file() or not rows:
             raise UserError(f"--predictions-path {path} holds no predictions: write it with python -m src.predict")
         self.path, self.rows = path, {row["id"]: row for row in rows}
+        if len(self.rows) < len(rows):  # a second row of an id would silently replace the first
+            seen = set()
+            twice = next(row["id"] for row in rows if row["id"] in seen or seen.add(row["id"]))
+            raise UserError(f"--predictions-path {path}: id {twice!r} appears twice; keep one prediction per id")
         level_sets = {tuple(sorted(row.get("quantiles", {}))) for row in rows}
         names = level_sets.pop() if len(level_sets) == 1 else ()  # levels only where every row has the same ones
         self.quantile_levels = tuple(sorted(float(name) for name in names))

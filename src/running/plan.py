@@ -3,9 +3,11 @@ in words the command prints."""
 
 from __future__ import annotations
 
-from ..common.utils import resolve_device
+from pathlib import Path
+
+from ..common.utils import UserError, resolve_device
 from ..engines.registry import resolve_engine_name
-from ..predictors.proxy import proxy_available
+from ..predictors.proxy import SHIPPED_PROXY_PATH, proxy_available
 
 # The default plan, by engine: where the engine keeps its rows busy itself (the slots engine: continuous batching on
 # a static cache, each step about as dear as a static batch's), every request goes into one queue, shortest predicted
@@ -21,6 +23,8 @@ def default_strategy(args) -> tuple[str, str]:
     predicted first with a predictor that loads, else data order."""
     engine = resolve_engine_name(args.engine, resolve_device(args.device))
     ready, reason = proxy_available(args.predictor_path)
+    if not ready and Path(args.predictor_path) != Path(SHIPPED_PROXY_PATH):  # a folder the user typed must load
+        raise UserError(f"--predictor-path {args.predictor_path}: {reason}; or leave the flag out for the shipped one")
     if engine in ENGINES_THAT_REFILL_ROWS:
         why = f"engine {engine} gives a finished answer's row to the next request at once"
         if ready:

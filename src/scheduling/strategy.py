@@ -53,6 +53,11 @@ def parse_strategy(text: str, predictors: Collection[str], vbs: bool = False, fc
     if unknown:
         raise UserError(f"unknown strategy modifier {unknown[0]!r} in {text!r}: use +vbs, +fcr and/or +resume")
     if name == "vanilla":
+        if modifiers:  # --vbs and --fcr pass over vanilla; a modifier written on it would be silently dropped
+            raise UserError(
+                f"{text!r}: vanilla is the unscheduled baseline, with no lengths to batch or cut by; +vbs, +fcr and "
+                "+resume need a predictor (e.g. proxy+fcr+resume)"
+            )
         return Strategy("vanilla")
     fcr = fcr or "fcr" in modifiers
     if "resume" in modifiers and not fcr:

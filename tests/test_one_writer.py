@@ -1,0 +1,120 @@
+"""One writer per output: while a run holds an output, a second run on it is refused with the holder's pid before it
+reads, repairs or appends anything; a killed holder leaves nothing that stops the next run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from src import infer, predict
+from src.common.answers import OutputLock
+from src.common.cli import run_cli
+from src.common.utils import UserError
+
+from .conftest import PROJECT
+
+# a complete answer line, then one a kill cut short: a run that went on would cut the second off
+ANSWERS = '{"id": "r1", "text": "Hi.", "generated_tokens": 2}\n{"id": "r2", "te'
+
+HOLD_THE_LOCK = """
+import sys, time
+from src.common.answers import OutputLock
+lock = OutputLock(sys.argv[1]).__enter__()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_lock_is_exclusive_and_removed_on_exit(tmp_path):
+    output = tmp_path / "answers.jsonl"
+    with OutputLock(output):
+        assert (tmp_path / "answers.jsonl.lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(UserError, match=rf"answers.jsonl is being written by another run \(pid {os.getpid()}\)"):
+            OutputLock(output).__enter__()
+    assert not (tmp_path / "answers.jsonl.lock").exists()
+    (tmp_path / "answers.jsonl.lock").write_text("12345\n")  # left by a killed run: nobody holds it
+    with OutputLock(output):
+        assert (tmp_path / "answers.jsonl.lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_infer_on_an_output_another_process_writes_is_refused_and_changes_nothing(tmp_path, capsys):
+    (tmp_path / "requests.jsonl").write_text('{"id": "r1", "prompt": "Say hi."}\n{"id": "r2", "prompt": "Bye."}\n')
+    output = tmp_path / "answers.jsonl"
+    output.write_text(ANSWERS)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(output)], cwd=PROJECT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        argv = ["--input", str(tmp_path / "requests.jsonl"), "--output", str(output), "--strategy", "vanilla"]
+        with pytest.raises(SystemExit) as stopped:
+            run_cli(infer.main, argv)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stopped.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"answers.jsonl is being written by another run (pid {holder.pid})" in line
+    assert output.read_text() == ANSWERS  # the cut line is the holder's to finish: not cut off by the refused run
+    assert not (tmp_path / "answers.jsonl.settings.json").exists()
+    with OutputLock(output):  # the killed holder's lock went with it
+        pass
+
+
+def test_predict_waits_for_no_one_once_the_holder_is_gone(small_data, tmp_path):
+    data, _ = small_data
+    output = tmp_path / "predictions.jsonl"
+    argv = ["--data-path", str(data), "--strategy", "gt", "--output", str(output)]
+    with OutputLock(output), pytest.raises(UserError, match="being written by another run"):
+        predict.main(argv)
+    assert not output.exists() and not (tmp_path / "predictions.jsonl.partial").exists()
+    rows = predict.main(argv)["rows"]
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [row["id"] for row in rows]
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("predictions")) == [
+        "predictions.jsonl"
+    ]
+
+
+def test_answers_left_in_a_process_file_are_merged_by_the_next_run_whatever_the_name(eos_model_dir, tmp_path):
+    """A torchrun run killed during its merge leaves answers in `<output>.rank1.partial`: the next run finds every
+    request answered and merges them (the file found by its exact name, though the output's name has glob
+    characters), so the output holds every answer once."""
+    from tests.test_infer import answers_by_id, run_infer, write_requests
+
+    requests, output = write_requests(tmp_path / "requests.jsonl"), tmp_path / "answers[1].jsonl"
+    run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(lines[:6]))  # the merge was cut: four answers still in the other process's file
+    (tmp_path / "answers[1].jsonl.rank1.partial").write_text("".join(lines[6:]))
+    (tmp_path / "answers[1].jsonl.rank2.partial.old").write_text(lines[0])  # not a process's file: left alone
+    assert run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")["requests"] == 0
+    assert sorted(output.read_text().splitlines(keepends=True)) == sorted(lines)
+    assert len(answers_by_id(output)) == len(lines) == 10
+    assert sorted(path.name for path in tmp_path.iterdir() if ".rank" in path.name) == [
+        "answers[1].jsonl.rank2.partial.old"
+    ]
+
+
+def test_a_resumed_run_refuses_answers_to_questions_the_input_no_longer_asks(eos_model_dir, tmp_path):
+    """Each answer records what its request asked: after an edit of one prompt, or a record added in front of ids
+    that are line numbers, the next run is refused before the model loads, naming the id, and the answers stay."""
+    from tests.test_infer import QUESTIONS, run_infer
+
+    requests, output = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in QUESTIONS[:4]))  # ids 1 to 4
+    run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")
+    answered = output.read_text()
+    assert run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")["requests"] == 0
+    edited = QUESTIONS[:2] + ["What is 3 + 3?"] + QUESTIONS[3:4]
+    requests.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in edited))
+    with pytest.raises(UserError, match="answers id '3' as it was asked before"):
+        run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")
+    shifted = ["Say hi."] + QUESTIONS[:4]  # id 1 is now another question, and id 5 a new one
+    requests.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in shifted))
+    with pytest.raises(UserError, match="answers id '1' as it was asked before"):
+        run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")
+    assert output.read_text() == answered
