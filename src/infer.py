@@ -31,6 +31,7 @@ from pathlib import Path
 from .common.answers import (
     AnswerWriter,
     answered_ids,
+    answered_rows,
     check_answers_still_asked,
     lock_output,
     merge_rank_files,
@@ -50,7 +51,7 @@ from .common.cli import (
 from .common.data import Sample, load_replay_lengths
 from .common.distributed import start_processes
 from .common.models import model_folder
-from .common.request_file import check_request_file, read_requests, request_fingerprints
+from .common.request_file import check_request_file, read_requests
 from .common.utils import GZIP_SUFFIX, UserError, resolve_device, resolve_dtype, write_json_atomic, write_text_atomic
 from .engines.registry import resolve_engine_name
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
@@ -223,8 +224,7 @@ def check_settings(args, answered: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = infer_settings(args)
-    check_request_file(args.input)  # a malformed file stops here, before any model loads
-    ids = request_fingerprints(args.input)  # id -> what it asks, in file order
+    ids = check_request_file(args.input)  # id -> what it asks, in file order; a malformed file stops here
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
     lock = lock_output(args.output, processes)  # before the output is read: a second run must not repair it
@@ -306,8 +306,9 @@ def pending_ids(args, ids: dict[str, str], processes) -> tuple[set[str], list[st
     if processes.is_main:
         answered_ids(args.output, repair=True)  # a line a kill cut short is cut off before anything is appended
     processes.wait()  # every process reads the repaired files
-    check_answers_still_asked(args.output, args.input, ids)
-    answered = answered_ids(args.output, repair=False) & set(ids)
+    kept = answered_rows(args.output)
+    check_answers_still_asked(kept, args.output, args.input, ids)
+    answered = set(kept) & set(ids)
     return answered, [sample_id for sample_id in ids if sample_id not in answered]
 
 

@@ -42,6 +42,11 @@ def times(value: float) -> str:
     return f"{value:.2f}x"
 
 
+def texts_equal(run: dict) -> str:
+    """How many of a run's answers read as vanilla's ("-" for vanilla itself)."""
+    return "-" if run["strategy"] == "vanilla" else f"{run['texts_equal_to_vanilla']} / {run['requests']}"
+
+
 def infer_real_rows(results: dict) -> list[tuple[str, dict]]:
     """benchmarks.infer_speed real's runs, each with the words a table gives it, in the script's order."""
     names = {
@@ -67,10 +72,9 @@ def infer_real_table(results: dict) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for words, run in infer_real_rows(results):
-        texts = "-" if run["strategy"] == "vanilla" else f"{run['texts_equal_to_vanilla']} / {run['requests']}"
         lines.append(
             f"| {words} | {run['requests_per_s']:.3f} | {times(run['speedup_over_vanilla'])} | "
-            f"{run['mean_latency_s']:.1f} s ({times(run['latency_over_vanilla'])}) | {texts} |"
+            f"{run['mean_latency_s']:.1f} s ({times(run['latency_over_vanilla'])}) | {texts_equal(run)} |"
         )
     return lines
 
@@ -83,11 +87,10 @@ def infer_real_full_table(results: dict) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for words, run in infer_real_rows(results):
-        texts = "-" if run["strategy"] == "vanilla" else f"{run['texts_equal_to_vanilla']} / {run['requests']}"
         lines.append(
             f"| {words} | {run['requests_per_s']:.3f} | {times(run['speedup_over_vanilla'])} | "
             f"{run['mean_latency_s']:.1f} s | {times(run['latency_over_vanilla'])} | {run['token_slots']:,} | "
-            f"{run['effective_token_ratio'] * 100:.1f} % | {texts} |"
+            f"{run['effective_token_ratio'] * 100:.1f} % | {texts_equal(run)} |"
         )
     return lines
 

@@ -257,11 +257,13 @@ def answered_rows(output: str, repair: bool = False) -> dict[str, dict]:
     return {row["id"]: row for path in rank_paths(output) for row in read_complete_lines(path, repair)}
 
 
-def check_answers_still_asked(output: str, input_path: str, fingerprints: dict[str, str]) -> None:
-    """Every kept answer of an id still in the input answers that request as it is now (the fingerprint it recorded):
-    an edited prompt, or ids by line number shifted by an added record, would otherwise keep another question's
-    answer."""
-    for sample_id, row in answered_rows(output).items():
+def check_answers_still_asked(
+    kept: dict[str, dict], output: str, input_path: str, fingerprints: dict[str, str]
+) -> None:
+    """Every kept answer (`answered_rows` of `output`) of an id still in the input answers that request as it is now
+    (the fingerprint it recorded): an edited prompt, or ids by line number shifted by an added record, would otherwise
+    keep another question's answer."""
+    for sample_id, row in kept.items():
         if sample_id in fingerprints and row.get("request") != fingerprints[sample_id]:
             raise UserError(
                 f"{output} answers id {sample_id!r} as it was asked before, and {input_path} now asks something else "

@@ -206,13 +206,13 @@ def read_requests(path: str | Path) -> Iterator[Request]:
             raise UserError(f"request file {path}, line {number}: {error}") from None
 
 
-def check_request_file(path: str | Path) -> list[str]:
-    """Every record's id, in file order, after reading the whole file once: malformed records and repeated ids are
-    refused here, before any model loads."""
+def check_request_file(path: str | Path) -> dict[str, str]:
+    """Every record's id with its `request_fingerprint`, in file order, after reading the whole file once: malformed
+    records and repeated ids are refused here, before any model loads."""
     resolved = resolve_json_path(path)
     if not resolved.is_file():
         raise UserError(f"request file not found: {path}")
-    ids, lines = [], {}
+    ids, lines = {}, {}
     try:
         for request in read_requests(resolved):
             if request.id in lines:
@@ -221,7 +221,7 @@ def check_request_file(path: str | Path) -> list[str]:
                     f"{lines[request.id]}; ids must be unique"
                 )
             lines[request.id] = request.line
-            ids.append(request.id)
+            ids[request.id] = request_fingerprint(request)
     except UnicodeDecodeError:
         raise UserError(f"request file {resolved} is not UTF-8 text") from None
     if not ids:
@@ -237,8 +237,3 @@ def request_fingerprint(request: Request) -> str:
 
     asked = json.dumps([request.messages, request.max_tokens, request.temperature], ensure_ascii=False)
     return hashlib.sha256(asked.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def request_fingerprints(path: str | Path) -> dict[str, str]:
-    """Every request's fingerprint by id, in file order (the file already checked by `check_request_file`)."""
-    return {request.id: request_fingerprint(request) for request in read_requests(path)}
