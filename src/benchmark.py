@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common.answers import answer_rows, keep_answers
+from .common.answers import answer_rows, keep_answers, lock_output
 from .common.cli import (
     MAX_SEED,
     HelpFormatter,
@@ -37,14 +37,21 @@ from .common.data import (
 )
 from .common.distributed import Processes, share_groups, start_processes
 from .common.models import model_folder
-from .common.utils import UserError, describe_device, library_versions, partial_path
+from .common.utils import UserError, partial_path
 from .engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor
 from .running.cost_estimate import add_device_profile_argument, check_device_profile
 from .running.report import print_result, print_table
-from .running.result_file import check_same_hardware, earlier_results, keep_finished, run_identity, write_complete
-from .running.runner import Executors, run_strategy
+from .running.result_file import (
+    check_same_hardware,
+    earlier_results,
+    keep_finished,
+    run_identity,
+    run_record,
+    write_complete,
+)
+from .running.runner import run_strategy
 from .running.settings import (
     AUTO_SLOTS,
     AUTO_VBS_TABLE,
@@ -227,6 +234,18 @@ def main(argv: list[str] | None = None) -> dict:
     identity = run_identity(json.loads(json.dumps(vars(args))), inputs)  # as given: what a resumed run must match
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
+    # one run per result file: another would overwrite the partial file this one keeps its finished strategies in
+    lock = lock_output(args.output_json, processes, "--output-json") if args.output_json else None
+    try:
+        return run_benchmark(args, settings, identity, processes)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def run_benchmark(args, settings: RunSettings, identity: dict, processes: Processes) -> dict:
+    """Every strategy measured in turn (those an interrupted run of this command finished are kept), the result file
+    written once at the end."""
     all_samples = select_samples(load_conversations(args.data_path), args.num_data, args.seed)
     samples = share_groups(all_samples, args.group_size, processes)
     # every process checks every id, so that all fail alike
@@ -279,29 +298,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_json and processes.is_main:  # complete: only now does it replace an earlier complete file
         write_complete(args.output_json, output)
     return output
-
-
-def run_record(args, settings: RunSettings, executors: Executors, model_path, device, processes: Processes) -> dict:
-    """The output's "args": every flag as resolved, and what the run found (model, device, versions)."""
-    record = vars(args) | {
-        "slots": settings.slots,
-        "fcr_retry_quantiles": None if settings.fcr_retry_quantiles is None else list(settings.fcr_retry_quantiles),
-        "vbs_table_parsed": None if settings.vbs_table is None else dict(settings.vbs_table),
-        "strategies": [strategy.label for strategy in settings.strategies],
-        "model_path": model_path,
-    }
-    if executors.calibration is not None:  # what --vbs-table auto measured, beside the arguments as before
-        record["vbs_calibration"] = executors.calibration
-    if executors.device_costs is not None:
-        record["device_costs"] = executors.device_costs.to_json()
-    record["longest_prompt_tokens"] = max(executors.prompt_lengths.values()) if executors.prompt_lengths else 0
-    record["device_resolved"] = device
-    record["engine_resolved"] = executors.engine.name if executors.engine is not None else None
-    record["engine_warmup_before_strategies_s"] = executors.warmup_seconds()  # the first compilation, untimed
-    record["device_name"] = None if args.dry_run else describe_device(device)
-    record["versions"] = library_versions()
-    record["processes"] = processes.count
-    return record
 
 
 def run_one_strategy(

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_module(
         "infer",
         ["--input", str(requests), "--output", str(answers), *model_flags(args), *generation]
-        + ["--strategy", "proxy+fcr+resume", "--predictor-path", args.init_from],
+        + ["--strategy", "proxy+fcr+resume", "--predictor-path", args.init_from, "--redo-changed"],
     )
     lengths, length_path = write_training_files(answers, requests, data_path)
     field = length_field(args.temperature)

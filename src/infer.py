@@ -32,11 +32,13 @@ from .common.answers import (
     AnswerWriter,
     answered_ids,
     answered_rows,
-    check_answers_still_asked,
+    changed_answers,
+    drop_answers,
     lock_output,
     merge_rank_files,
     rank_path,
     read_run_settings,
+    refuse_changed_answers,
     settings_path,
 )
 from .common.cli import (
@@ -50,7 +52,7 @@ from .common.cli import (
 )
 from .common.data import Sample, load_replay_lengths
 from .common.distributed import start_processes
-from .common.models import model_folder
+from .common.models import context_length, model_folder
 from .common.request_file import check_request_file, read_requests
 from .common.utils import GZIP_SUFFIX, UserError, resolve_device, resolve_dtype, write_json_atomic, write_text_atomic
 from .engines.registry import resolve_engine_name
@@ -126,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--replay-field", default="L_t0.0", help="the length file's column to replay")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
+    parser.add_argument("--redo-changed", action="store_true", help="on a rerun, answer anew the requests edited since")
     add_device_profile_argument(parser)
     add_predictor_arguments(parser)
     parser.set_defaults(predictor_path=str(SHIPPED_PROXY_PATH))
@@ -307,15 +310,14 @@ def pending_ids(args, ids: dict[str, str], processes) -> tuple[set[str], list[st
         answered_ids(args.output, repair=True)  # a line a kill cut short is cut off before anything is appended
     processes.wait()  # every process reads the repaired files
     kept = answered_rows(args.output)
-    check_answers_still_asked(kept, args.output, args.input, ids)
-    answered = set(kept) & set(ids)
+    changed = changed_answers(kept, ids)
+    if not args.redo_changed:
+        refuse_changed_answers(changed, args.output, args.input)
+    elif changed and processes.is_main:
+        drop_answers(args.output, changed)
+    processes.wait()
+    answered = (set(kept) - set(changed)) & set(ids)
     return answered, [sample_id for sample_id in ids if sample_id not in answered]
-
-
-def context_length(model) -> int | None:
-    """The model's context in tokens, where its config says."""
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(text_config, "max_position_embeddings", None)
 
 
 def answer_pending(runner: Runner, args, label: str, pending: set[str], processes) -> None:

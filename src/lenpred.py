@@ -39,7 +39,7 @@ from .common.data import (
     select_samples,
 )
 from .common.distributed import Processes, start_processes
-from .common.utils import UserError, set_seed, write_json_atomic
+from .common.utils import UserError, path_fingerprint, set_seed, write_json_atomic
 from .running.setup import add_model_arguments, check_model_arguments, load_model_with_engine
 
 
@@ -91,6 +91,7 @@ def run_identity(args: argparse.Namespace) -> dict:
     """What must match for a partial file to be resumed."""
     return {
         "data_path": os.path.abspath(args.data_path),
+        "data": path_fingerprint(args.data_path),  # an edited file under the same name asks other prompts
         "model": args.model,
         "load_format": args.load_format,
         "conv_template": args.conv_template,
@@ -118,8 +119,8 @@ def read_partial(path: Path, identity: dict) -> tuple[dict[str, dict], bool]:
         if number == 0:
             if record.get("run") != identity:
                 raise UserError(
-                    f"{path} was written by a run with other arguments; rerun with those, or delete "
-                    f"{path.name.split('.partial')[0]}.partial*.jsonl to start over"
+                    f"{path} was written by a run with other arguments or another data file; rerun with those, or "
+                    f"delete {path.name.split('.partial')[0]}.partial*.jsonl to start over"
                 )
             has_header = True
             continue

@@ -27,8 +27,14 @@ import torch
 
 from .common.cli import check_output_dir, check_range, run_cli
 from .common.models import check_model_name
-from .common.training import right_pad
-from .common.utils import UserError
+from .common.training import (
+    TRAINING_REQUEST_FILE,
+    check_resume_is_the_same_training,
+    check_training_arguments,
+    right_pad,
+    training_request,
+)
+from .common.utils import UserError, write_json_atomic
 
 
 @dataclass
@@ -215,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     check_range("--lora_dropout", lora_args.lora_dropout, 0, 1, open_high=True)
     check_range("--model_max_length", data_args.model_max_length, 1)
     check_range("--num_data", data_args.num_data, 1)
+    check_training_arguments(training_args)
     check_model_name("--model_name_or_path", model_args.model_name_or_path)
     if model_args.load_format not in ("auto", "dummy"):
         raise UserError(f"--load_format must be auto or dummy, got {model_args.load_format!r}")
@@ -239,6 +246,26 @@ def add_lora_adapter(model, lora_args: LoraArguments, seed: int):
     return get_peft_model(model, lora_config)
 
 
+def plan_run(model_args, data_args, lora_args, run_args, training_args) -> tuple[Path, str | None, list] | None:
+    """(the folder to train in, the checkpoint to resume from, the examples), every check done and the training
+    request recorded in that folder; None when there is nothing to train (--check_only, or an interrupted
+    replacement that only needed its swap)."""
+    output_dir, main_process = training_args.output_dir, training_args.process_index == 0
+    if run_args.overwrite and main_process and settle_interrupted_replacement(output_dir):
+        return None
+    training_folder, resume_from = plan_training_folder(output_dir, run_args.overwrite)
+    pairs = read_conversations(data_args)
+    request = training_request(model_args, data_args, lora_args, training_args, pairs)
+    check_resume_is_the_same_training(training_folder, request, resume_from)
+    if run_args.check_only:
+        return None
+    if run_args.overwrite and training_folder == Path(output_dir) and main_process:
+        forget_unfinished_run(training_folder)
+    if main_process:
+        write_json_atomic(training_folder / TRAINING_REQUEST_FILE, request)
+    return training_folder, resume_from, pairs
+
+
 def main(argv: list[str] | None = None):
     from transformers import Trainer
 
@@ -247,14 +274,10 @@ def main(argv: list[str] | None = None):
 
     model_args, data_args, lora_args, run_args, training_args = parse_args(argv)
     output_dir = training_args.output_dir
-    if run_args.overwrite and training_args.process_index == 0 and settle_interrupted_replacement(output_dir):
+    planned = plan_run(model_args, data_args, lora_args, run_args, training_args)
+    if planned is None:
         return None
-    training_folder, resume_from = plan_training_folder(output_dir, run_args.overwrite)
-    pairs = read_conversations(data_args)
-    if run_args.check_only:
-        return None
-    if run_args.overwrite and training_folder == Path(output_dir) and training_args.process_index == 0:
-        forget_unfinished_run(training_folder)
+    training_folder, resume_from, pairs = planned
     training_args.output_dir = str(training_folder)  # checkpoints go there; the adapter ends in output_dir
     device = "cpu" if training_args.use_cpu or not torch.cuda.is_available() else "cuda"
     model, tokenizer, formatter, path = load_model_and_formatter(
@@ -305,7 +328,7 @@ def finish_adapter(training_folder: Path, output_folder: Path, arguments: dict) 
     """Mark the saved adapter finished (its arguments file, written last, with a `run_id` and the `run_id` it replaces),
     then, for --overwrite, put its folder where the finished one it replaces is, in one step: a reader finds the old
     adapter or the new one."""
-    from .common.utils import replace_folder, write_json_atomic
+    from .common.utils import replace_folder
 
     replaced = finished_run(output_folder) if training_folder != output_folder else None
     arguments = {**arguments, "run_id": uuid.uuid4().hex, "replaces": (replaced or {}).get("run_id")}

@@ -23,7 +23,7 @@ import torch
 
 from .common.cli import check_output_dir, check_range, run_cli
 from .common.data import PAPER_TRAIN_DATA
-from .common.training import right_pad
+from .common.training import check_training_arguments, right_pad
 from .common.utils import UserError, set_seed
 from .predictors.proxy import CONFIG_NAME, DEFAULT_PROXY_PATH
 from .predictors.proxy_calibration import calibration_record
@@ -140,9 +140,11 @@ def parse_args(argv: list[str] | None = None) -> tuple:
         args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     except ValueError as error:
         raise UserError(f"train_proxy arguments: {error}") from None
-    if not args.quantiles or args.quantiles[0] != 0.5 or sorted(args.quantiles) != args.quantiles:
+    for level in args.quantiles:
+        check_range("--quantiles", level, 0, 1, open_low=True, open_high=True)
+    if not args.quantiles or args.quantiles[0] != 0.5 or sorted(set(args.quantiles)) != args.quantiles:
         raise UserError("--quantiles must start at 0.5 and increase, e.g. 0.5 0.7 0.9")
-    check_range("--quantiles", args.quantiles[-1], high=1, open_high=True)
+    check_training_arguments(training_args)
     check_range("--holdout", args.holdout, 0)
     check_range("--max_tokens", args.max_tokens, 1)
     check_range("--ranking_weight", args.ranking_weight, 0)

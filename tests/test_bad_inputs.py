@@ -3,11 +3,24 @@ naming the flag or file and the fix, no traceback, and nothing written or change
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
 
-from src import benchmark, construct, infer, lenpred, plots, predict, reproduce, sample, train_lora, train_proxy
+from src import (
+    benchmark,
+    construct,
+    fit_proxy,
+    infer,
+    lenpred,
+    plots,
+    predict,
+    reproduce,
+    sample,
+    train_lora,
+    train_proxy,
+)
 from src import eval as length_eval
 from src.common.cli import run_cli
 
@@ -90,6 +103,20 @@ CASES = [
     (lenpred, "{data} --temperatures 0.0 nan", "--temperatures must be a finite number"),
     (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --quantiles 0.5 nan", "finite"),
     (benchmark, "--dry-run {replay} --fcr-retry-quantiles 0.8 nan", "--fcr-retry-quantiles"),
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/proxy --quantiles 0.5 nan 0.9", "finite"),
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/p --learning_rate nan", "--learning_rate must be a"),
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/p --num_train_epochs -1", "must be above 0, got -1"),
+    (train_proxy, "--data_path {tmp}/small.json --output_dir {tmp}/p --per_device_train_batch_size 0", "at least 1"),
+    (train_lora, "--model_name_or_path smollm2-135m --output_dir {tmp}/out --learning_rate nan", "--learning_rate"),
+    (
+        train_lora,
+        "--model_name_or_path smollm2-135m --output_dir {tmp}/out --gradient_accumulation_steps 0",
+        "at least",
+    ),
+    # text that is no text: a cut gzip stream, a lone surrogate escape where an id must be written back
+    (infer, "--input {tmp}/cut.jsonl.gz --output {tmp}/o.jsonl", "is not a complete gzip file"),
+    (fit_proxy, "--input {tmp}/cut.jsonl.gz --output-dir {tmp}/fitted --model smollm2-135m", "not a complete gzip"),
+    (infer, "--input {tmp}/surrogate.jsonl --output {tmp}/o.jsonl", "line 1: the id holds a lone surrogate"),
     # models, adapters and training folders, checked before any model loads
     (benchmark, "{data} --model {tmp}/folder", "no config.json"),
     (lenpred, "{data} --model {tmp}/folder", "no config.json"),
@@ -214,6 +241,9 @@ def workspace(small_data, tmp_path):
         (tmp_path / f"{name}.json").write_text(json.dumps(bad))
     (tmp_path / "repeated.json").write_text(json.dumps(json.loads(lengths.read_text()) * 2))
     (tmp_path / "requests.jsonl").write_text('{"id": "r1", "prompt": "Say hi."}\n')
+    whole = gzip.compress(('{"id": "r1", "prompt": "Say hi."}\n' * 50).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "surrogate.jsonl").write_text('{"id": "r\\ud800", "prompt": "Say hi."}\n')
     (tmp_path / "mine.jsonl").write_text('{"important": true}\n')
     (tmp_path / "twice.jsonl").write_text('{"id": "r1", "predicted_length": 3}\n' * 2)
     (tmp_path / "levels.jsonl").write_text('{"id": "r1", "predicted_length": 3, "quantiles": {"nan": 4}}\n')

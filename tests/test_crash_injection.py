@@ -65,10 +65,13 @@ def crashed(monkeypatch, main, argv: list[str], at: int) -> bool:
     return False
 
 
-def crash_everywhere(monkeypatch, main, argv, prepare, check_stopped, check_finished, most: int = 200) -> int:
-    """Crash at every file event in turn: `prepare()` sets the folder up as before a run, `check_stopped()` reads it
-    after the crash, and `check_finished()` after the same command ran again to the end. Returns the events."""
-    for at in range(most):
+def crash_everywhere(
+    monkeypatch, main, argv, prepare, check_stopped, check_finished, most: int = 200, first: int = 0
+) -> int:
+    """Crash at every file event in turn (from event `first`): `prepare()` sets the folder up as before a run,
+    `check_stopped()` reads it after the crash, and `check_finished()` after the same command ran again to the end.
+    Returns the events."""
+    for at in range(first, most):
         prepare()
         if not crashed(monkeypatch, main, argv, at):
             check_finished()
@@ -207,6 +210,83 @@ def test_infer(tiny_model_dir, tmp_path, monkeypatch):
         assert {row["id"]: row["text"] for row in rows} == reference and len(rows) == len(reference)
 
     assert crash_everywhere(monkeypatch, infer.main, argv, prepare, check_stopped, check_finished) >= 6
+
+
+def test_infer_merging_the_processes_files(tiny_model_dir, tmp_path, monkeypatch):
+    """A torchrun run's merge (the other processes' answers appended to the output, their files then removed), killed
+    at each event: the output's lines stay whole and each id's own, and the next run ends with every answer once."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("".join(json.dumps({"id": f"r{n}", "prompt": f"Say {n}."}) + "\n" for n in range(6)))
+    output, other = tmp_path / "answers.jsonl", tmp_path / "answers.jsonl.rank1.partial"
+    argv = ["--input", str(requests), "--output", str(output), "--strategy", "vanilla", "--model", str(tiny_model_dir)]
+    argv += ["--device", "cpu", "--max-length", "4", "--batch-size", "2"]
+    infer.main(argv)
+    lines = output.read_text().splitlines(keepends=True)
+
+    def prepare():  # as a two-process run leaves them when killed before its merge
+        output.write_text("".join(lines[:2]))
+        other.write_text("".join(lines[2:]))
+
+    def check_stopped():
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+        assert len({row["id"] for row in rows}) == len(rows) and set(map(json.dumps, rows)) <= set(
+            json.dumps(json.loads(line)) for line in lines
+        )
+
+    def check_finished():
+        assert sorted(output.read_text().splitlines(keepends=True)) == sorted(lines) and not other.exists()
+
+    assert crash_everywhere(monkeypatch, infer.main, argv, prepare, check_stopped, check_finished) >= 2
+
+
+def test_train_lora_overwrite(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    """--overwrite over a finished adapter, killed at each event, the swap and the moment after it (before the old
+    adapter beside it is deleted) among them: --output_dir holds the old adapter whole or the new one whole, and the
+    same command again ends with the new adapter's weights and nothing beside it."""
+    from safetensors.torch import load_file, save_file
+
+    from src import construct, train_lora
+
+    data, lengths = small_data
+    instruct = tmp_path / "instruct.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+
+    def argv(folder, seed):
+        flags = ["--model_name_or_path", str(tiny_model_dir), "--data_path", str(instruct), "--output_dir", str(folder)]
+        flags += ["--max_steps", "1", "--per_device_train_batch_size", "2", "--lora_r", "4", "--seed", seed]
+        return flags + ["--use_cpu", "True", "--report_to", "none", "--save_strategy", "no", "--overwrite", "True"]
+
+    adapter, new, previous = tmp_path / "adapter", tmp_path / "new", tmp_path / "previous"
+    train_lora.main(argv(new, "5"))
+    shutil.copytree(new, previous)  # an earlier finished adapter: other weights, another run id
+    tensors = load_file(str(new / "adapter_model.safetensors"))
+    save_file({name: tensor + 1 for name, tensor in tensors.items()}, str(previous / "adapter_model.safetensors"))
+    marker = json.loads((new / train_lora.ARGUMENTS_FILE).read_text())
+    (previous / train_lora.ARGUMENTS_FILE).write_text(json.dumps(marker | {"run_id": "earlier", "replaces": None}))
+
+    def weights(folder):
+        return {name: tensor.tolist() for name, tensor in load_file(str(folder / "adapter_model.safetensors")).items()}
+
+    old_weights, new_weights = weights(previous), weights(new)
+
+    def prepare():
+        shutil.rmtree(adapter, ignore_errors=True)
+        shutil.rmtree(tmp_path / "adapter.replacing", ignore_errors=True)
+        shutil.copytree(previous, adapter)
+
+    def check_stopped():
+        assert weights(adapter) in (old_weights, new_weights)
+        assert (adapter / train_lora.ARGUMENTS_FILE).is_file()
+
+    def check_finished():
+        assert weights(adapter) == new_weights and not (tmp_path / "adapter.replacing").exists()
+
+    # Events 0 to 3 write the training request into `.replacing` before the model loads, and 4 and 5 sync the finished
+    # marker's temporary file: at each of them `.replacing` holds no finished adapter yet, as at event 6 (just before
+    # the marker's rename), where the crashes start, to keep the test short. 7 and 8 stand on either side of nothing
+    # (marker in place, swap not yet made); 9 is just after the swap, before the old adapter is deleted.
+    main, flags = train_lora.main, argv(adapter, "5")
+    assert crash_everywhere(monkeypatch, main, flags, prepare, check_stopped, check_finished, first=6) == 10
 
 
 @pytest.mark.skipif(

@@ -79,6 +79,26 @@ def test_predict_waits_for_no_one_once_the_holder_is_gone(small_data, tmp_path):
     ]
 
 
+def test_a_benchmark_leaves_a_result_file_another_run_writes_alone(small_data, tmp_path):
+    """Two benchmarks on one --output-json would each overwrite the partial file the other keeps its finished
+    strategies in: the second is refused while the first holds it, and runs once it is gone."""
+    from src import benchmark
+
+    data, lengths = small_data
+    folder = tmp_path / "results"
+    folder.mkdir()
+    output = folder / "r.json"
+    (folder / "r.json.partial").write_text("{}")  # the holder's, mid-run: not read, not replaced
+    argv = ["--dry-run", "--data-path", str(data), "--replay-lengths", str(lengths), "--strategies", "vanilla", "gt"]
+    argv += ["--output-json", str(output)]
+    with OutputLock(output, "--output-json"), pytest.raises(UserError, match="--output-json .* another run"):
+        benchmark.main(argv)
+    assert (folder / "r.json.partial").read_text() == "{}" and not output.exists()
+    (folder / "r.json.partial").unlink()
+    assert [result["strategy"] for result in benchmark.main(argv)["results"]] == ["vanilla", "gt"]
+    assert sorted(path.name for path in folder.iterdir()) == ["r.json"]
+
+
 def test_answers_left_in_a_process_file_are_merged_by_the_next_run_whatever_the_name(eos_model_dir, tmp_path):
     """A torchrun run killed during its merge leaves answers in `<output>.rank1.partial`: the next run finds every
     request answered and merges them (the file found by its exact name, though the output's name has glob
@@ -118,3 +138,64 @@ def test_a_resumed_run_refuses_answers_to_questions_the_input_no_longer_asks(eos
     with pytest.raises(UserError, match="answers id '1' as it was asked before"):
         run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")
     assert output.read_text() == answered
+
+
+def test_redo_changed_answers_the_edited_requests_anew_and_keeps_the_rest(eos_model_dir, tmp_path):
+    """With --redo-changed, a rerun after an edit drops the answers of the edited requests (every process's file
+    included) and answers them as they are asked now; the other answers stay as they were, each id once."""
+    from tests.test_infer import QUESTIONS, answers_by_id, run_infer
+
+    requests, output = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in QUESTIONS[:4]))  # ids 1 to 4
+    run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu")
+    before = answers_by_id(output)
+    lines = output.read_text().splitlines(keepends=True)
+    output.write_text("".join(line for line in lines if json.loads(line)["id"] != "4"))
+    (tmp_path / "answers.jsonl.rank1.partial").write_text(next(line for line in lines if '"id": "4"' in line))
+    edited = QUESTIONS[:2] + ["What is 3 + 3?", "Say hi."]  # ids 3 and 4 ask something else now
+    requests.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in edited))
+    summary = run_infer(eos_model_dir, requests, output, strategy="vanilla", device="cpu", redo_changed=True)
+    assert summary["requests"] == 2
+    after = answers_by_id(output)
+    assert sorted(after) == ["1", "2", "3", "4"] and not (tmp_path / "answers.jsonl.rank1.partial").exists()
+    assert after["1"] == before["1"] and after["2"] == before["2"]
+    fresh = tmp_path / "fresh.jsonl"
+    run_infer(eos_model_dir, requests, fresh, strategy="vanilla", device="cpu")
+    assert {key: after[key] for key in ("3", "4")} == {key: answers_by_id(fresh)[key] for key in ("3", "4")}
+    assert after["3"]["request"] != before["3"]["request"]
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes_the_answers(eos_model_dir, tmp_path, capsys, monkeypatch):
+    """A disk that fills while answers are written stops the run with one line that says so (exit status 1); the
+    answers written before it are kept, and the same command, once there is room, ends with every answer once, as an
+    uninterrupted run gives them."""
+    import errno
+
+    from src.common.answers import AnswerWriter
+    from tests.test_infer import answers_by_id, run_infer, write_requests
+
+    requests = write_requests(tmp_path / "requests.jsonl")
+    whole, output = tmp_path / "whole.jsonl", tmp_path / "answers.jsonl"
+    run_infer(eos_model_dir, requests, whole, strategy="vanilla", device="cpu")
+    flush, flushes = AnswerWriter.flush, []
+
+    def fill_the_disk(self):  # the second chunk gets half a line onto the disk, as a write into a full disk does
+        flushes.append(1)
+        if len(flushes) == 2 and self.pending:
+            chunk, self.pending = self.pending, []
+            self.handle.write(chunk[0][:10])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        flush(self)
+
+    argv = ["--input", str(requests), "--output", str(output), "--model", str(eos_model_dir), "--device", "cpu"]
+    argv += ["--max-length", "24", "--batch-size", "3", "--strategy", "vanilla"]
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
+        patch.setattr(AnswerWriter, "flush", fill_the_disk)
+        run_cli(infer.main, argv)
+    assert stopped.value.code == 1
+    (line,) = [text for text in capsys.readouterr().err.splitlines() if text.startswith("error")]
+    assert line.startswith(f"error: the disk is full writing {output}") and "run the same command again" in line
+    assert 0 < len(answers_by_id(output)) < 10
+    run_cli(infer.main, argv)
+    assert answers_by_id(output) == answers_by_id(whole)

@@ -375,6 +375,29 @@ def test_training_interrupted_after_a_checkpoint_resumes_there(tiny_model_dir, s
         train_lora.main(argv(tmp_path / "cut"))
 
 
+def test_a_resume_with_another_lora_shape_or_other_examples_is_refused(
+    tiny_model_dir, small_data, tmp_path, monkeypatch
+):
+    """Checkpoints continue only the training that saved them: a rerun with another --lora_r, or on an instruction
+    file whose examples differ, is refused before the model loads, naming what changed; the checkpoint stays."""
+    from src.common.utils import UserError
+
+    data, lengths = small_data
+    instruct, other = tmp_path / "instruct.json", tmp_path / "other.json"
+    construct.main(["--data-path", str(data), "--length-path", str(lengths), "--output-path", str(instruct)])
+    records = json.loads(instruct.read_text())
+    records[0]["conversations"][1]["value"] = "999"  # one answer edited
+    other.write_text(json.dumps(records))
+    adapter = tmp_path / "adapter"
+    train_killed_after_step(monkeypatch, 2, four_step_argv(tiny_model_dir, instruct, adapter))
+    wider = [*four_step_argv(tiny_model_dir, instruct, adapter), "--lora_r", "8"]
+    with pytest.raises(UserError, match="another training \\(--lora_r was 4, now 8\\)"):
+        train_lora.main(wider)
+    with pytest.raises(UserError, match="another training \\(the training examples' sha256 was"):
+        train_lora.main(four_step_argv(tiny_model_dir, other, adapter))
+    assert sorted(path.name for path in adapter.glob("checkpoint-*")) == ["checkpoint-2"]
+
+
 def test_overwrite_interrupted_keeps_the_finished_adapter_and_resumes(
     tiny_model_dir, small_data, tmp_path, monkeypatch
 ):

@@ -65,13 +65,17 @@ def test_requests_that_cannot_run_are_kept_with_their_problem(tmp_path):
             {"id": "empty", "prompt": "  \n"},
             {"id": "system-only", "body": {"messages": [{"role": "system", "content": "x"}]}},
             {"id": "no-instruction", "instruction": ""},
+            {"id": "half-a-pair", "prompt": "Say \ud800 hi."},  # json.dumps writes the escape, json.loads reads it
         ],
     )
-    assert {request.id: request.problem for request in read_requests(path)} == {
+    problems = {request.id: request.problem for request in read_requests(path)}
+    assert problems == {
         "empty": "empty prompt",
         "system-only": "no user turn to answer",
         "no-instruction": "empty prompt",
+        "half-a-pair": problems["half-a-pair"],
     }
+    assert problems["half-a-pair"].startswith("the text holds a lone surrogate escape")
 
 
 def test_an_openai_field_that_would_be_ignored_becomes_an_error_line_naming_it(tmp_path):

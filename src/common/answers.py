@@ -179,13 +179,13 @@ class OutputLock:
             self.handle = None
 
 
-def lock_output(output: str, processes) -> OutputLock | None:
+def lock_output(output: str, processes, flag: str = "--output") -> OutputLock | None:
     """The main process holds the output's lock for the whole run; when another run holds it, every process stops
     with the same line."""
     lock, refusal = None, None
     if processes.is_main:
         try:
-            lock = OutputLock(output).__enter__()
+            lock = OutputLock(output, flag).__enter__()
         except UserError as error:
             refusal = str(error)
     refusal = processes.broadcast(refusal)
@@ -257,18 +257,40 @@ def answered_rows(output: str, repair: bool = False) -> dict[str, dict]:
     return {row["id"]: row for path in rank_paths(output) for row in read_complete_lines(path, repair)}
 
 
-def check_answers_still_asked(
-    kept: dict[str, dict], output: str, input_path: str, fingerprints: dict[str, str]
-) -> None:
-    """Every kept answer (`answered_rows` of `output`) of an id still in the input answers that request as it is now
-    (the fingerprint it recorded): an edited prompt, or ids by line number shifted by an added record, would otherwise
-    keep another question's answer."""
-    for sample_id, row in kept.items():
-        if sample_id in fingerprints and row.get("request") != fingerprints[sample_id]:
-            raise UserError(
-                f"{output} answers id {sample_id!r} as it was asked before, and {input_path} now asks something else "
-                "there: restore the input, or choose another --output to answer it anew"
-            )
+def changed_answers(kept: dict[str, dict], fingerprints: dict[str, str]) -> list[str]:
+    """The ids of kept answers (`answered_rows`) that answered their request as it was asked before, not as the input
+    asks it now (the fingerprint each recorded): an edited prompt, or ids by line number shifted by an added record.
+    In the output's order."""
+    return [
+        sample_id
+        for sample_id, row in kept.items()
+        if sample_id in fingerprints and row.get("request") != fingerprints[sample_id]
+    ]
+
+
+def refuse_changed_answers(changed: list[str], output: str, input_path: str) -> None:
+    if changed:
+        raise UserError(
+            f"{output} answers id {changed[0]!r} as it was asked before, and {input_path} now asks something else "
+            f"there ({len(changed)} such ids): restore the input, pass --redo-changed to answer them anew, or choose "
+            "another --output"
+        )
+
+
+def drop_answers(output: str, ids: list[str]) -> None:
+    """The output and the processes' files without the answers of `ids`, each written beside itself and renamed into
+    place: a kill leaves the old file or the new one."""
+    from .utils import write_text_atomic
+
+    dropped = set(ids)
+    for path in rank_paths(output):
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+        kept = [line for line in lines if json.loads(line)["id"] not in dropped]
+        if len(kept) < len(lines):
+            write_text_atomic(path, "".join(kept))
 
 
 def merge_rank_files(output: str) -> None:

@@ -5,6 +5,7 @@ src.running.setup, the length predictors' in src.predictors.flags."""
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -28,6 +29,17 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         if os.environ.get("RANK", "0") == "0":  # under a launcher every process meets the same mistake: say it once
             print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        end_processes(finished=False)
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"error: the disk is full{where} ({error.strerror}): free some space, then run the same command again; "
+            "it keeps what was finished and written",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     except KeyboardInterrupt:
         end_processes(finished=False)
         print("interrupted: finished outputs were kept, partial ones were not written", file=sys.stderr)

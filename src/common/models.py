@@ -274,3 +274,9 @@ def load_model_and_formatter(
     model, tokenizer, path = load_model(name_or_path, device, dtype, adapter, load_format)
     formatter = PromptFormatter(tokenizer, choose_template(path, tokenizer, conv_template))
     return model, tokenizer, formatter, path
+
+
+def context_length(model) -> int | None:
+    """The model's context in tokens, where its config says."""
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(text_config, "max_position_embeddings", None)

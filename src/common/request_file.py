@@ -17,8 +17,10 @@ others run. The file is read as a stream, twice at most (a check, then the run),
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,16 @@ def unhonoured_body_field(body: dict) -> str | None:
     return None
 
 
+def _is_unicode(text: str) -> bool:
+    """False for text that JSON's `\\ud800`-style escapes left with a half of a surrogate pair, which is no character:
+    no tokenizer reads it and no UTF-8 file can hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_record(record, line: int) -> Request:
     """One record of any known shape -> a Request; raises _Malformed when it has none."""
     if not isinstance(record, dict):
@@ -159,6 +171,8 @@ def parse_record(record, line: int) -> Request:
         identifier = line
     if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
         raise _Malformed(f"the id must be text or an integer, got {identifier!r}")
+    if not _is_unicode(str(identifier)):
+        raise _Malformed("the id holds a lone surrogate escape (such as \\ud800), which no UTF-8 output can hold")
     while turns and turns[-1][0] == ASSISTANT:  # answers given with the question (references) are not asked for
         turns.pop()
     problem = unhonoured
@@ -166,6 +180,8 @@ def parse_record(record, line: int) -> Request:
         problem = "no user turn to answer"
     elif problem is None and not turns[-1][1].strip():
         problem = "empty prompt"
+    elif problem is None and not all(_is_unicode(text) for _, text in turns):
+        problem = "the text holds a lone surrogate escape (such as \\ud800), which is not a character: fix the escape"
     return Request(str(identifier), tuple(turns), line, max_tokens, temperature, problem)
 
 
@@ -224,6 +240,8 @@ def check_request_file(path: str | Path) -> dict[str, str]:
             ids[request.id] = request_fingerprint(request)
     except UnicodeDecodeError:
         raise UserError(f"request file {resolved} is not UTF-8 text") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        raise UserError(f"request file {resolved} is not a complete gzip file: make or copy it again") from None
     if not ids:
         raise UserError(f"request file {resolved} holds no requests")
     return ids

@@ -6,8 +6,22 @@ rather than mixed with them."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..common.distributed import Processes
-from ..common.utils import UserError, partial_path, path_fingerprint, read_json, write_json_atomic
+from ..common.utils import (
+    UserError,
+    describe_device,
+    library_versions,
+    partial_path,
+    path_fingerprint,
+    read_json,
+    write_json_atomic,
+)
+
+if TYPE_CHECKING:
+    from .runner import Executors
+    from .settings import RunSettings
 
 # what a real run resolved from its flags: a partial made on other hardware or with another engine is not continued
 RESOLVED_KEYS = ("device_resolved", "engine_resolved", "processes", "model_path", "device_name")
@@ -57,3 +71,26 @@ def write_complete(output_json: str, output: dict) -> None:
     """The complete output replaces any earlier one in one step; the partial file goes."""
     write_json_atomic(output_json, output)
     partial_path(output_json).unlink(missing_ok=True)
+
+
+def run_record(args, settings: RunSettings, executors: Executors, model_path, device, processes: Processes) -> dict:
+    """The output's "args": every flag as resolved, and what the run found (model, device, versions)."""
+    record = vars(args) | {
+        "slots": settings.slots,
+        "fcr_retry_quantiles": None if settings.fcr_retry_quantiles is None else list(settings.fcr_retry_quantiles),
+        "vbs_table_parsed": None if settings.vbs_table is None else dict(settings.vbs_table),
+        "strategies": [strategy.label for strategy in settings.strategies],
+        "model_path": model_path,
+    }
+    if executors.calibration is not None:  # what --vbs-table auto measured, beside the arguments as before
+        record["vbs_calibration"] = executors.calibration
+    if executors.device_costs is not None:
+        record["device_costs"] = executors.device_costs.to_json()
+    record["longest_prompt_tokens"] = max(executors.prompt_lengths.values()) if executors.prompt_lengths else 0
+    record["device_resolved"] = device
+    record["engine_resolved"] = executors.engine.name if executors.engine is not None else None
+    record["engine_warmup_before_strategies_s"] = executors.warmup_seconds()  # the first compilation, untimed
+    record["device_name"] = None if args.dry_run else describe_device(device)
+    record["versions"] = library_versions()
+    record["processes"] = processes.count
+    return record
