@@ -40,7 +40,7 @@ from .common.models import model_folder
 from .common.utils import UserError, partial_path
 from .engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
-from .predictors.registry import PREDICTORS, build_predictor
+from .predictors.registry import build_predictor
 from .running.cost_estimate import add_device_profile_argument, check_device_profile
 from .running.report import print_result, print_table
 from .running.result_file import (
@@ -55,10 +55,10 @@ from .running.runner import run_strategy
 from .running.settings import (
     AUTO_SLOTS,
     AUTO_VBS_TABLE,
-    RESUME_RETRY_QUANTILES,
     RunSettings,
     equal_memory_slots,
     run_settings,
+    strategy_choices,
 )
 from .running.setup import (
     add_model_arguments,
@@ -68,7 +68,7 @@ from .running.setup import (
     load_model_with_engine,
     prepare_executors,
 )
-from .scheduling.batches import PAPER_VBS_TABLE
+from .scheduling.batches import PAPER_VBS_TABLE, RESUME_RETRY_QUANTILES
 from .scheduling.metrics import merge_process_results
 from .scheduling.schedule import replay_executor
 
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=512, help="most new tokens a sample may generate")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (without VBS, and for FCR recompute)")
     parser.add_argument("--group-size", type=int, default=256, help="samples scheduled together")
-    parser.add_argument("--strategy", default="vanilla", help=f"length predictor: {', '.join(sorted(PREDICTORS))}")
+    parser.add_argument("--strategy", default="vanilla", help=f"how samples are batched: {strategy_choices()}")
     parser.add_argument(
         "--strategies",
         nargs="+",

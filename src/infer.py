@@ -6,19 +6,20 @@ similar predicted length together, generate, and write each answer as it finishe
         --length-path lengths.json
 
 Input: JSON lines or one JSON list; each record a prompt, an Alpaca record, a FastChat conversation or an OpenAI
-batch line (src/common/request_file.py says which fields). An OpenAI line's own max_tokens and temperature win over
-the flags for that line. Output: one JSON line per request (src/common/answers.py), appended as requests finish and
-flushed to disk; running the same command again skips the ids already answered (a line a kill cut short is dropped
-and redone) and refuses settings that would answer differently. A request that cannot run (an empty prompt, a prompt
-that leaves no room in the model's context) gets an error line and the others run.
+batch line (src/common/request_file.py says which fields); a record's own max_tokens and temperature win over the
+flags. Output: one JSON line per request (src/common/answers.py; an OpenAI line's in the shape of OpenAI's batch
+output, src/common/openai_batch.py), appended as requests finish and flushed to disk; running the same command
+again skips the ids already answered (a line a kill cut short is dropped and redone) and refuses settings that would
+answer differently. A request that cannot run (an empty prompt, a prompt that leaves no room in the model's context)
+gets an error line and the others run.
 
-The default strategy is proxy+fcr+resume with the predictor that ships in the clone (Vicuna-7B's lengths on
-Alpaca prompts; `python -m src.fit_proxy` fits one to your model): requests are predicted, sorted and cut at their
-predicted length, and the few that run past it continue from their own tokens. Under greedy decoding in float32 the
-schedule changes the order in which requests run, not their answers (docs/INFER.md: in 16-bit types any batching,
-plain batching's too, changes some). Requests are read, scheduled and written one group
-(`--group-size`) at a time, so memory stays bounded on large files. Under torchrun or `accelerate launch` each
-process answers every K-th group into a file of its own, and the main process appends those to the output at the end.
+The default plan predicts each answer's length with the predictor that ships in the clone (Vicuna-7B's lengths on
+Alpaca prompts; `python -m src.fit_proxy` fits one to your model) and runs shortest first: one queue whose rows are
+refilled as answers end, on an engine that can (the CPU's), else batches of similar predicted length, cut at the
+prediction and resumed. Under greedy decoding in float32 the schedule changes when a request runs, not its answer
+(docs/INFER.md: in 16-bit types any batching, plain batching's too, changes some). Requests are read, scheduled and
+written one group (`--group-size`) at a time, so memory stays bounded on large files. Under torchrun or `accelerate
+launch` each process answers every K-th group into a file of its own; the main process appends them at the end.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .common.cli import (
 from .common.data import Sample, load_replay_lengths
 from .common.distributed import start_processes
 from .common.models import context_length, model_folder
+from .common.openai_batch import OpenAIBatchOutput
 from .common.request_file import check_request_file, read_requests
 from .common.utils import GZIP_SUFFIX, UserError, resolve_device, resolve_dtype, write_json_atomic, write_text_atomic
 from .engines.registry import resolve_engine_name
@@ -70,26 +72,14 @@ from .running.plan import (
     STATIC_STRATEGY,
     default_strategy,
 )
-from .running.settings import RunSettings, parse_strategies, parse_vbs_table_flag
+from .running.settings import RunSettings, parse_strategies, parse_vbs_table_flag, strategy_choices
 from .running.setup import add_model_arguments, check_model_arguments, device_costs_of, load_model_with_engine
 from .running.summary import print_summary, summary
 from .scheduling.batches import PAPER_VBS_TABLE
 
 # Settings that change what a request's answer is: an output written under others is not continued.
-ANSWER_SETTINGS = (
-    "model",
-    "load_format",
-    "dtype",
-    "engine",
-    "conv_template",
-    "lora_path",
-    "max_length",
-    "temperature",
-    "top_p",
-    "seed",
-    "replay_lengths",
-    "replay_field",
-)
+ANSWER_SETTINGS = ("model", "load_format", "dtype", "engine", "conv_template", "lora_path", "max_length")
+ANSWER_SETTINGS += ("temperature", "top_p", "seed", "replay_lengths", "replay_field")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -101,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--strategy",
         default=None,
-        help=f"how requests are batched, as in src.benchmark (e.g. vanilla, gt+vbs+fcr, continuous:proxy); default: "
+        help=f"how requests are batched: {strategy_choices()}; default: "
         f"{QUEUE_STRATEGY} on an engine that refills its rows itself ({', '.join(ENGINES_THAT_REFILL_ROWS)}: the CPU's "
         f"default), else {STATIC_STRATEGY}; without the proxy predictor {QUEUE_FALLBACK_STRATEGY} or "
         f"{STATIC_FALLBACK_STRATEGY}",
@@ -227,7 +217,8 @@ def check_settings(args, answered: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = infer_settings(args)
-    ids = check_request_file(args.input)  # id -> what it asks, in file order; a malformed file stops here
+    args.requests = check_request_file(args.input)  # a malformed file stops here
+    ids = args.requests.fingerprints  # id -> what it asks, in file order
     processes = start_processes(args.device)
     args.device = processes.device(args.device)
     lock = lock_output(args.output, processes)  # before the output is read: a second run must not repair it
@@ -245,6 +236,8 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
     replay = load_replay_lengths(args.replay_lengths, args.replay_field, pending)
     check_model_arguments(args)  # after the file checks, so that a mistake there is named first; before any load
     context = predictor_context(args)
+    # every group clamps its predictions to its own cap, which a record's max_tokens may set above --max-length
+    context.max_length = max(args.max_length, args.requests.largest_cap or 0)
     predictor = None
     if not PREDICTORS[strategy.predictor].needs_model:  # a missing predictor fails before the model
         predictor = build_predictor(strategy.predictor, context)
@@ -273,7 +266,9 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
     if not args.no_warmup:  # one-off costs (allocator, kernels) before the clock starts
         loaded.engine.generate([loaded.formatter.encode("Hello")], 2, 0.0)
     executor = StaticBatchExecutor(loaded.engine, {}, args.temperature, replay, top_p=args.top_p)
-    writer = AnswerWriter(rank_path(args.output, processes.rank), ids)
+    endpoints = args.requests.endpoints  # OpenAI batch lines are answered in the shape of OpenAI's output
+    openai_output = OpenAIBatchOutput(endpoints, Path(args.model).name, strategy.label) if endpoints else None
+    writer = AnswerWriter(rank_path(args.output, processes.rank), ids, openai_output)
     runner = Runner(
         settings, predictor, loaded.formatter, loaded.engine, executor, writer, context_length(loaded.model)
     )

@@ -268,3 +268,25 @@ def test_smollm2_answers_do_not_depend_on_the_schedule(tmp_path):
         ended_within_cap = row["finish_reason"] == "stop" and row["generated_tokens"] <= 8
         assert row["attempts"] == (1 if ended_within_cap else 2)
     assert sum(row["attempts"] == 2 for row in runs["resumed"].values()) >= len(samples) // 2
+
+
+def test_a_records_own_cap_above_max_length_is_scheduled_at_its_own_cap(eos_model_dir, tmp_path):
+    """A record's max_tokens above --max-length: its prediction (20, the oracle's) is clamped to its own cap (24), not
+    to the flag (2), so that its batch is not cut at 2 and run a second time; a record without one keeps the flag."""
+    requests = tmp_path / "in.jsonl"
+    requests.write_text(
+        json.dumps({"id": "own", "prompt": QUESTIONS[0], "max_tokens": 24})
+        + "\n"
+        + json.dumps({"id": "flag", "prompt": QUESTIONS[0]})
+        + "\n"
+    )
+    lengths = write_json(tmp_path / "lengths.json", [{"id": "own", "L_t0.0": 20}, {"id": "flag", "L_t0.0": 20}])
+    output = tmp_path / "out.jsonl"
+    infer.main(
+        cli_args(input=requests, output=output, model=eos_model_dir, max_length=2, strategy="gt+fcr")
+        + ["--length-path", str(lengths), "--gt-field", "L_t0.0"]
+    )
+    rows = answers_by_id(output)
+    assert rows["own"]["predicted_length"] == 20 and rows["own"]["attempts"] == 1
+    assert rows["own"]["finish_reason"] == "stop" and rows["own"]["generated_tokens"] > 2
+    assert rows["flag"]["predicted_length"] == 2 and rows["flag"]["generated_tokens"] == 2

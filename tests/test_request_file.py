@@ -49,7 +49,7 @@ def test_every_shape_becomes_a_conversation_with_its_own_id(tmp_path):
     assert requests[3].messages == (("system", "Be brief."), ("user", "One\nTwo"))
     assert (requests[3].max_tokens, requests[3].temperature) == (9, 0.5)
     assert all(request.problem is None for request in requests)
-    assert list(check_request_file(path)) == ["p", "2", "7", "o"]
+    assert list(check_request_file(path).fingerprints) == ["p", "2", "7", "o"]
 
 
 def test_a_json_list_numbers_records_from_one(tmp_path):

@@ -144,3 +144,31 @@ def test_the_shipped_predictions_are_what_the_shipped_predictor_predicts(tmp_pat
         expected = shipped[row["id"]]
         assert abs(row["predicted_length"] - expected["predicted_length"]) <= 1, row["id"]
         assert all(abs(row["quantiles"][level] - expected["quantiles"][level]) <= 1 for level in expected["quantiles"])
+
+
+@needs_encoder
+def test_infer_from_another_directory_uses_the_shipped_predictor(eos_model_dir, tmp_path):
+    """Run from a folder outside the clone (the project on PYTHONPATH), src.infer's default plan still finds the
+    predictor that ships in the clone, instead of falling back to file order, and writes nothing outside its output."""
+    import os
+    import subprocess
+    import sys
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "requests.jsonl").write_text('{"id": "a", "prompt": "Name a color."}\n{"id": "b", "prompt": "Hi."}\n')
+    command = [sys.executable, "-m", "src.infer", "--input", "requests.jsonl", "--output", "answers.jsonl"]
+    command += ["--model", str(eos_model_dir), "--max-length", "8"]
+    environment = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    done = subprocess.run(command, cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "plan: continuous:proxy, because" in done.stderr
+    assert sorted(json.loads(line)["id"] for line in (elsewhere / "answers.jsonl").read_text().splitlines()) == [
+        "a",
+        "b",
+    ]
+    assert sorted(path.name for path in elsewhere.iterdir()) == [
+        "answers.jsonl",
+        "answers.jsonl.settings.json",
+        "requests.jsonl",
+    ]

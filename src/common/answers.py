@@ -17,6 +17,7 @@ import os
 import zlib
 from pathlib import Path
 
+from .openai_batch import recorded_request
 from .utils import GZIP_SUFFIX, UserError
 
 FINISH_STOP, FINISH_LENGTH = "stop", "length"
@@ -97,10 +98,11 @@ def read_run_settings(path: Path):
 
 class AnswerWriter:
     """Appends rows to an answer file: `add` buffers, `flush` writes the buffered lines and syncs them to disk.
-    `fingerprints` (id -> the request's fingerprint): each row records its request's as "request"."""
+    `fingerprints` (id -> the request's fingerprint): each row records its request's as "request"; `openai_output`
+    (an `openai_batch.OpenAIBatchOutput`): the rows of OpenAI batch lines are written in OpenAI's output shape."""
 
-    def __init__(self, path: Path, fingerprints: dict[str, str] | None = None):
-        self.path, self.fingerprints = Path(path), fingerprints
+    def __init__(self, path: Path, fingerprints: dict[str, str] | None = None, openai_output=None):
+        self.path, self.fingerprints, self.openai_output = Path(path), fingerprints, openai_output
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self.pending: list[str] = []
@@ -109,6 +111,8 @@ class AnswerWriter:
     def add(self, row: dict) -> None:
         if self.fingerprints is not None:
             row = {**row, "request": self.fingerprints[row["id"]]}
+        if self.openai_output is not None and row["id"] in self.openai_output.endpoints:
+            row = self.openai_output.line(row)  # an OpenAI batch line is answered in the shape of OpenAI's output
         self.pending.append(json.dumps(row, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
@@ -264,7 +268,7 @@ def changed_answers(kept: dict[str, dict], fingerprints: dict[str, str]) -> list
     return [
         sample_id
         for sample_id, row in kept.items()
-        if sample_id in fingerprints and row.get("request") != fingerprints[sample_id]
+        if sample_id in fingerprints and recorded_request(row) != fingerprints[sample_id]
     ]
 
 

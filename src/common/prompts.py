@@ -89,6 +89,8 @@ class PromptFormatter:
         return self._tokens(self.text(message, suffix))
 
     def encode_conversation(self, messages) -> list[int]:
+        if messages and messages[-1][0] == "completion":  # a /v1/completions prompt: continued as written
+            return self.tokenizer(messages[-1][1]).input_ids
         return self._tokens(self.conversation_text(messages))
 
     def _tokens(self, text: str) -> list[int]:

@@ -4,10 +4,14 @@
     {"instruction": "Name three rivers.", "input": ""}                           # an Alpaca record
     {"id": "q1", "conversations": [{"from": "human", "value": "..."}, ...]}       # a FastChat conversation
     {"custom_id": "q1", "body": {"messages": [{"role": "user", "content": "..."}], "max_tokens": 64}}  # OpenAI batch
+    {"custom_id": "q2", "url": "/v1/completions", "body": {"prompt": "Once upon a time"}}  # OpenAI batch, completion
 
 A record without an id (`id`, or `custom_id` for an OpenAI line) gets its line number (its position from 1 in a JSON
 list). An Alpaca record becomes the human turn of Stanford Alpaca's template, as in the paper's data; a conversation
 that ends with answers ("gpt"/"assistant" turns, such as the paper's references) is asked its last human turn again.
+A completion's prompt is continued as it is, without the chat template. `max_tokens` and `temperature` are a record's
+own in every shape (at the top of a record, in the body of an OpenAI line); an OpenAI line is answered with an OpenAI
+batch output line (src/common/openai_batch.py).
 
 Two kinds of fault. A malformed file (a line that is not JSON, a record of no known shape, a field of the wrong
 type, an id given twice) is refused before any model loads, naming the line. A well-formed request that cannot run
@@ -22,7 +26,7 @@ import json
 import math
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import temperature_problem
@@ -30,6 +34,8 @@ from .prompts import alpaca_human_turn
 from .utils import UserError, open_text, resolve_json_path
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+COMPLETION = "completion"  # the one turn of a /v1/completions line: text continued as it is, with no chat template
+CHAT_ENDPOINT, COMPLETIONS_ENDPOINT = "/v1/chat/completions", "/v1/completions"
 # FastChat's speaker names -> the roles of a chat message
 FASTCHAT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
 
@@ -42,6 +48,7 @@ class Request:
     max_tokens: int | None = None  # the record's own cap on new tokens (an OpenAI line's body.max_tokens)
     temperature: float | None = None  # the record's own temperature (an OpenAI line's body.temperature)
     problem: str | None = None  # why it cannot run; None when it can
+    endpoint: str | None = None  # an OpenAI batch line's url, which decides the shape of its answer; None otherwise
 
     @property
     def prompt(self) -> str:
@@ -105,10 +112,10 @@ def _number(record: dict, key: str, where: str, integer: bool):
 # An OpenAI batch body's fields: those src.infer honours, those that change nothing here (the model is --model's), and
 # those it does not honour, allowed only at the value that asks for what it does anyway; any other field of a body is
 # not honoured either, and the request gets an error line naming it instead of an answer that ignores it.
-HONOURED_BODY_FIELDS = ("messages", "max_tokens", "max_completion_tokens", "temperature")
+HONOURED_BODY_FIELDS = ("messages", "prompt", "max_tokens", "max_completion_tokens", "temperature")
 IGNORED_BODY_FIELDS = ("model", "user", "metadata", "store")
 NEUTRAL_BODY_VALUES = {"n": 1, "stream": False, "top_p": 1, "logprobs": False, "presence_penalty": 0}
-NEUTRAL_BODY_VALUES |= {"frequency_penalty": 0, "stop": []}
+NEUTRAL_BODY_VALUES |= {"frequency_penalty": 0, "stop": [], "echo": False, "best_of": 1}
 
 
 def unhonoured_body_field(body: dict) -> str | None:
@@ -132,23 +139,36 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
+def _openai_line(record: dict) -> tuple:
+    """(turns, max_tokens, temperature, the first unhonoured body field, endpoint) of an OpenAI batch line."""
+    body, endpoint = record["body"], record.get("url", CHAT_ENDPOINT)
+    if endpoint not in (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT):
+        raise _Malformed(f"url {endpoint!r}: only {CHAT_ENDPOINT} and {COMPLETIONS_ENDPOINT} lines are answered")
+    asked = "messages" if endpoint == CHAT_ENDPOINT else "prompt"
+    if not isinstance(body, dict) or asked not in body:
+        raise _Malformed(f"an OpenAI batch line to {endpoint} needs body.{asked}")
+    if endpoint == CHAT_ENDPOINT:
+        turns = _openai_messages(body["messages"])
+    elif isinstance(body["prompt"], str):
+        turns = [(COMPLETION, body["prompt"])]
+    else:
+        raise _Malformed("body.prompt must be one text (a line per prompt)")
+    tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, tokens_key, "body.", integer=True)
+    temperature = _number(body, "temperature", "body.", integer=False)
+    if temperature is not None and temperature_problem(temperature):
+        raise _Malformed(f"body.temperature {temperature_problem(temperature)}")
+    return turns, max_tokens, temperature, unhonoured_body_field(body), endpoint
+
+
 def parse_record(record, line: int) -> Request:
     """One record of any known shape -> a Request; raises _Malformed when it has none."""
     if not isinstance(record, dict):
         raise _Malformed("a record must be a JSON object")
-    max_tokens = temperature = unhonoured = None
+    max_tokens = temperature = unhonoured = endpoint = None
     if "body" in record:
-        body = record["body"]
-        if not isinstance(body, dict) or "messages" not in body:
-            raise _Malformed("an OpenAI batch line needs body.messages")
-        turns = _openai_messages(body["messages"])
-        tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _number(body, tokens_key, "body.", integer=True)
-        temperature = _number(body, "temperature", "body.", integer=False)
-        if temperature is not None and temperature_problem(temperature):
-            raise _Malformed(f"body.temperature {temperature_problem(temperature)}")
+        turns, max_tokens, temperature, unhonoured, endpoint = _openai_line(record)
         identifier = record.get("custom_id", record.get("id"))
-        unhonoured = unhonoured_body_field(body)
     elif "conversations" in record:
         turns = _fastchat_messages(record["conversations"])
         identifier = record.get("id")
@@ -167,6 +187,11 @@ def parse_record(record, line: int) -> Request:
         raise _Malformed(
             "no known shape: give prompt, instruction (Alpaca), conversations (FastChat) or body.messages (OpenAI)"
         )
+    if "body" not in record:  # a record's own cap and temperature, beside its prompt
+        max_tokens = _number(record, "max_tokens", "", integer=True)
+        temperature = _number(record, "temperature", "", integer=False)
+        if temperature is not None and temperature_problem(temperature):
+            raise _Malformed(f"temperature {temperature_problem(temperature)}")
     if identifier is None:
         identifier = line
     if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
@@ -176,13 +201,13 @@ def parse_record(record, line: int) -> Request:
     while turns and turns[-1][0] == ASSISTANT:  # answers given with the question (references) are not asked for
         turns.pop()
     problem = unhonoured
-    if problem is None and (not turns or turns[-1][0] != USER):
+    if problem is None and (not turns or turns[-1][0] not in (USER, COMPLETION)):
         problem = "no user turn to answer"
     elif problem is None and not turns[-1][1].strip():
         problem = "empty prompt"
     elif problem is None and not all(_is_unicode(text) for _, text in turns):
         problem = "the text holds a lone surrogate escape (such as \\ud800), which is not a character: fix the escape"
-    return Request(str(identifier), tuple(turns), line, max_tokens, temperature, problem)
+    return Request(str(identifier), tuple(turns), line, max_tokens, temperature, problem, endpoint)
 
 
 def _records(path: Path) -> Iterator[tuple[int, object]]:
@@ -222,13 +247,23 @@ def read_requests(path: str | Path) -> Iterator[Request]:
             raise UserError(f"request file {path}, line {number}: {error}") from None
 
 
-def check_request_file(path: str | Path) -> dict[str, str]:
-    """Every record's id with its `request_fingerprint`, in file order, after reading the whole file once: malformed
-    records and repeated ids are refused here, before any model loads."""
+@dataclass
+class RequestIndex:
+    """What a whole request file asks, held as ids (not prompts): each id's fingerprint in file order, the endpoint
+    of each OpenAI batch line, and the largest cap a record gives itself."""
+
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    endpoints: dict[str, str] = field(default_factory=dict)
+    largest_cap: int | None = None
+
+
+def check_request_file(path: str | Path) -> RequestIndex:
+    """The file's `RequestIndex`, after reading the whole file once: malformed records and repeated ids are refused
+    here, before any model loads."""
     resolved = resolve_json_path(path)
     if not resolved.is_file():
         raise UserError(f"request file not found: {path}")
-    ids, lines = {}, {}
+    index, lines = RequestIndex(), {}
     try:
         for request in read_requests(resolved):
             if request.id in lines:
@@ -237,14 +272,18 @@ def check_request_file(path: str | Path) -> dict[str, str]:
                     f"{lines[request.id]}; ids must be unique"
                 )
             lines[request.id] = request.line
-            ids[request.id] = request_fingerprint(request)
+            index.fingerprints[request.id] = request_fingerprint(request)
+            if request.endpoint is not None:
+                index.endpoints[request.id] = request.endpoint
+            if request.max_tokens is not None:
+                index.largest_cap = max(request.max_tokens, index.largest_cap or 0)
     except UnicodeDecodeError:
         raise UserError(f"request file {resolved} is not UTF-8 text") from None
     except (gzip.BadGzipFile, EOFError, zlib.error):
         raise UserError(f"request file {resolved} is not a complete gzip file: make or copy it again") from None
-    if not ids:
+    if not lines:
         raise UserError(f"request file {resolved} holds no requests")
-    return ids
+    return index
 
 
 def request_fingerprint(request: Request) -> str:

@@ -23,6 +23,20 @@ class UserError(Exception):
     """A mistake in the user's input: reported as one line, exit status 2, no traceback."""
 
 
+# the clone: what ships in it (the paper's data, the predictor) is found from any working directory
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def project_path(relative: str) -> str:
+    """A path of the clone as a default flag value: as written when the command runs in the clone (as help and
+    records have always shown it), else the absolute path, so that a command run from elsewhere finds the same file."""
+    try:
+        in_clone = Path.cwd().resolve() == PROJECT_ROOT
+    except OSError:  # a working directory that was deleted
+        in_clone = False
+    return relative if in_clone else str(PROJECT_ROOT / relative)
+
+
 # --------------------------------------------------------------------------- JSON files
 
 

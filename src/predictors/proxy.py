@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..common.utils import UserError, replace_folder, share_with_umask
+from ..common.utils import UserError, project_path, replace_folder, share_with_umask
 from .proxy_model import LengthProxy
 
 PROXY_FORMAT = "length-proxy/1"
@@ -41,7 +41,7 @@ DEFAULT_QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_PROXY_PATH = "ckpts/proxy-minilm"
 # the predictor that ships in the clone: MiniLM trained on Vicuna-7B's lengths of the paper's Alpaca train prompts;
 # every command that takes --predictor-path uses it by default
-SHIPPED_PROXY_PATH = "predictors/proxy-vicuna-7b"
+SHIPPED_PROXY_PATH = project_path("predictors/proxy-vicuna-7b")
 # A matrix row whose change differs from the weight decay's shrink by less than this share of its largest weight is
 # stored as shrunk only: rows of tokens that training never saw (float32 rounding over 564 steps stays under 4e-5 of
 # a weight; an Adam step moves a trained row by about the learning rate, 1e-3 of a weight or more)

@@ -11,12 +11,9 @@ from ..common.cli import check_range
 from ..common.utils import UserError
 from ..engines.base import DEFAULT_CONTINUOUS_SPEED
 from ..predictors.registry import PREDICTORS
-from ..scheduling.batches import PAPER_VBS_TABLE, parse_vbs_table
-from ..scheduling.strategy import CONTINUOUS, Strategy, parse_strategy
+from ..scheduling.batches import PAPER_VBS_TABLE, RESUME_RETRY_QUANTILES, parse_vbs_table
+from ..scheduling.strategy import CONTINUOUS, STRATEGY_MODIFIERS, Strategy, parse_strategy
 
-# +resume retries its failures at these upper quantiles of their predicted lengths, one retry each, before the
-# last retry at max_length; chosen on 1000 held-out train rows (docs/RESUME.md)
-RESUME_RETRY_QUANTILES = (0.8, 0.95)
 # --slots auto: continuous batching gets the KV-cache memory of the largest static batch that ran before it
 AUTO_SLOTS = "auto"
 AUTO_VBS_TABLE = "auto"
@@ -63,6 +60,16 @@ class RunSettings:
             if strategy.resume:
                 levels[strategy.predictor] = tuple(retry)
         return replace(self, retry_levels=levels)
+
+
+def strategy_choices() -> str:
+    """Every strategy the --strategy flags take, in words, for --help."""
+    predictors = ", ".join(name for name in sorted(PREDICTORS) if name != "vanilla")
+    modifiers = ", ".join(f"+{modifier}" for modifier in STRATEGY_MODIFIERS)
+    return (
+        f"vanilla (file order, no prediction); a predictor ({predictors}) with any of {modifiers} (+resume with +fcr); "
+        f"{CONTINUOUS} or {CONTINUOUS}:PREDICTOR"
+    )
 
 
 def parse_strategies(texts: list[str], vbs: bool = False, fcr: bool = False) -> tuple[Strategy, ...]:
