@@ -113,18 +113,19 @@ def test_slots_auto_gives_continuous_batching_the_largest_static_batch_memory(sm
 
 
 def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, tmp_path):
-    """Static parts, continuous batching and the step part: the captured engine runs the whole table, the graph and
-    eager ones the comparison on the same samples, continuous batching gets the largest static batch's memory, and the
-    step part times both engines of its own."""
+    """Static parts, continuous batching and the step part: the captured engine runs the whole table, the eager one
+    the comparison on the same samples, continuous batching gets the largest static batch's memory, and the step part
+    times both engines of its own. (The graph part is the eager part's command on the graph engine, whose rows
+    test_benchmark_on_a_compiled_engine_gives_the_eager_token_columns checks: here it would add 30 s on a CPU.)"""
     data, lengths = small_data
     out = tmp_path / "table"
     command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out)]
     flags = ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
     flags += ["--replay-lengths", str(lengths), "--num-data", "6", "--batch-size", "2", "--max-length", "8"]
     flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--budget-s", "600"]
-    flags += ["--parts", "captured", "graph", "eager", "continuous", "step"]
+    flags += ["--parts", "captured", "eager", "continuous", "step"]
     run_command([*command, *flags], timeout=900)
-    for name in ("captured.json", "graph.json", "eager.json", "continuous.json", "step.json", "summary.json"):
+    for name in ("captured.json", "eager.json", "continuous.json", "step.json", "summary.json"):
         assert (out / name).is_file(), name
     rows = json.loads((out / "summary.json").read_text())["rows"]
     by_engine = {(row["engine"], row["strategy"]): row for row in rows}
@@ -132,15 +133,13 @@ def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, t
         ("captured", "vanilla"),
         ("captured", "gt+vbs+fcr"),
         ("captured", "gt"),
-        ("graph", "vanilla"),
-        ("graph", "gt+vbs+fcr"),
         ("transformers", "vanilla"),
         ("transformers", "gt+vbs+fcr"),
         ("transformers", "continuous"),
         ("transformers", "continuous:gt"),
     }
     for strategy in ("vanilla", "gt+vbs+fcr"):  # the same samples and the same token columns on every engine
-        assert len({by_engine[(engine, strategy)]["average_length"] for engine in ENGINE_NAMES}) == 1
+        assert len({by_engine[(engine, strategy)]["average_length"] for engine in ("captured", "transformers")}) == 1
     assert by_engine[("captured", "vanilla")]["x_vanilla_same_engine"] == 1.0
     captured = json.loads((out / "captured.json").read_text())
     largest = max(batch["cache_tokens"] for result in captured["results"] for batch in result["batches"])
@@ -151,15 +150,12 @@ def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, t
     assert "no proxy predictor" in (out / "log.txt").read_text()
     summary = json.loads((out / "summary.json").read_text())
     # each part's first warm-up, before any strategy (compilation, or filler batches on new shapes): eager has none
-    assert summary["compilation_s"]["graph"] > 0 and summary["compilation_s"]["eager"] == 0
+    assert summary["compilation_s"]["eager"] == 0
     # the step part: 2 rows at the step's context on both engines, the graph one's warm-up its compilation
     assert set(summary["step"]) == {"captured", "graph"}
     assert all(result["clock_ms_per_step"] > 0 and result["timed_calls"] == 3 for result in summary["step"].values())
     assert summary["step"]["graph"]["warmup_s"] > summary["step"]["captured"]["warmup_s"]
     assert "2 rows, 640-token prompts, 64 tokens (graph)" in (out / "table.md").read_text()
-
-
-ENGINE_NAMES = ("captured", "graph", "transformers")
 
 
 def test_gpu_table_hands_the_whole_table_down_the_chain_when_an_engine_fails(small_data, tmp_path):

@@ -245,10 +245,10 @@ def test_smollm2_answers_do_not_depend_on_the_schedule(tmp_path):
     plain batches in file order give."""
     from src.common.data import PAPER_VAL_DATA, load_conversations
 
-    samples = load_conversations(PROJECT / PAPER_VAL_DATA)[:8]
+    samples = load_conversations(PROJECT / PAPER_VAL_DATA)[:6]
     requests = tmp_path / "in.jsonl"
     requests.write_text("".join(json.dumps({"id": sample.id, "prompt": sample.prompt}) + "\n" for sample in samples))
-    flags = {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "max_length": 32, "batch_size": 4}
+    flags = {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "max_length": 24, "batch_size": 3}
     runs = {}
     for name, strategy_flags in (
         ("vanilla", {"strategy": "vanilla"}),

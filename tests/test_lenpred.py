@@ -72,7 +72,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_file(tiny_model_dir, tmp_
     project = Path(__file__).resolve().parents[1]
 
     def command(output):
-        flags = cli_args(model=tiny_model_dir, device="cpu", data_path=data, output_path=output, max_length=48)
+        flags = cli_args(model=tiny_model_dir, device="cpu", data_path=data, output_path=output, max_length=24)
         return [sys.executable, "-m", "src.lenpred", *flags, "--batch-size", "2", "--temperatures", "0.0", "0.7"]
 
     reference = tmp_path / "reference.json"
@@ -177,7 +177,7 @@ def test_two_processes_killed_with_sigkill_resume_to_the_same_file(eos_model_dir
     from .conftest import PROJECT, run_command, torchrun
 
     data = many_prompts(tmp_path)
-    flags = cli_args(model=eos_model_dir, device="cpu", data_path=data, max_length=48, batch_size=2)
+    flags = cli_args(model=eos_model_dir, device="cpu", data_path=data, max_length=24, batch_size=2)
     flags += ["--temperatures", "0.0", "0.7"]
     reference = tmp_path / "reference.json"
     run_command([sys.executable, "-m", "src.lenpred", *flags, "--output-path", str(reference)])
