@@ -35,8 +35,8 @@ from .common.answers import (
     answered_rows,
     changed_answers,
     drop_answers,
+    finish_output,
     lock_output,
-    merge_rank_files,
     rank_path,
     read_run_settings,
     refuse_changed_answers,
@@ -118,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--replay-field", default="L_t0.0", help="the length file's column to replay")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
+    parser.add_argument(
+        "--output-order", choices=("finish", "input"), default="finish",
+        help="finish: a line appended as each answer ends; input: the output rewritten in the input's order at the end",
+    )  # fmt: skip
     parser.add_argument("--redo-changed", action="store_true", help="on a rerun, answer anew the requests edited since")
     add_device_profile_argument(parser)
     add_predictor_arguments(parser)
@@ -247,7 +251,7 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
         write_text_atomic(settings_path(args.output), json.dumps(answer_settings(args), indent=2) + "\n")
     if not pending:
         if processes.is_main:  # a run killed during its merge left answers in other processes' files
-            merge_rank_files(args.output)
+            finish_output(args.output, list(ids) if args.output_order == "input" else None)
         print(f"all {len(ids)} requests of {args.input} are answered in {args.output}", file=sys.stderr)
         return {"requests": 0, "answered_before": len(answered)}
 
@@ -282,7 +286,7 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
     processes.wait()
     if not processes.is_main:
         return {}
-    merge_rank_files(args.output)
+    finish_output(args.output, list(ids) if args.output_order == "input" else None)
     result = summary(totals, args, strategy.label, len(answered), loaded.engine.device, answer_settings(args))
     print_summary(result)
     if args.summary_json:

@@ -290,3 +290,18 @@ def test_a_records_own_cap_above_max_length_is_scheduled_at_its_own_cap(eos_mode
     assert rows["own"]["predicted_length"] == 20 and rows["own"]["attempts"] == 1
     assert rows["own"]["finish_reason"] == "stop" and rows["own"]["generated_tokens"] > 2
     assert rows["flag"]["predicted_length"] == 2 and rows["flag"]["generated_tokens"] == 2
+
+
+def test_output_order_input_writes_the_answers_in_the_inputs_order(eos_model_dir, tmp_path):
+    """Shortest predicted first answers q9 first; with --output-order input the file ends in q0 ... q9 order, with
+    the same lines that the streamed (finish-order) file holds."""
+    requests = write_requests(tmp_path / "in.jsonl")
+    lengths = write_json(tmp_path / "lengths.json", [{"id": f"q{index}", "L_t0.0": 20 - index} for index in range(10)])
+    flags = {"strategy": "gt", "length_path": lengths, "gt_field": "L_t0.0"}
+    streamed, ordered = tmp_path / "finish.jsonl", tmp_path / "input.jsonl"
+    run_infer(eos_model_dir, requests, streamed, **flags)
+    run_infer(eos_model_dir, requests, ordered, **flags, output_order="input")
+    finish_ids = [json.loads(line)["id"] for line in streamed.read_text().splitlines()]
+    assert finish_ids[0] == "q9" and finish_ids != [f"q{index}" for index in range(10)]
+    assert [json.loads(line)["id"] for line in ordered.read_text().splitlines()] == [f"q{i}" for i in range(10)]
+    assert texts(ordered) == texts(streamed)

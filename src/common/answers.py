@@ -198,6 +198,23 @@ def lock_output(output: str, processes, flag: str = "--output") -> OutputLock | 
     return lock
 
 
+def finish_output(output: str, order: list[str] | None = None) -> None:
+    """The other processes' answers appended to the output; then, given the input's `order` of ids (--output-order
+    input), the output rewritten in that order (answers to ids the input no longer asks last), beside itself and
+    renamed into place."""
+    from .utils import write_text_atomic
+
+    merge_rank_files(output)
+    if order is None or not Path(output).is_file():
+        return
+    position = {sample_id: index for index, sample_id in enumerate(order)}
+    with open(output, encoding="utf-8") as handle:
+        lines = handle.readlines()
+    ordered = sorted(lines, key=lambda line: position.get(json.loads(line)["id"], len(position)))
+    if ordered != lines:
+        write_text_atomic(output, "".join(ordered))
+
+
 def write_answer_file(path: str | Path, rows: list[dict]) -> None:
     """A whole answer file at once (src.benchmark's answers), replacing any earlier one in one step."""
     from .utils import write_text_atomic
