@@ -1,12 +1,14 @@
-"""Length predictions for a serving stack: one JSON line per request of any conversation file.
+"""Length predictions for a serving stack: one JSON line per request of any request file of src.infer.
 
-    python -m src.predict --data-path requests.json --strategy proxy --predictor-path ckpts/proxy-minilm \\
+    python -m src.predict --data-path requests.jsonl --strategy proxy --predictor-path ckpts/proxy-minilm \\
         --output predictions.jsonl
 
-Each line: {"id", "predicted_length", "quantiles" (level -> length, for a predictor with quantiles), "rank"}. The
-rank orders the file's requests by predicted length, shortest first, ties in file order, from 1: an engine that
-takes a per-request priority where lower runs first (vLLM's `priority`, SGLang's) can use it as it is, or route on
-`predicted_length` and the quantiles.
+The requests are read as src.infer reads them (prompts, Alpaca records, FastChat conversations, OpenAI batch lines;
+src/common/request_file.py); each is predicted from its last user turn. Each line: {"id", "predicted_length",
+"quantiles" (level -> length, for a predictor with quantiles), "rank"}, or {"id", "error"} for a request that cannot
+run (an empty prompt, as src.infer says too). The rank orders the file's requests by predicted length, shortest first,
+ties in file order, from 1: an engine that takes a per-request priority where lower runs first (vLLM's `priority`,
+SGLang's) can use it as it is, or route on `predicted_length` and the quantiles.
 
 Requests are predicted in chunks of `--chunk-size`, each appended to `OUTPUT.partial` and flushed to disk as it is
 done, with a progress bar. An interrupted run keeps them: the same command resumes after the last complete line
@@ -24,8 +26,9 @@ from pathlib import Path
 
 from .common.answers import OutputLock, read_complete_lines, read_run_settings
 from .common.cli import HelpFormatter, check_output_file, check_outputs_are_not_inputs, check_range, run_cli
-from .common.data import default_length_path, load_conversations
+from .common.data import Sample, default_length_path
 from .common.models import model_folder
+from .common.request_file import check_request_file, read_requests
 from .common.utils import UserError, partial_path, path_fingerprint, write_text_atomic
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import PREDICTORS, build_predictor, is_prediction_row
@@ -51,7 +54,7 @@ RESUME_KEYS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--data-path", required=True, help="FastChat conversation file of the requests")
+    parser.add_argument("--data-path", required=True, help="the requests: any request file of src.infer")
     parser.add_argument("--output", required=True, help="the JSON-lines file to write")
     parser.add_argument("--strategy", default="proxy", help=f"predictor: {', '.join(sorted(PREDICTORS))}")
     parser.add_argument("--max-length", type=int, default=512, help="predictions are clamped to [1, max length]")
@@ -100,6 +103,20 @@ def prompt_fingerprint(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def read_samples(path: str) -> tuple[list[Sample], dict[str, str], list[str]]:
+    """The requests of a request file that can run, as samples in file order; those that cannot (id -> why); and
+    every id in file order. A malformed file is refused here, before any predictor loads."""
+    check_request_file(path)
+    samples, refused, every_id = [], {}, []
+    for request in read_requests(path):
+        every_id.append(request.id)
+        if request.problem is None:
+            samples.append(Sample(request.id, request.prompt, None))
+        else:
+            refused[request.id] = request.problem
+    return samples, refused, every_id
+
+
 def ranked(rows: list[dict], order: list[str]) -> list[dict]:
     """Rows in file order, each with its rank by predicted length (1 = shortest; ties keep file order)."""
     by_id = {row["id"]: row for row in rows}
@@ -119,7 +136,7 @@ def predict_all(args) -> dict:
     """Every request's prediction, continuing the partial file of an interrupted run with the same settings."""
     from tqdm import tqdm
 
-    samples = load_conversations(args.data_path)
+    samples, refused, every_id = read_samples(args.data_path)
     order = [sample.id for sample in samples]
     settings = {key: getattr(args, key, None) for key in RESUME_KEYS}
     settings["predictor_config"] = path_fingerprint(args.predictor_path)  # its weights, not only its name
@@ -169,10 +186,13 @@ def predict_all(args) -> dict:
                 os.fsync(handle.fileno())  # a chunk on disk is a chunk that a resumed run will not redo
                 progress.update(len(chunk))
     lines = ranked([{key: value for key, value in row.items() if key != "request"} for row in done], order)
-    write_text_atomic(args.output, "".join(json.dumps(row) + "\n" for row in lines))
+    by_id = {row["id"]: row for row in lines} | {key: {"id": key, "error": why} for key, why in refused.items()}
+    lines = [by_id[sample_id] for sample_id in every_id]  # error lines where their requests stand in the file
+    write_text_atomic(args.output, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in lines))
     partial.unlink(missing_ok=True)
     settings_file.unlink(missing_ok=True)
-    print(f"{len(lines)} predictions written to {args.output} (rank 1 = shortest predicted)")
+    errors = f" and {len(refused)} error lines" if refused else ""
+    print(f"{len(done)} predictions{errors} written to {args.output} (rank 1 = shortest predicted)")
     return {"rows": lines}
 
 

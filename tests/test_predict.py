@@ -184,3 +184,29 @@ def test_a_cut_compressed_predictions_file_is_a_user_error(small_data, tmp_path,
         run_cli(benchmark.main, [*dry, "--strategy", "file", "--predictions-path", str(cut)])
     assert stopped.value.code == 2
     assert "is not a complete gzip file" in capsys.readouterr().err
+
+
+def test_predict_reads_what_infer_reads_and_gives_an_empty_prompt_an_error_line(small_data, tmp_path):
+    """A JSON-lines file of prompts and OpenAI lines, as src.infer takes it: each request predicted from its last user
+    turn (here by the oracle's lengths), an empty prompt an error line in its place, the ranks over the others."""
+    from src import predict
+
+    _, lengths = small_data  # the oracle's lengths: a 3, b 10
+    requests = tmp_path / "requests.jsonl"
+    lines = [
+        {"id": "a", "prompt": "Say hi."},
+        {"id": "e", "prompt": "  "},
+        {"custom_id": "b", "body": {"messages": [{"role": "user", "content": "Name a river."}]}},
+    ]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    output = tmp_path / "p.jsonl"
+    predict.main(
+        ["--data-path", str(requests), "--strategy", "gt", "--length-path", str(lengths), "--output", str(output)]
+    )
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["a", "e", "b"]
+    assert rows[1] == {"id": "e", "error": "empty prompt"}
+    assert {row["id"]: (row["predicted_length"], row["rank"]) for row in rows if "rank" in row} == {
+        "a": (3, 1),
+        "b": (10, 2),
+    }
