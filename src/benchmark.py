@@ -37,7 +37,7 @@ from .common.data import (
 )
 from .common.distributed import Processes, share_groups, start_processes
 from .common.models import model_folder
-from .common.utils import UserError, partial_path
+from .common.utils import UserError, partial_path, provenance
 from .engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import build_predictor
@@ -276,6 +276,7 @@ def run_benchmark(args, settings: RunSettings, identity: dict, processes: Proces
         if strategy.predictor not in predictors:
             predictors[strategy.predictor] = build_predictor(strategy.predictor, context)
     output = {"args": run_record(args, settings, executors, model_path, device, processes), "results": []}
+    output["provenance"] = provenance(device)  # the command, commit, date and machine that a published figure names
     if earlier:
         check_same_hardware(args.output_json, earlier_record, output["args"])
     for strategy in settings.strategies:

@@ -28,24 +28,17 @@ from .common.cli import HelpFormatter, check_output_dir, run_cli
 from .common.data import PAPER_TRAIN_DATA, PAPER_VAL_DATA, default_length_path
 from .common.utils import UserError, cpu_has_bf16_instructions, read_json
 from .predictors.proxy import SHIPPED_PROXY_PATH
+from .running.paper_table import side_by_side_table
 
 DATA = PAPER_VAL_DATA
 LENGTHS = default_length_path(PAPER_VAL_DATA)
 RUNS = Path("runs")
 IMAGES = Path("imgs")
-# The paper's figures (Table 3 of arXiv 2305.13144 and its repository's README): Vicuna-7B on one A100, 1024 Alpaca
-# val samples, group 256, batch 16, max length 512. Its predictor row is seqsch, the instruction-tuned Vicuna.
-PAPER = {
-    "vanilla": {"throughput": 1.39, "average_length": 370.84, "effective": 0.3391},
-    "gt+vbs+fcr": {"throughput": 2.69, "average_length": 196.34, "effective": 0.6157},
-    "predictor+vbs+fcr": {"throughput": 2.30, "average_length": 215.06, "effective": 0.4722},
-}
 
 
 @dataclass(frozen=True)
 class Part:
     name: str
-    title: str  # the column heading of the side-by-side table
     plot_prefix: str
     arguments: tuple[str, ...]
     strategies: tuple[str, ...]
@@ -57,7 +50,6 @@ REPLAY = ("--replay-lengths", LENGTHS, "--replay-field", "L_t0.0")
 PARTS = {
     "dry": Part(
         "dry",
-        "dry run: no model, 1024 samples",
         "dry-run-paper",
         ("--dry-run", "--data-path", DATA, *REPLAY, "--num-data", "1024"),
         ("vanilla", "gt", "gt+vbs+fcr", "continuous", "continuous:gt"),
@@ -65,7 +57,6 @@ PARTS = {
     ),
     "cpu": Part(
         "cpu",
-        "CPU: SmolLM2-135M, 256 samples",
         "cpu-smollm2",
         # the transformers engine, as when README's CPU column was measured: its continuous row is transformers'
         # manager (the slots engine, --engine auto on a CPU, is measured by benchmarks.infer_speed real)
@@ -79,7 +70,6 @@ PARTS = {
     # replayed lengths make the token columns independent of the dtype.
     "cpu-quick": Part(
         "cpu-quick",
-        "CPU quick: SmolLM2-135M, 96 samples",
         "cpu-quick",
         ("--model", "smollm2-135m", "--device", "cpu", "--dtype", "bfloat16", "--data-path", DATA, *REPLAY)
         + ("--num-data", "96"),
@@ -87,7 +77,6 @@ PARTS = {
     ),
     "gpu": Part(
         "gpu",
-        "GPU: {device}, Vicuna-7B shape, 256 samples",
         "gpu-vicuna7b-shape",
         ("--model", "vicuna-7b-shape", "--load-format", "dummy", "--device", "cuda", "--data-path", DATA, *REPLAY)
         + ("--num-data", "256"),
@@ -97,14 +86,6 @@ PARTS = {
     ),
 }
 PART_ORDER = ("proxy", "dry", "cpu", "cpu-quick", "gpu", "pipeline")
-# The rows of the side-by-side table: (label, strategy in our results, key of the paper's figures)
-SIDE_BY_SIDE_ROWS = (
-    ("vanilla (no scheduling)", "vanilla", "vanilla"),
-    ("oracle lengths + VBS + FCR", "gt+vbs+fcr", "gt+vbs+fcr"),
-    ("predictor + VBS + FCR (paper: its Vicuna-7B LoRA; ours: proxy)", "proxy+vbs+fcr", "predictor+vbs+fcr"),
-    ("proxy + FCR, failures resumed (ours)", "proxy+fcr+resume", None),
-    ("continuous batching, FCFS, 16 slots", "continuous", None),
-)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -226,46 +207,6 @@ def part_table(output: dict) -> str:
     return "\n".join(lines)
 
 
-def result_cell(average_length: float, effective: float, throughput: float | None, baseline: float | None) -> str:
-    """`2.30 (1.65x), 215.06, 47.2 %`: samples/s (x vanilla) where timed, token slots per sample, effective ratio."""
-    timed = f"{throughput:.2f}" + (f" ({throughput / baseline:.2f}x)" if baseline else "") + ", " if throughput else ""
-    return f"{timed}{average_length:.2f}, {effective * 100:.1f} %"
-
-
-def side_by_side_table(outputs: dict[str, dict]) -> str:
-    """The paper against each part found: samples/s (x vanilla), token slots per sample (average length) and
-    effective token ratio; the dry run has no clock, so it shows the last two."""
-    columns = [name for name in ("dry", "cpu", "cpu-quick", "gpu") if name in outputs]
-    header = ["strategy", "the paper: A100, Vicuna-7B, 1024 samples"]
-    header += [PARTS[name].title.format(device=outputs[name]["args"].get("device_name") or "GPU") for name in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for label, strategy, paper_key in SIDE_BY_SIDE_ROWS:
-        cells = [label]
-        paper = PAPER.get(paper_key) if paper_key else None
-        if paper:
-            baseline = PAPER["vanilla"]["throughput"]
-            cells.append(result_cell(paper["average_length"], paper["effective"], paper["throughput"], baseline))
-        else:
-            cells.append("-")
-        for name in columns:
-            results = {result["strategy"]: result for result in outputs[name]["results"]}
-            result, baseline = results.get(strategy), results.get("vanilla")
-            if result is None:
-                cells.append("not run")
-                continue
-            timed = not result["dry_run"]
-            cells.append(
-                result_cell(
-                    result["average_length"],
-                    result["effective_token_ratio"],
-                    result["throughput_samples_per_s"] if timed else None,
-                    baseline["throughput_samples_per_s"] if timed and baseline else None,
-                )
-            )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     parts = set(args.parts)
@@ -296,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             "\nThe paper against this project: samples/s (x vanilla), token slots per sample, effective token ratio "
             "(the dry run has no clock), from " + ", ".join(str(paths[name]) for name in outputs)
         )
-        print(side_by_side_table(outputs))
+        print("\n".join(side_by_side_table(outputs)))
     return outputs
 
 

@@ -2,6 +2,7 @@
 
     python -m src.tables            # rebuild every marked table and compare: exit 1 naming each one that differs
     python -m src.tables --write    # rewrite every marked table from its results file
+    python -m src.tables --publish runs/cpu.json reproduce-cpu.json   # a run's JSON into results/, made small
 
 A published run writes its JSON (its `--output-json`, with the `provenance` of `src.common.utils.provenance`: the
 command, commit, date and machine) and the JSON is copied into results/. A table in a markdown file is marked by a line
@@ -30,11 +31,12 @@ MARKER = re.compile(r"^<!-- table ([a-z0-9-]+) -->$")
 RUN_LINE_START = "Run: "
 
 
-def run_line(provenance: dict) -> str:
-    """The sentence that names a table's run."""
+def run_line(provenance: dict, label: str = "") -> str:
+    """The sentence that names a table's run (`label`: which part of the table it made, when several runs did)."""
     return (
-        f"{RUN_LINE_START}`{provenance['command']}` at commit {provenance['commit']}, {provenance['date']}, "
-        f"{provenance['machine']}, torch {provenance['torch']}, transformers {provenance['transformers']}."
+        f"{RUN_LINE_START}{label + ': ' if label else ''}`{provenance['command']}` at commit {provenance['commit']}, "
+        f"{provenance['date']}, {provenance['machine']}, torch {provenance['torch']}, transformers "
+        f"{provenance['transformers']}."
     )
 
 
@@ -95,23 +97,48 @@ def infer_real_full_table(results: dict) -> list[str]:
     return lines
 
 
+def paper_side_by_side(dry: dict, cpu: dict | None = None) -> list[str]:
+    """README's side-by-side table: the paper against src.reproduce's dry part and, once published, its CPU part."""
+    from .running.paper_table import side_by_side_table
+
+    return side_by_side_table({"dry": dry} | ({"cpu": cpu} if cpu is not None else {}))
+
+
 @dataclass(frozen=True)
 class Table:
-    results: str  # its file under results/
-    build: Callable[[dict], list[str]]  # the table's lines from that file's JSON
+    results: tuple[str, ...]  # its files under results/
+    build: Callable[..., list[str]]  # the table's lines from those files' JSON, in that order
+    labels: tuple[str, ...] = ("",)  # what each run's line says it made
 
 
 TABLES = {
-    "infer-real": Table("infer-real-256.json", infer_real_table),
-    "infer-real-full": Table("infer-real-256.json", infer_real_full_table),
+    "infer-real": Table(("infer-real-256.json",), infer_real_table),
+    "infer-real-full": Table(("infer-real-256.json",), infer_real_full_table),
+    # the CPU column joins with its results file (src.reproduce cpu with the shipped predictor, about 90 min here)
+    "paper": Table(("reproduce-dry.json",), paper_side_by_side, ("dry run",)),
 }
 
 
 def built_block(name: str, results_dir: Path = RESULTS) -> list[str]:
-    """What the marker of table `name` must be followed by: the run's line, a blank line, the table."""
+    """What the marker of table `name` must be followed by: a line per run, a blank line, the table."""
     table = TABLES[name]
-    results = json.loads((results_dir / table.results).read_text())
-    return [run_line(results["provenance"]), "", *table.build(results)]
+    loaded = [json.loads((results_dir / file).read_text()) for file in table.results]
+    runs = [run_line(results["provenance"], label) for results, label in zip(loaded, table.labels, strict=True)]
+    return [*runs, "", *table.build(*loaded)]
+
+
+def publish(run: str, name: str, results_dir: Path = RESULTS) -> Path:
+    """A benchmark's --output-json copied into results/ as `name`, without its per-sample rows (each strategy keeps
+    its figures and its batches), so that the folder stays small; an existing file is never replaced."""
+    results = json.loads(Path(run).read_text())
+    if "provenance" not in results:
+        raise SystemExit(f"{run} records no provenance (command, commit, date, machine): it cannot be published")
+    results["results"] = [{key: value for key, value in row.items() if key != "samples"} for row in results["results"]]
+    target = results_dir / name
+    if target.exists():
+        raise SystemExit(f"{target} exists: a published result is not replaced; remove it first to publish anew")
+    target.write_text(json.dumps(results, indent=1) + "\n")
+    return target
 
 
 def marked_blocks(lines: list[str]) -> list[tuple[str, int, int]]:
@@ -125,7 +152,9 @@ def marked_blocks(lines: list[str]) -> list[tuple[str, int, int]]:
             continue
         start = end = index + 1
         if end < len(lines) and lines[end].startswith(RUN_LINE_START):
-            end += 2
+            while end < len(lines) and lines[end].startswith(RUN_LINE_START):
+                end += 1
+            end += 1  # the blank line
             while end < len(lines) and lines[end].startswith("|"):
                 end += 1
         blocks.append((match.group(1), start, min(end, len(lines))))
@@ -158,7 +187,11 @@ def rebuilt(text: str, results_dir: Path = RESULTS) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", action="store_true", help="rewrite the marked tables that differ")
+    parser.add_argument("--publish", nargs=2, metavar=("RUN_JSON", "NAME"), help="copy a run's JSON into results/")
     args = parser.parse_args(argv)
+    if args.publish:
+        print(f"published {publish(*args.publish)}")
+        return 0
     problems = 0
     for path in documents():
         text = path.read_text()

@@ -6,6 +6,7 @@ import pytest
 
 from src import reproduce
 from src.common.utils import UserError
+from src.running.paper_table import side_by_side_table
 
 from .conftest import cli_args
 
@@ -63,7 +64,7 @@ def test_side_by_side_cells_by_hand():
             "results": [fake_result("vanilla", 1.5, 334.69, 0.3597), fake_result("gt+vbs+fcr", 2.4, 187.32, 0.6426)],
         }
     }
-    lines = reproduce.side_by_side_table(outputs).splitlines()
+    lines = side_by_side_table(outputs)
     assert lines[0] == (
         "| strategy | the paper: A100, Vicuna-7B, 1024 samples | GPU: NVIDIA H200, Vicuna-7B shape, 256 samples |"
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from src import tables
 from src.common.utils import provenance
 
@@ -84,3 +86,47 @@ def test_provenance_names_this_checkout():
     named = provenance()
     assert named["commit"].removesuffix("+changes") == head.stdout.strip()
     assert named["machine"].endswith(" cores") and named["date"].endswith(" UTC")
+
+
+def benchmark_run(command: str, dry: bool, rows: list[tuple[str, float | None, float, float]]) -> dict:
+    """A src.benchmark --output-json as src.reproduce's parts write it: (strategy, samples/s, slots, ratio) rows."""
+    results = [
+        {"strategy": strategy, "dry_run": dry, "throughput_samples_per_s": rate, "average_length": slots}
+        | {"effective_token_ratio": ratio, "samples": [{"id": "a", "length": 3}] * 4}
+        for strategy, rate, slots, ratio in rows
+    ]
+    return {"args": {"device_name": None}, "results": results, "provenance": PROVENANCE | {"command": command}}
+
+
+def test_the_side_by_side_table_names_both_runs_and_is_built_from_them(tmp_path, monkeypatch):
+    dry = benchmark_run("python -m src.reproduce dry", True, [("vanilla", None, 362.69, 0.345)])
+    cpu = benchmark_run(
+        "python -m src.reproduce cpu", False, [("vanilla", 0.5, 334.69, 0.36), ("gt+vbs+fcr", 0.9, 187.3, 0.643)]
+    )
+    for name, run in (("dry.json", dry), ("cpu.json", cpu)):
+        (tmp_path / name).write_text(json.dumps(run))
+        tables.publish(str(tmp_path / name), f"reproduce-{name}", tmp_path)
+    assert "samples" not in json.loads((tmp_path / "reproduce-cpu.json").read_text())["results"][0]
+    both = tables.Table(("reproduce-dry.json", "reproduce-cpu.json"), tables.paper_side_by_side, ("dry run", "CPU"))
+    monkeypatch.setitem(tables.TABLES, "paper", both)
+    block = tables.built_block("paper", tmp_path)
+    assert block[0].startswith("Run: dry run: `python -m src.reproduce dry` at commit abc1234")
+    assert block[1].startswith("Run: CPU: `python -m src.reproduce cpu` at commit abc1234") and block[2] == ""
+    assert block[3] == (
+        "| strategy | the paper: A100, Vicuna-7B, 1024 samples | dry run: no model, 1024 samples | CPU: SmolLM2-135M, "
+        "256 samples |"
+    )
+    assert (
+        block[5]
+        == "| vanilla (no scheduling) | 1.39 (1.00x), 370.84, 33.9 % | 362.69, 34.5 % | 0.50 (1.00x), 334.69, 36.0 % |"
+    )
+    # 0.9 / 0.5 = 1.80; the dry run has no such row
+    assert (
+        block[6]
+        == "| oracle lengths + VBS + FCR | 2.69 (1.94x), 196.34, 61.6 % | not run | 0.90 (1.80x), 187.30, 64.3 % |"
+    )
+    text = "\n".join(["<!-- table paper -->", *block, ""])
+    assert tables.rebuilt(text, tmp_path) == (text, [])
+    assert tables.rebuilt(text.replace("0.90 (1.80x)", "0.95 (1.90x)"), tmp_path) == (text, ["paper"])
+    with pytest.raises(SystemExit, match="is not replaced"):
+        tables.publish(str(tmp_path / "cpu.json"), "reproduce-cpu.json", tmp_path)
