@@ -132,6 +132,30 @@ def main(argv: list[str] | None = None) -> dict:
         return predict_all(args)
 
 
+def check_resumable(done: list[dict], args, samples: list[Sample], settings: dict) -> None:
+    """The kept predictions of an interrupted run continue only under its settings, for ids the data still has, of
+    prompts it still asks."""
+    partial, settings_file = partial_path(args.output), settings_path(args.output)
+    order = [sample.id for sample in samples]
+    earlier = read_run_settings(settings_file)
+    if earlier != settings:
+        raise UserError(
+            f"{partial} holds {len(done)} predictions made with other settings ({earlier}): "
+            "delete it, or rerun with those settings"
+        )
+    unknown = [row["id"] for row in done if row["id"] not in set(order)]
+    if unknown:
+        raise UserError(f"{partial} has id {unknown[0]!r}, which {args.data_path} lacks: delete {partial}")
+    asked = {sample.id: prompt_fingerprint(sample.prompt) for sample in samples}
+    changed = [row["id"] for row in done if row.get("request") != asked[row["id"]]]
+    if changed:
+        raise UserError(
+            f"{partial} predicted id {changed[0]!r} for a prompt that {args.data_path} no longer asks: restore "
+            f"the data, or delete {partial} to predict anew"
+        )
+    print(f"resuming: {len(done)} of {len(order)} requests were predicted before")
+
+
 def predict_all(args) -> dict:
     """Every request's prediction, continuing the partial file of an interrupted run with the same settings."""
     from tqdm import tqdm
@@ -143,23 +167,7 @@ def predict_all(args) -> dict:
     partial, settings_file = partial_path(args.output), settings_path(args.output)
     done = read_complete_lines(partial, repair=True, is_row=is_prediction_row, what="a prediction line")
     if done:
-        earlier = read_run_settings(settings_file)
-        if earlier != settings:
-            raise UserError(
-                f"{partial} holds {len(done)} predictions made with other settings ({earlier}): "
-                "delete it, or rerun with those settings"
-            )
-        unknown = [row["id"] for row in done if row["id"] not in set(order)]
-        if unknown:
-            raise UserError(f"{partial} has id {unknown[0]!r}, which {args.data_path} lacks: delete {partial}")
-        asked = {sample.id: prompt_fingerprint(sample.prompt) for sample in samples}
-        changed = [row["id"] for row in done if row.get("request") != asked[row["id"]]]
-        if changed:
-            raise UserError(
-                f"{partial} predicted id {changed[0]!r} for a prompt that {args.data_path} no longer asks: restore "
-                f"the data, or delete {partial} to predict anew"
-            )
-        print(f"resuming: {len(done)} of {len(order)} requests were predicted before")
+        check_resumable(done, args, samples, settings)
     finished = {row["id"] for row in done}
     todo = [sample for sample in samples if sample.id not in finished]
 

@@ -79,7 +79,7 @@ def test_side_by_side_cells_by_hand():
 def test_a_model_part_runs_the_benchmark_and_draws(tiny_model_dir, small_data, tmp_path, monkeypatch, capsys):
     data, lengths = small_data
     arguments = cli_args(model=tiny_model_dir, device="cpu", data_path=data, replay_lengths=lengths, max_length=8)
-    part = reproduce.Part("cpu", "CPU, tiny (6 samples)", "tiny", (*arguments, "--batch-size", "2"), ("vanilla", "gt"))
+    part = reproduce.Part("cpu", "tiny", (*arguments, "--batch-size", "2"), ("vanilla", "gt"))
     monkeypatch.setitem(reproduce.PARTS, "cpu", part)
     outputs = reproduce.main(["cpu", *paths(tmp_path)])
     vanilla, gt = outputs["cpu"]["results"]
@@ -88,7 +88,7 @@ def test_a_model_part_runs_the_benchmark_and_draws(tiny_model_dir, small_data, t
     assert outputs["cpu"]["args"]["device_name"].startswith("CPU")
     assert (tmp_path / "imgs" / "tiny-batches.png").is_file()
     out = capsys.readouterr().out
-    assert "| strategy | samples/s | average length |" in out and "| CPU, tiny (6 samples) |" in out
+    assert "| strategy | samples/s | average length |" in out and "| CPU: SmolLM2-135M, 256 samples |" in out
 
 
 def test_bad_parts(capsys, monkeypatch, tmp_path):
