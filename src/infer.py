@@ -188,12 +188,16 @@ def choose_strategy(args):
 
 def answer_settings(args) -> dict:
     """What makes the answers, resolved: an `auto` dtype and engine as this device resolves them, and the device's
-    kind, so that a float16 CUDA output is never continued in float32 on a CPU."""
+    kind, so that a float16 CUDA output is never continued in float32 on a CPU; --max-length and --temperature only
+    where a record takes them (None where every record gives its own)."""
     settings = {key: getattr(args, key) for key in ANSWER_SETTINGS}
     device = resolve_device(args.device)
     settings["dtype"] = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     settings["engine"] = resolve_engine_name(args.engine, device)
     settings["device_type"] = device.split(":")[0]
+    every = len(args.requests.fingerprints)  # a flag that no record uses changes no answer, so a rerun may change it
+    settings |= {"max_length": None} if args.requests.own_caps == every else {}
+    settings |= {"temperature": None} if args.requests.own_temperatures == every else {}
     return settings
 
 

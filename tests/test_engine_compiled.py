@@ -30,7 +30,6 @@ def engines(eos_model_dir):
 def test_shapes_are_rounded_to_few_sizes():
     assert [padded_rows(rows) for rows in (1, 2, 3, 5, 16, 17, 99, 256)] == [2, 2, 4, 8, 16, 32, 128, 256]
     assert [cache_length(tokens) for tokens in (1, 128, 129, 612)] == [128, 128, 256, 640]
-    assert CACHE_LENGTH_STEP == 128
 
 
 def test_compiled_generation_equals_eager_greedy_and_replayed(engines):
@@ -89,7 +88,7 @@ def test_benchmark_on_a_compiled_engine_gives_the_eager_token_columns(tiny_model
         assert {row["id"]: row["length"] for row in got["samples"]} == {
             row["id"]: row["length"] for row in expected["samples"]
         }
-        assert got["engine_warmup_s"] >= 0 and expected["engine_warmup_s"] == 0
+        assert expected["engine_warmup_s"] == 0  # the eager engine compiles nothing
         # a batch's timed steps follow its generated length (the first token comes with the prefill)
         assert [batch["decode_steps_timed"] for batch in got["batches"]] == [
             batch["steps"] - 1 for batch in got["batches"]

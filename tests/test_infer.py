@@ -17,6 +17,7 @@ import pytest
 from src import benchmark, infer
 from src.common.answers import read_complete_lines
 from src.common.cli import run_cli
+from src.common.utils import UserError
 from src.scheduling.metrics import data_order_token_slots
 
 from .conftest import PROJECT, SMALL_LENGTHS, cli_args, run_command, torchrun, write_json
@@ -94,7 +95,8 @@ def test_bad_records_become_error_lines_and_the_rest_run(eos_model_dir, tmp_path
     rows = answers_by_id(output)
     assert {key: rows["empty"][key] for key in ("id", "error")} == {"id": "empty", "error": "empty prompt"}
     assert rows["empty"].keys() == {"id", "error", "request"}  # and the hash of what it asked
-    assert "exceed the model's context of 2048 tokens" in rows["long"]["error"]
+    # an OpenAI line's error comes in OpenAI's error object
+    assert "exceed the model's context of 2048 tokens" in rows["long"]["error"]["message"]
     assert summary["errors"] == 2 and summary["requests"] == len(QUESTIONS)
     assert all("text" in rows[f"q{index}"] for index in range(len(QUESTIONS)))
 
@@ -305,3 +307,17 @@ def test_output_order_input_writes_the_answers_in_the_inputs_order(eos_model_dir
     assert finish_ids[0] == "q9" and finish_ids != [f"q{index}" for index in range(10)]
     assert [json.loads(line)["id"] for line in ordered.read_text().splitlines()] == [f"q{i}" for i in range(10)]
     assert texts(ordered) == texts(streamed)
+
+
+def test_a_flag_that_no_record_uses_may_change_on_a_rerun(eos_model_dir, tmp_path):
+    """Every record gives its own max_tokens: --max-length changes no answer, so a rerun with another one continues
+    the output (nothing to answer) instead of being refused; a flag that a record uses is still checked."""
+    requests = tmp_path / "in.jsonl"
+    requests.write_text("".join(json.dumps({"id": f"q{n}", "prompt": text, "max_tokens": 6}) + "\n"
+                                for n, text in enumerate(QUESTIONS[:3])))  # fmt: skip
+    output = tmp_path / "out.jsonl"
+    assert run_infer(eos_model_dir, requests, output, strategy="vanilla")["requests"] == 3
+    again = infer.main(cli_args(input=requests, output=output, model=eos_model_dir, max_length=99, strategy="vanilla"))
+    assert again["requests"] == 0
+    with pytest.raises(UserError, match="made with other settings \\(temperature\\)"):
+        infer.main(cli_args(input=requests, output=output, model=eos_model_dir, temperature=0.5, strategy="vanilla"))

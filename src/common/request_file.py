@@ -255,6 +255,8 @@ class RequestIndex:
     fingerprints: dict[str, str] = field(default_factory=dict)
     endpoints: dict[str, str] = field(default_factory=dict)
     largest_cap: int | None = None
+    own_caps: int = 0  # records that give their own max_tokens: when all do, --max-length changes no answer
+    own_temperatures: int = 0  # records that give their own temperature
 
 
 def check_request_file(path: str | Path) -> RequestIndex:
@@ -277,6 +279,8 @@ def check_request_file(path: str | Path) -> RequestIndex:
                 index.endpoints[request.id] = request.endpoint
             if request.max_tokens is not None:
                 index.largest_cap = max(request.max_tokens, index.largest_cap or 0)
+                index.own_caps += 1
+            index.own_temperatures += request.temperature is not None
     except UnicodeDecodeError:
         raise UserError(f"request file {resolved} is not UTF-8 text") from None
     except (gzip.BadGzipFile, EOFError, zlib.error):
