@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .common.cli import MAX_SEED, HelpFormatter, check_output_dir, check_range, check_temperature, run_cli
 from .common.data import PAPER_TRAIN_DATA, length_field
-from .common.request_file import check_request_file, read_requests
+from .common.request_file import COMPLETIONS_ENDPOINT, check_request_file, read_requests
 from .common.utils import UserError, write_json_atomic, write_text_atomic
 from .predictors.proxy import CONFIG_NAME, SHIPPED_PROXY_PATH, proxy_available
 from .running.setup import add_model_arguments, check_model_arguments
@@ -89,6 +89,12 @@ def draw_requests(args, path: Path) -> int:
 
     check_request_file(args.input)
     runnable = [request for request in read_requests(args.input) if request.problem is None]
+    completion = next((request for request in runnable if request.endpoint == COMPLETIONS_ENDPOINT), None)
+    if completion is not None:  # the drawn requests are answered as chats: a completion's length would be another's
+        raise UserError(
+            f"{args.input}, line {completion.line}: fit_proxy records chat answers, and this is a /v1/completions "
+            "line: give it as a chat line, or leave it out"
+        )
     if len(runnable) < args.num_data:
         raise UserError(f"--num-data {args.num_data}: {args.input} has only {len(runnable)} requests that can run")
     order = np.random.default_rng(args.seed).permutation(len(runnable))[: args.num_data]

@@ -166,8 +166,7 @@ def check_paths(args) -> None:
     inputs = {"--input": args.input, "--replay-lengths": args.replay_lengths, "--length-path": args.length_path}
     inputs |= {"--predictions-path": args.predictions_path, "--predictor-path": args.predictor_path}
     inputs |= {"--model": model_folder(args.model), "--lora-path": args.lora_path}
-    outputs = {"--output": args.output, "--summary-json": args.summary_json}
-    outputs |= {"--output's settings file": settings_path(args.output)}
+    outputs = {"--output": args.output, "--summary-json": args.summary_json, "settings": settings_path(args.output)}
     check_outputs_are_not_inputs(outputs, inputs)
 
 
@@ -187,17 +186,16 @@ def choose_strategy(args):
 
 
 def answer_settings(args) -> dict:
-    """What makes the answers, resolved: an `auto` dtype and engine as this device resolves them, and the device's
-    kind, so that a float16 CUDA output is never continued in float32 on a CPU; --max-length and --temperature only
-    where a record takes them (None where every record gives its own)."""
+    """What makes the answers, resolved (dtype, engine, device kind: a float16 CUDA output is never continued in float32
+    on a CPU); --max-length and --temperature None where every record gives its own."""
     settings = {key: getattr(args, key) for key in ANSWER_SETTINGS}
     device = resolve_device(args.device)
     settings["dtype"] = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     settings["engine"] = resolve_engine_name(args.engine, device)
     settings["device_type"] = device.split(":")[0]
-    every = len(args.requests.fingerprints)  # a flag that no record uses changes no answer, so a rerun may change it
-    settings |= {"max_length": None} if args.requests.own_caps == every else {}
-    settings |= {"temperature": None} if args.requests.own_temperatures == every else {}
+    every, own = len(args.requests.fingerprints), {"max_length": args.requests.own_caps}  # a flag no record uses
+    own["temperature"] = args.requests.own_temperatures  # changes no answer, so a rerun may change it
+    settings |= {key: None for key, count in own.items() if count == every}
     return settings
 
 
@@ -207,6 +205,8 @@ def check_settings(args, answered: int) -> None:
     if not answered:
         return
     earlier = read_run_settings(path)
+    if isinstance(earlier, dict):  # a flag recorded as None (every record had its own) made no kept answer
+        earlier |= {key: settings[key] for key in ("max_length", "temperature") if earlier.get(key, 0) is None}
     if earlier != settings:
         different = (
             [key for key in settings if earlier.get(key) != settings[key]]

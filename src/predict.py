@@ -143,7 +143,8 @@ def check_resumable(done: list[dict], args, samples: list[Sample], settings: dic
             f"{partial} holds {len(done)} predictions made with other settings ({earlier}): "
             "delete it, or rerun with those settings"
         )
-    unknown = [row["id"] for row in done if row["id"] not in set(order)]
+    known = set(order)
+    unknown = [row["id"] for row in done if row["id"] not in known]
     if unknown:
         raise UserError(f"{partial} has id {unknown[0]!r}, which {args.data_path} lacks: delete {partial}")
     asked = {sample.id: prompt_fingerprint(sample.prompt) for sample in samples}

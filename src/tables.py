@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .common.utils import write_text_atomic
+
 PROJECT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT / "results"
 # the markdown files whose marked tables are checked, relative to the project
@@ -134,10 +136,12 @@ def publish(run: str, name: str, results_dir: Path = RESULTS) -> Path:
     if "provenance" not in results:
         raise SystemExit(f"{run} records no provenance (command, commit, date, machine): it cannot be published")
     results["results"] = [{key: value for key, value in row.items() if key != "samples"} for row in results["results"]]
+    if Path(name).name != name or not name.endswith(".json"):
+        raise SystemExit(f"{name}: give a file name ending in .json, without a folder: it goes into {results_dir}")
     target = results_dir / name
     if target.exists():
         raise SystemExit(f"{target} exists: a published result is not replaced; remove it first to publish anew")
-    target.write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomic(target, json.dumps(results, indent=1) + "\n")
     return target
 
 

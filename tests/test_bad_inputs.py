@@ -116,6 +116,11 @@ CASES = [
     # text that is no text: a cut gzip stream, a lone surrogate escape where an id must be written back
     (infer, "--input {tmp}/cut.jsonl.gz --output {tmp}/o.jsonl", "is not a complete gzip file"),
     (fit_proxy, "--input {tmp}/cut.jsonl.gz --output-dir {tmp}/fitted --model smollm2-135m", "not a complete gzip"),
+    (
+        fit_proxy,
+        "--input {tmp}/completion.jsonl --output-dir {tmp}/f --num-data 2 --holdout 1 --model smollm2-135m",
+        "line 1: fit",
+    ),
     (infer, "--input {tmp}/surrogate.jsonl --output {tmp}/o.jsonl", "line 1: the id holds a lone surrogate"),
     # models, adapters and training folders, checked before any model loads
     (benchmark, "{data} --model {tmp}/folder", "no config.json"),
@@ -243,6 +248,8 @@ def workspace(small_data, tmp_path):
     (tmp_path / "requests.jsonl").write_text('{"id": "r1", "prompt": "Say hi."}\n')
     whole = gzip.compress(('{"id": "r1", "prompt": "Say hi."}\n' * 50).encode())
     (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    completion = {"custom_id": "c", "url": "/v1/completions", "body": {"prompt": "Once"}}
+    (tmp_path / "completion.jsonl").write_text(json.dumps(completion) + "\n")
     (tmp_path / "surrogate.jsonl").write_text('{"id": "r\\ud800", "prompt": "Say hi."}\n')
     (tmp_path / "mine.jsonl").write_text('{"important": true}\n')
     (tmp_path / "twice.jsonl").write_text('{"id": "r1", "predicted_length": 3}\n' * 2)

@@ -321,3 +321,7 @@ def test_a_flag_that_no_record_uses_may_change_on_a_rerun(eos_model_dir, tmp_pat
     assert again["requests"] == 0
     with pytest.raises(UserError, match="made with other settings \\(temperature\\)"):
         infer.main(cli_args(input=requests, output=output, model=eos_model_dir, temperature=0.5, strategy="vanilla"))
+    with open(requests, "a") as handle:  # a record that takes the flag: the kept answers still continue
+        handle.write(json.dumps({"id": "new", "prompt": QUESTIONS[4]}) + "\n")
+    grown = infer.main(cli_args(input=requests, output=output, model=eos_model_dir, max_length=5, strategy="vanilla"))
+    assert grown["requests"] == 1 and answers_by_id(output)["new"]["generated_tokens"] <= 5

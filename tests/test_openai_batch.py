@@ -63,6 +63,23 @@ def test_openai_lines_are_answered_in_openais_output_shape(eos_model_dir, tmp_pa
         infer.main(argv)
 
 
+def test_the_same_question_in_another_shape_is_another_request(tmp_path):
+    """A plain record and an OpenAI line asking the same text are answered in different shapes, so a rerun after the
+    file changed from one to the other answers anew (--redo-changed) instead of keeping the other shape's line; a
+    field name that is no text (a lone surrogate) is named escaped in the error line."""
+    from src.common.request_file import check_request_file, read_requests
+
+    path = tmp_path / "in.jsonl"
+    chat = openai_line("q", {"messages": [{"role": "user", "content": "Hi."}], "\ud800": 1})
+    path.write_text(json.dumps({"id": "q", "prompt": "Hi."}) + "\n")
+    plain = check_request_file(path).fingerprints["q"]
+    path.write_text(json.dumps(chat) + "\n")
+    assert check_request_file(path).fingerprints["q"] != plain
+    (request,) = read_requests(path)
+    assert request.problem.startswith("body.\\ud800 = 1 is not honoured")
+    request.problem.encode("utf-8")  # an error line can hold it
+
+
 def test_a_line_to_another_endpoint_or_with_a_list_of_prompts_is_refused(tmp_path):
     from src.common.request_file import check_request_file
 

@@ -128,5 +128,7 @@ def test_the_side_by_side_table_names_both_runs_and_is_built_from_them(tmp_path,
     text = "\n".join(["<!-- table paper -->", *block, ""])
     assert tables.rebuilt(text, tmp_path) == (text, [])
     assert tables.rebuilt(text.replace("0.90 (1.80x)", "0.95 (1.90x)"), tmp_path) == (text, ["paper"])
+    with pytest.raises(SystemExit, match="without a folder"):
+        tables.publish(str(tmp_path / "cpu.json"), "../elsewhere.json", tmp_path)
     with pytest.raises(SystemExit, match="is not replaced"):
         tables.publish(str(tmp_path / "cpu.json"), "reproduce-cpu.json", tmp_path)

@@ -125,7 +125,8 @@ def unhonoured_body_field(body: dict) -> str | None:
             continue
         if key in NEUTRAL_BODY_VALUES and (value == NEUTRAL_BODY_VALUES[key] or (key == "stop" and value == "")):
             continue
-        return f"body.{key} = {json.dumps(value)} is not honoured by src.infer: remove it, or ask elsewhere"
+        name = json.dumps(key)[1:-1]  # escaped: a lone surrogate in a name cannot be written back raw
+        return f"body.{name} = {json.dumps(value)} is not honoured by src.infer: remove it, or ask elsewhere"
     return None
 
 
@@ -296,5 +297,7 @@ def request_fingerprint(request: Request) -> str:
     whether the request it answered is still the one in the file."""
     import hashlib
 
-    asked = json.dumps([request.messages, request.max_tokens, request.temperature], ensure_ascii=False)
+    asked = [request.messages, request.max_tokens, request.temperature]
+    asked += [request.endpoint] if request.endpoint is not None else []  # its answer's shape follows the endpoint
+    asked = json.dumps(asked, ensure_ascii=False)
     return hashlib.sha256(asked.encode("utf-8", "surrogatepass")).hexdigest()[:16]

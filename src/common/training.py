@@ -71,7 +71,8 @@ def training_request(model_args, data_args, lora_args, training_args, pairs: lis
     """What a run trains: its examples (by hash) and the settings that change its weights, recorded in its folder so
     that a resume from its checkpoints is checked to continue the same training."""
     kept = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs")
-    kept += ("max_steps", "seed", "lr_scheduler_type", "warmup_steps", "weight_decay", "world_size")
+    # not the process count: train.sh's plain --check_only process sees 1 where its launched ones see several
+    kept += ("max_steps", "seed", "lr_scheduler_type", "warmup_steps", "weight_decay")
     request = {
         **{f"--{key}": value for key, value in asdict(model_args).items()},
         "the training examples' sha256": text_sha256(json.dumps(pairs, ensure_ascii=False)),
