@@ -25,6 +25,10 @@ QUERY_PROMPT = (
 )
 
 
+# the role of the one turn of a /v1/completions request: its text is continued as written, with no chat template
+COMPLETION = "completion"
+
+
 def with_length_prompt(message: str, suffix: str | None) -> str:
     """A length prompt goes on a new line after the user's message, inside the user's turn (as upstream)."""
     return f"{message}\n{suffix}" if suffix else message
@@ -89,7 +93,7 @@ class PromptFormatter:
         return self._tokens(self.text(message, suffix))
 
     def encode_conversation(self, messages) -> list[int]:
-        if messages and messages[-1][0] == "completion":  # a /v1/completions prompt: continued as written
+        if messages and messages[-1][0] == COMPLETION:  # a /v1/completions prompt: continued as written
             return self.tokenizer(messages[-1][1]).input_ids
         return self._tokens(self.conversation_text(messages))
 

@@ -30,11 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import temperature_problem
-from .prompts import alpaca_human_turn
+from .prompts import COMPLETION, alpaca_human_turn
 from .utils import UserError, open_text, resolve_json_path
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
-COMPLETION = "completion"  # the one turn of a /v1/completions line: text continued as it is, with no chat template
 CHAT_ENDPOINT, COMPLETIONS_ENDPOINT = "/v1/chat/completions", "/v1/completions"
 # FastChat's speaker names -> the roles of a chat message
 FASTCHAT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": SYSTEM}
@@ -141,7 +140,7 @@ def _is_unicode(text: str) -> bool:
 
 
 def _openai_line(record: dict) -> tuple:
-    """(turns, max_tokens, temperature, the first unhonoured body field, endpoint) of an OpenAI batch line."""
+    """(turns, the first unhonoured body field, endpoint) of an OpenAI batch line."""
     body, endpoint = record["body"], record.get("url", CHAT_ENDPOINT)
     if endpoint not in (CHAT_ENDPOINT, COMPLETIONS_ENDPOINT):
         raise _Malformed(f"url {endpoint!r}: only {CHAT_ENDPOINT} and {COMPLETIONS_ENDPOINT} lines are answered")
@@ -154,21 +153,27 @@ def _openai_line(record: dict) -> tuple:
         turns = [(COMPLETION, body["prompt"])]
     else:
         raise _Malformed("body.prompt must be one text (a line per prompt)")
-    tokens_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, tokens_key, "body.", integer=True)
-    temperature = _number(body, "temperature", "body.", integer=False)
+    return turns, unhonoured_body_field(body), endpoint
+
+
+def _own_settings(fields: dict, where: str) -> tuple[int | None, float | None]:
+    """A record's own (max_tokens, temperature): at the top of a record, or in an OpenAI body (`where` "body."),
+    where max_completion_tokens may stand for max_tokens."""
+    tokens_key = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(fields, tokens_key, where, integer=True)
+    temperature = _number(fields, "temperature", where, integer=False)
     if temperature is not None and temperature_problem(temperature):
-        raise _Malformed(f"body.temperature {temperature_problem(temperature)}")
-    return turns, max_tokens, temperature, unhonoured_body_field(body), endpoint
+        raise _Malformed(f"{where}temperature {temperature_problem(temperature)}")
+    return max_tokens, temperature
 
 
 def parse_record(record, line: int) -> Request:
     """One record of any known shape -> a Request; raises _Malformed when it has none."""
     if not isinstance(record, dict):
         raise _Malformed("a record must be a JSON object")
-    max_tokens = temperature = unhonoured = endpoint = None
+    unhonoured = endpoint = None
     if "body" in record:
-        turns, max_tokens, temperature, unhonoured, endpoint = _openai_line(record)
+        turns, unhonoured, endpoint = _openai_line(record)
         identifier = record.get("custom_id", record.get("id"))
     elif "conversations" in record:
         turns = _fastchat_messages(record["conversations"])
@@ -188,11 +193,7 @@ def parse_record(record, line: int) -> Request:
         raise _Malformed(
             "no known shape: give prompt, instruction (Alpaca), conversations (FastChat) or body.messages (OpenAI)"
         )
-    if "body" not in record:  # a record's own cap and temperature, beside its prompt
-        max_tokens = _number(record, "max_tokens", "", integer=True)
-        temperature = _number(record, "temperature", "", integer=False)
-        if temperature is not None and temperature_problem(temperature):
-            raise _Malformed(f"temperature {temperature_problem(temperature)}")
+    max_tokens, temperature = _own_settings(record["body"], "body.") if "body" in record else _own_settings(record, "")
     if identifier is None:
         identifier = line
     if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
