@@ -33,7 +33,7 @@ from src.common.answers import read_complete_lines
 from src.common.cli import check_output_dir, check_output_file, run_cli
 from src.common.data import PAPER_VAL_DATA, default_length_path, load_conversations, select_samples
 from src.common.utils import UserError, provenance, write_json_atomic
-from src.running.plan import QUEUE_STRATEGY
+from src.running.plan import QUEUE_CANDIDATES
 from src.scheduling.metrics import length_metrics
 
 LENGTHS = default_length_path(PAPER_VAL_DATA)
@@ -68,7 +68,7 @@ def measure_parity(args: argparse.Namespace, common: list[str], work: Path, max_
         answers = work / f"default-{repeat}.jsonl"
         infer_flags = [*common, "--predictor-path", args.predictor_path[0], "--output", str(answers)]
         if repeat % 2:  # every other pair the benchmark goes first, so neither always runs on a warmer machine
-            result = run_benchmark(args, QUEUE_STRATEGY, max_length)
+            result = run_benchmark(args, QUEUE_CANDIDATES[0], max_length)
             summary = infer.main(infer_flags)
         else:
             summary = infer.main(infer_flags)

@@ -14,9 +14,10 @@ answer differently. A request that cannot run (an empty prompt, a prompt that le
 gets an error line and the others run.
 
 The default plan predicts each answer's length with the predictor that ships in the clone (Vicuna-7B's lengths on
-Alpaca prompts; `python -m src.fit_proxy` fits one to your model) and runs shortest first: one queue whose rows are
-refilled as answers end, on an engine that can (the CPU's), else batches of similar predicted length, cut at the
-prediction and resumed. Under greedy decoding in float32 the schedule changes when a request runs, not its answer
+Alpaca prompts; `python -m src.fit_proxy` fits one to your model) and runs each group with the plan this device's cost
+model prices cheapest (src/running/plan.py): on the CPU's engine usually one queue, shortest predicted first, whose
+rows are refilled as answers end; else batches of similar predicted length, cut at the prediction and resumed.
+Under greedy decoding in float32 the schedule changes when a request runs, not its answer
 (docs/INFER.md: in 16-bit types any batching, plain batching's too, changes some). Requests are read, scheduled and
 written one group (`--group-size`) at a time, so memory stays bounded on large files. Under torchrun or `accelerate
 launch` each process answers every K-th group into a file of its own; the main process appends them at the end.
@@ -55,23 +56,16 @@ from .common.data import Sample, load_replay_lengths
 from .common.distributed import start_processes
 from .common.models import context_length, model_folder
 from .common.openai_batch import OpenAIBatchOutput
-from .common.request_file import check_request_file, read_requests
+from .common.request_file import check_request_file
 from .common.utils import GZIP_SUFFIX, UserError, resolve_device, resolve_dtype, write_json_atomic, write_text_atomic
 from .engines.registry import resolve_engine_name
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.proxy import SHIPPED_PROXY_PATH
 from .predictors.registry import PREDICTORS, build_predictor
-from .running.answering import Runner, groups_of
+from .running.answering import Runner, answer_pending
 from .running.cost_estimate import TYPICAL_PROMPT_TOKENS, add_device_profile_argument, describe_costs
 from .running.executor import StaticBatchExecutor
-from .running.plan import (
-    ENGINES_THAT_REFILL_ROWS,
-    QUEUE_FALLBACK_STRATEGY,
-    QUEUE_STRATEGY,
-    STATIC_FALLBACK_STRATEGY,
-    STATIC_STRATEGY,
-    default_strategy,
-)
+from .running.plan import QUEUE_CANDIDATES, STATIC_CANDIDATES, Planner, default_plan
 from .running.settings import RunSettings, parse_strategies, parse_vbs_table_flag, strategy_choices
 from .running.setup import add_model_arguments, check_model_arguments, device_costs_of, load_model_with_engine
 from .running.summary import print_summary, summary
@@ -91,10 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--strategy",
         default=None,
-        help=f"how requests are batched: {strategy_choices()}; default: "
-        f"{QUEUE_STRATEGY} on an engine that refills its rows itself ({', '.join(ENGINES_THAT_REFILL_ROWS)}: the CPU's "
-        f"default), else {STATIC_STRATEGY}; without the proxy predictor {QUEUE_FALLBACK_STRATEGY} or "
-        f"{STATIC_FALLBACK_STRATEGY}",
+        help=f"how requests are batched: {strategy_choices()}; default: for each group, the cheapest in the cost "
+        f"model of this device (measured once, then cached) of {', '.join(QUEUE_CANDIDATES)} on the slots engine, "
+        f"of {', '.join(STATIC_CANDIDATES)} on the others; without the proxy predictor, file order",
     )
     parser.add_argument("--max-length", type=int, default=512, help="most new tokens per answer (a record's own wins)")
     parser.add_argument("--batch-size", type=int, default=16, help="requests generated together (VBS: short ones more)")
@@ -141,10 +134,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def infer_settings(args) -> RunSettings:
-    """The one strategy (--strategy, or the default that loads) and what it runs with; each group's cap and
+    """The strategy (--strategy, or the default plan's candidates) and what it runs with; each group's cap and
     temperature are its requests' own."""
     return RunSettings(
-        strategies=(choose_strategy(args),),
+        strategies=choose_strategies(args),
         max_length=args.max_length,
         batch_size=args.batch_size,
         slots=args.batch_size,  # a queue runs --batch-size rows
@@ -170,16 +163,16 @@ def check_paths(args) -> None:
     check_outputs_are_not_inputs(outputs, inputs)
 
 
-def choose_strategy(args):
-    """The --strategy, or the default plan for the engine (its reason kept in `args.plan_reason`, said once the
-    inputs pass their checks)."""
-    text, args.plan_reason = args.strategy, None
-    if text is None:
-        text, args.plan_reason = default_strategy(args)
-    strategy = parse_strategies([text])[0]
-    if strategy.predictor == "gt" and args.length_path is None:
+def choose_strategies(args) -> tuple:
+    """The --strategy; or the default plan's candidates, each group answered with the cheapest (`args.plan_reason`
+    says why those; None with --strategy)."""
+    texts, args.plan_reason = (args.strategy,), None
+    if args.strategy is None:
+        texts, args.plan_reason = default_plan(args)
+    strategies = parse_strategies(list(texts))
+    if strategies[0].predictor == "gt" and args.length_path is None:
         raise UserError("strategy gt needs --length-path: the length file of these requests")
-    return strategy
+    return strategies
 
 
 # --------------------------------------------------------------------------- the output files
@@ -262,40 +255,50 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
     loaded = load_model_with_engine(args, context)
     predictor = predictor or build_predictor(strategy.predictor, context)
     settings = settings.with_predictors({strategy.predictor: predictor})
+    planned = len(settings.strategies) > 1  # the default plan: each group's strategy the cheapest of these
+    label = "plan" if planned else strategy.label
     if processes.is_main:
+        how = f"the cheapest per group of {', '.join(s.label for s in settings.strategies)}" if planned else label
         print(
-            f"{len(pending)} requests to answer ({len(answered)} answered before) with {strategy.label}; "
+            f"{len(pending)} requests to answer ({len(answered)} answered before) with {how}; "
             f"model {loaded.path} on {loaded.engine.device}, template {loaded.formatter.template}"
             + (f", {processes.count} processes" if processes.distributed else ""),
             file=sys.stderr,
         )
-        if args.plan_reason:
-            print(f"plan: {strategy.label}, because {args.plan_reason}", file=sys.stderr)
     if not args.no_warmup:  # one-off costs (allocator, kernels) before the clock starts
         loaded.engine.generate([loaded.formatter.encode("Hello")], 2, 0.0)
     executor = StaticBatchExecutor(loaded.engine, {}, args.temperature, replay, top_p=args.top_p)
     endpoints = args.requests.endpoints  # OpenAI batch lines are answered in the shape of OpenAI's output
-    openai_output = OpenAIBatchOutput(endpoints, Path(args.model).name, strategy.label) if endpoints else None
+    openai_output = OpenAIBatchOutput(endpoints, Path(args.model).name, label) if endpoints else None
     writer = AnswerWriter(rank_path(args.output, processes.rank), ids, openai_output)
     runner = Runner(
         settings, predictor, loaded.formatter, loaded.engine, executor, writer, context_length(loaded.model)
     )
-    if processes.is_main:  # measured once, before the clock starts, so that every process estimates alike
-        runner.device_costs = device_costs_of(settings, loaded.engine, TYPICAL_PROMPT_TOKENS)
-        if runner.device_costs is not None:
-            print(describe_costs(runner.device_costs), file=sys.stderr)
-    runner.device_costs = processes.broadcast(runner.device_costs if processes.is_main else None)
-    answer_pending(runner, args, strategy.label, set(pending), processes)
+    plan_with_device_costs(runner, args.plan_reason if planned else None, processes)
+    answer_pending(runner, args, label, set(pending), processes)
     totals = processes.gather(runner.totals)
     processes.wait()
     if not processes.is_main:
         return {}
     finish_output(args.output, list(ids) if args.output_order == "input" else None)
-    result = summary(totals, args, strategy.label, len(answered), loaded.engine.device, answer_settings(args))
+    result = summary(totals, args, len(answered), loaded.engine.device, answer_settings(args))
     print_summary(result)
     if args.summary_json:
         write_json_atomic(args.summary_json, result)
     return result
+
+
+def plan_with_device_costs(runner: Runner, plan_reason: str | None, processes) -> None:
+    """The runner's cost model (for the summary's estimate, and the default plan's prices where `plan_reason` says
+    why its candidates are those): measured once, before the clock starts, so that every process estimates alike."""
+    costs = None
+    if processes.is_main:
+        costs = device_costs_of(runner.settings, runner.engine, TYPICAL_PROMPT_TOKENS, plan_reason is not None)
+        if costs is not None:
+            print(describe_costs(costs), file=sys.stderr)
+    runner.device_costs = processes.broadcast(costs)
+    if plan_reason is not None:
+        runner.planner, runner.plan_reason = Planner(runner.settings, runner.device_costs), plan_reason
 
 
 def pending_ids(args, ids: dict[str, str], processes) -> tuple[set[str], list[str]]:
@@ -321,29 +324,6 @@ def pending_ids(args, ids: dict[str, str], processes) -> tuple[set[str], list[st
     processes.wait()
     answered = (set(kept) - set(changed)) & set(ids)
     return answered, [sample_id for sample_id in ids if sample_id not in answered]
-
-
-def answer_pending(runner: Runner, args, label: str, pending: set[str], processes) -> None:
-    """The pending requests in file order, as a stream, in groups shared round robin (every process reads the same
-    file); the main process answers the malformed ones with an error line."""
-    from tqdm import tqdm
-
-    total = len(pending) if not processes.distributed else None  # each process shows its own share
-    with runner.writer, tqdm(total=total, unit="request", desc=label, disable=not processes.is_main) as progress:
-
-        def runnable():
-            for request in read_requests(args.input):
-                if request.id not in pending:
-                    continue
-                if request.problem is None:
-                    yield request
-                elif processes.is_main:
-                    runner.refuse(request.id, request.problem, progress)
-
-        groups = groups_of(runnable(), args.group_size, args.max_length, args.temperature)
-        for number, (cap, temperature, group) in enumerate(groups):
-            if number % processes.count == processes.rank:
-                runner.answer_group(cap, temperature, group, progress)
 
 
 if __name__ == "__main__":

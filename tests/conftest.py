@@ -14,6 +14,21 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cost_cache_of_the_session(tmp_path_factory):
+    """src.infer's default plan keeps each device's measured costs in $XDG_CACHE_HOME: the tests keep theirs in a
+    folder of the session (every subprocess inherits it), never in the user's cache."""
+    import os
+
+    earlier = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if earlier is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = earlier
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer LLaMA with random weights and the real LLaMA sentencepiece vocabulary (from mistral-common)."""

@@ -174,7 +174,9 @@ def test_infer_from_another_directory_uses_the_shipped_predictor(eos_model_dir, 
     environment = {**os.environ, "PYTHONPATH": str(PROJECT)}
     done = subprocess.run(command, cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "plan: continuous:proxy, because" in done.stderr
+    # with the predictor the plan is priced among the proxy's strategies (without it: file order, nothing priced)
+    assert "with the cheapest per group of continuous:proxy, proxy+fcr+resume, vanilla;" in done.stderr
+    assert "plan: " in done.stderr and "lengths drawn from the predictor's quantiles" in done.stderr
     assert sorted(json.loads(line)["id"] for line in (elsewhere / "answers.jsonl").read_text().splitlines()) == [
         "a",
         "b",

@@ -4,13 +4,14 @@ and the totals a summary is made of."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..common.answers import AnswerWriter, answer_row, error_row
 from ..common.data import Sample
-from ..common.request_file import Request
+from ..common.request_file import Request, read_requests
 from ..common.utils import Timer
 from ..engines.base import Engine
 from ..predictors.registry import Predictor
@@ -20,6 +21,7 @@ from ..scheduling.metrics import data_order_token_slots
 from ..scheduling.schedule import run_schedule
 from .cost_estimate import estimated_seconds, final_lengths
 from .executor import StaticBatchExecutor
+from .plan import Planner, describe_choice
 from .runner import predict_for_schedule, schedule_config
 from .settings import RunSettings
 
@@ -48,6 +50,7 @@ class Totals:
     estimated_s: float = 0.0  # generation as the cost model of --device-profile sees the groups that ran
     data_order_estimated_s: float = 0.0  # the same, had they run as plain batches in file order
     device_profile: str | None = None  # the cost model's name, once a group was estimated
+    plans: dict[str, int] = field(default_factory=dict)  # strategy label -> the groups it answered
 
 
 def groups_of(requests, group_size: int, default_cap: int, default_temperature: float):
@@ -80,6 +83,8 @@ class Runner:
     totals: Totals = field(default_factory=Totals)
     started: float | None = None  # when the first group began, the clock of every answer's latency
     device_costs: DeviceCosts | None = None  # --device-profile's cost model; None: no estimate
+    planner: Planner | None = None  # the default plan: each group's strategy the cheapest of settings.strategies
+    plan_reason: str = ""  # why the planner's candidates are those, said with each group's choice
 
     def answer_group(self, cap: int, temperature: float, requests: list[Request], progress) -> None:
         if self.started is None:
@@ -89,21 +94,23 @@ class Runner:
             return
         self.executor.prompt_ids = prompt_ids
         self.executor.temperature = temperature
-        strategy = self.settings.strategies[0]
         samples = [Sample(request.id, request.prompt, None) for request in requests if request.id in prompt_ids]
         with Timer(self.engine.device) as prediction_timer:
-            predicted = predict_for_schedule(
-                strategy, self.predictor, samples, cap, retry_levels=self.settings.retry_levels_of(strategy)
-            )
+            strategy, predicted = self.plan(samples, cap, prompt_ids, progress)
+        self.totals.plans[strategy.label] = self.totals.plans.get(strategy.label, 0) + 1
+        if self.writer.openai_output is not None:  # an OpenAI line's system_fingerprint names the plan that made it
+            self.writer.openai_output.strategy = strategy.label
         ids = [sample.id for sample in samples]
         warmup_before = self.engine.warmup_seconds
         with Timer(self.engine.device) as generation_timer:
             if strategy.continuous:
-                order, outcome = self.answer_queue(ids, cap, temperature, prompt_ids, predicted.lengths, progress)
+                order, outcome = self.answer_queue(
+                    strategy, ids, cap, temperature, prompt_ids, predicted.lengths, progress
+                )
                 record = simulate_continuous(order, outcome.lengths, self.settings.batch_size, cap)
                 slots = self.count_continuous(record, outcome.finished)
             else:
-                record = self.answer_static(ids, cap, prompt_ids, predicted, progress)
+                record = self.answer_static(strategy, ids, cap, prompt_ids, predicted, progress)
                 slots = self.count_static(record)
         warmup = self.engine.warmup_seconds - warmup_before
         self.totals.prediction_s += prediction_timer.seconds
@@ -111,6 +118,19 @@ class Runner:
         self.totals.engine_warmup_s += warmup
         self.totals.token_slots += slots
         self.estimate(ids, record, prompt_ids)
+
+    def plan(self, samples: list[Sample], cap: int, prompt_ids, progress):
+        """The group's strategy and its predictions: the one strategy, or the planner's cheapest (said in a line
+        where it differs from the previous group's)."""
+        if self.planner is None:
+            strategy = self.settings.strategies[0]
+            retry_levels = self.settings.retry_levels_of(strategy)
+            return strategy, predict_for_schedule(strategy, self.predictor, samples, cap, retry_levels=retry_levels)
+        tokens = {sample.id: len(prompt_ids[sample.id]) for sample in samples}
+        choice = self.planner.choose(self.predictor, samples, cap, tokens)
+        if not progress.disable and choice.strategy.label not in self.totals.plans:
+            progress.write(describe_choice(choice, len(samples), self.plan_reason), file=sys.stderr)
+        return choice.strategy, choice.predicted
 
     def estimate(self, ids: list[str], record, prompt_ids) -> None:
         """The cost model's seconds for the group as it ran, and as plain batches in file order would have run it
@@ -124,9 +144,8 @@ class Runner:
             ids, final_lengths(record), self.device_costs, tokens, self.settings.batch_size
         )
 
-    def answer_static(self, ids: list[str], cap: int, prompt_ids, predicted, progress):
+    def answer_static(self, strategy, ids: list[str], cap: int, prompt_ids, predicted, progress):
         """The group's static batches through the scheduler and the executor, each answer written as it is final."""
-        strategy = self.settings.strategies[0]
         config = schedule_config(strategy, self.settings.batch_size, len(ids), cap, self.settings.vbs_table)
         return run_schedule(
             ids,
@@ -139,10 +158,10 @@ class Runner:
             on_result=self.answer_writer(prompt_ids, predicted.lengths),
         )
 
-    def answer_queue(self, ids: list[str], cap: int, temperature: float, prompt_ids, predictions, progress):
+    def answer_queue(self, strategy, ids: list[str], cap: int, temperature: float, prompt_ids, predictions, progress):
         """The group as one queue of continuous batching, `--batch-size` rows at once, shortest prediction first
         (data order under vanilla); each answer is written and flushed as it ends."""
-        by_prediction = predictions if self.settings.strategies[0].predictor != "vanilla" else None
+        by_prediction = predictions if strategy.predictor != "vanilla" else None
         order = admission_order(ids, by_prediction, len(ids))
         write = self.answer_writer(prompt_ids, predictions)
         started, generated_before = time.perf_counter(), self.totals.generated_tokens
@@ -237,3 +256,26 @@ class Runner:
         self.writer.flush()
         self.totals.errors += 1
         progress.update(1)
+
+
+def answer_pending(runner: Runner, args, label: str, pending: set[str], processes) -> None:
+    """The pending requests in file order, as a stream, in groups shared round robin (every process reads the same
+    file); the main process answers the malformed ones with an error line."""
+    from tqdm import tqdm
+
+    total = len(pending) if not processes.distributed else None  # each process shows its own share
+    with runner.writer, tqdm(total=total, unit="request", desc=label, disable=not processes.is_main) as progress:
+
+        def runnable():
+            for request in read_requests(args.input):
+                if request.id not in pending:
+                    continue
+                if request.problem is None:
+                    yield request
+                elif processes.is_main:
+                    runner.refuse(request.id, request.problem, progress)
+
+        groups = groups_of(runnable(), args.group_size, args.max_length, args.temperature)
+        for number, (cap, temperature, group) in enumerate(groups):
+            if number % processes.count == processes.rank:
+                runner.answer_group(cap, temperature, group, progress)

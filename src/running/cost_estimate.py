@@ -4,14 +4,20 @@ result records of it: the plan's estimated seconds beside the measured ones."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import sys
 import time
+from pathlib import Path
 
-from ..common.utils import UserError
+from ..common.utils import UserError, write_json_atomic
 from ..scheduling.continuous import ContinuousRecord
 from ..scheduling.cost_model import (
     DeviceCosts,
     approximate_prompt_tokens,
     continuous_run_seconds,
+    costs_from_json,
     load_profiles,
     static_run_seconds,
 )
@@ -56,6 +62,75 @@ def measured_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: i
     steps, prefill = measure_device_costs(engine, largest_batch, prompt_tokens, new_tokens)
     source = f"measured through engine {engine.name} on {engine.device} in {time.perf_counter() - start:.1f} s"
     return DeviceCosts(steps, prefill, MEASURE, source)
+
+
+def cost_cache_path() -> Path:
+    """Where measured cost models are kept: $XDG_CACHE_HOME (else ~/.cache)/length-scheduling/device-costs.json."""
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "length-scheduling" / "device-costs.json"
+
+
+def device_key(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> dict:
+    """What a measured cost model holds for: the device by name, the model's shape (its config.json), the dtype,
+    the engine, torch's version (kernels change) and the measurement's own sizes."""
+    import platform
+
+    import torch
+
+    if engine.device.startswith("cuda"):
+        device = torch.cuda.get_device_name(engine.device)
+    else:
+        device = f"{cpu_name() or platform.machine()}, {torch.get_num_threads()} threads"
+    config = engine.model.config.to_json_string(use_diff=False)
+    return {
+        "device": device,
+        "model_config_sha256": hashlib.sha256(config.encode()).hexdigest(),
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "engine": engine.name,
+        "torch": torch.__version__,
+        "rows": largest_batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+    }
+
+
+def cpu_name() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+
+def cached_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> DeviceCosts:
+    """This device's cost model from the cache, or measured now (measured_costs) and kept there for the next run of
+    the same model, dtype and engine on the same device."""
+    key = device_key(engine, largest_batch, prompt_tokens, new_tokens)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cost_cache_path()
+    entries = read_cost_cache(path)
+    try:
+        return costs_from_json(entries[name]["costs"]["name"], entries[name]["costs"])
+    except (KeyError, TypeError, ValueError):  # none yet, or one this code cannot read: measured again
+        pass
+    print(f"measuring this device's costs for the plan, once (kept in {path})", file=sys.stderr, flush=True)
+    costs = measured_costs(engine, largest_batch, prompt_tokens, new_tokens)
+    entries[name] = {"key": key, "costs": costs.to_json()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, entries)
+    except OSError as error:  # a cache that cannot be written costs a measurement next time, nothing else
+        print(f"note: the cost model was not kept in {path} ({error.strerror})", file=sys.stderr, flush=True)
+    return costs
+
+
+def read_cost_cache(path: Path) -> dict:
+    """The cache's entries; none where it is missing or unreadable (it is measured again and rewritten)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
 
 
 def estimated_seconds(costs: DeviceCosts, prompt_tokens, record) -> float:

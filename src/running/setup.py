@@ -13,7 +13,7 @@ from ..engines.registry import AUTO_ENGINE, DEFAULT_ENGINE, engine_names
 from ..predictors.registry import PREDICTORS, build_predictor
 from ..scheduling.cost_model import load_profiles
 from ..scheduling.vbs_choice import CANDIDATE_BATCH_SIZES
-from .cost_estimate import MEASURE, describe_costs, dry_run_costs, measured_costs
+from .cost_estimate import MEASURE, cached_costs, describe_costs, dry_run_costs, measured_costs
 from .executor import StaticBatchExecutor
 from .runner import Executors
 from .settings import RunSettings
@@ -163,19 +163,23 @@ def dry_run_executors(run_batch, device_profile: str | None, samples) -> Executo
     return Executors(run_batch, device_costs=device_costs, cost_prompt_tokens=prompt_tokens)
 
 
-def device_costs_of(settings: RunSettings, engine: Engine, prompt_tokens: int):
+def device_costs_of(settings: RunSettings, engine: Engine, prompt_tokens: int, planned: bool = False):
     """--device-profile's cost model on a real run: a named one, or this engine's, timed now at the batch sizes up to
-    the largest this run asks for (the slots, the batch size, the VBS table's largest)."""
-    if settings.device_profile is None:
+    the largest this run asks for (the slots, the batch size, the VBS table's largest). Without the flag, none; but
+    a `planned` run (src.infer's default plan) prices its plans with this engine's, from the cache where it is."""
+    if settings.device_profile is None and not planned:
         return None
-    if settings.device_profile != MEASURE:
+    if settings.device_profile not in (None, MEASURE):
         return load_profiles()[settings.device_profile]
     largest = max(settings.batch_size, settings.slots if isinstance(settings.slots, int) else 0)
     if any(strategy.vbs for strategy in settings.strategies):
         largest = max(largest, *(settings.vbs_table or {0: max(CANDIDATE_BATCH_SIZES)}).values())
     largest = min(largest, largest_calibrated_batch(engine))
     # the growth with the context is linear: 128 steps show it at a CPU's cost
-    return measured_costs(engine, largest, prompt_tokens, min(settings.max_length, 128))
+    new_tokens = min(settings.max_length, 128)
+    if settings.device_profile is None:
+        return cached_costs(engine, largest, prompt_tokens, new_tokens)
+    return measured_costs(engine, largest, prompt_tokens, new_tokens)
 
 
 def largest_calibrated_batch(engine: Engine) -> int:

@@ -9,9 +9,13 @@ from ..scheduling.metrics import token_ratios
 from .answering import Totals
 
 
-def summary(totals: list[Totals], args, strategy_label: str, skipped: int, device: str, settings: dict) -> dict:
+def summary(totals: list[Totals], args, skipped: int, device: str, settings: dict) -> dict:
     """The run's summary from every process's totals: the processes ran side by side, so the run took as long as
     the slowest one."""
+    plans: dict[str, int] = {}
+    for total in totals:
+        for label, groups in total.plans.items():
+            plans[label] = plans.get(label, 0) + groups
     requests = sum(total.requests for total in totals)
     generated = sum(total.generated_tokens for total in totals)
     slots = sum(total.token_slots for total in totals)
@@ -25,8 +29,9 @@ def summary(totals: list[Totals], args, strategy_label: str, skipped: int, devic
     return {
         "input": args.input,
         "output": args.output,
-        "strategy": strategy_label,
-        "predictor_path": args.predictor_path if strategy_label.startswith("proxy") else None,
+        "strategy": plan_label(plans),
+        "groups_by_strategy": plans,
+        "predictor_path": args.predictor_path if any("proxy" in label for label in plans) else None,
         "device": device,
         "processes": len(totals),
         "requests": requests,
@@ -50,6 +55,13 @@ def summary(totals: list[Totals], args, strategy_label: str, skipped: int, devic
         "oom_splits": sum(total.oom_splits for total in totals),
         "settings": settings,
     } | estimate_summary(totals, slowest.generation_s)
+
+
+def plan_label(plans: dict[str, int]) -> str:
+    """The strategy that answered every group, or each with its groups where the plan changed between groups."""
+    if len(plans) <= 1:
+        return next(iter(plans), "none (no request ran)")
+    return ", ".join(f"{label} ({groups} group{'s' * (groups != 1)})" for label, groups in plans.items())
 
 
 def print_summary(result: dict) -> None:

@@ -114,14 +114,15 @@ def data_order_seconds(
     return static_run_seconds(record, costs, prompt_tokens)
 
 
+def costs_from_json(name: str, entry: Mapping) -> DeviceCosts:
+    """A cost model from its JSON (DeviceCosts.to_json's fields)."""
+    base = {int(rows): seconds for rows, seconds in entry["base_seconds_per_step"].items()}
+    # a profile of a device measured elsewhere names no memory limit; a measured one records its own
+    limits = {key: entry[key] for key in ("largest_batch", "kv_token_budget") if entry.get(key) is not None}
+    steps = StepCosts(base, entry["per_context_token_seconds"], entry["context"], **limits)
+    return DeviceCosts(steps, entry["prefill_seconds_per_token"], name, entry["source"])
+
+
 def load_profiles(path: Path = PROFILES_FILE) -> dict[str, DeviceCosts]:
     """The named devices' cost models, by name."""
-    profiles = {}
-    for name, entry in json.loads(path.read_text()).items():
-        steps = StepCosts(
-            {int(rows): seconds for rows, seconds in entry["base_seconds_per_step"].items()},
-            entry["per_context_token_seconds"],
-            entry["context"],
-        )
-        profiles[name] = DeviceCosts(steps, entry["prefill_seconds_per_token"], name, entry["source"])
-    return profiles
+    return {name: costs_from_json(name, entry) for name, entry in json.loads(path.read_text()).items()}
