@@ -31,6 +31,7 @@ from .common.training import (
     TRAINING_REQUEST_FILE,
     check_resume_is_the_same_training,
     check_training_arguments,
+    lock_training_output,
     right_pad,
     training_request,
 )
@@ -267,12 +268,18 @@ def plan_run(model_args, data_args, lora_args, run_args, training_args) -> tuple
 
 
 def main(argv: list[str] | None = None):
+    parsed = parse_args(argv)
+    with lock_training_output(parsed[-1]):
+        return train(*parsed)
+
+
+def train(model_args, data_args, lora_args, run_args, training_args):
+    """The adapter trained (or its checkpoint resumed) in its training folder, then put in --output_dir."""
     from transformers import Trainer
 
     from .common.models import load_model_and_formatter
     from .engines.generate import eos_token_ids_of
 
-    model_args, data_args, lora_args, run_args, training_args = parse_args(argv)
     output_dir = training_args.output_dir
     planned = plan_run(model_args, data_args, lora_args, run_args, training_args)
     if planned is None:

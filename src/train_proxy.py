@@ -23,7 +23,7 @@ import torch
 
 from .common.cli import check_output_dir, check_range, run_cli
 from .common.data import PAPER_TRAIN_DATA
-from .common.training import check_training_arguments, right_pad
+from .common.training import check_training_arguments, lock_training_output, right_pad
 from .common.utils import UserError, set_seed
 from .predictors.proxy import CONFIG_NAME, DEFAULT_PROXY_PATH
 from .predictors.proxy_calibration import calibration_record
@@ -162,9 +162,15 @@ def parse_args(argv: list[str] | None = None) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args, training_args = parse_args(argv)
+    with lock_training_output(training_args):
+        return train(args, training_args)
+
+
+def train(args: ProxyArguments, training_args) -> dict:
+    """The predictor trained on the rows and saved in --output_dir (or only recalibrated there)."""
     from .predictors.proxy import save_proxy
 
-    args, training_args = parse_args(argv)
     samples, max_lengths = load_rows(args)
     if len(samples) <= args.holdout:
         raise UserError(f"{args.data_path}: {len(samples)} rows leave none to train on with --holdout {args.holdout}")

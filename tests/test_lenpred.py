@@ -66,17 +66,20 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_file(tiny_model_dir, tmp_
 
     conversations = [
         {"id": f"k{index}", "conversations": [{"from": "human", "value": f"Count to {index} in words, please."}]}
-        for index in range(40)
+        for index in range(24)
     ]
     data = write_json(tmp_path / "many.json", conversations)
     project = Path(__file__).resolve().parents[1]
 
-    def command(output):
+    def flags(output):
         flags = cli_args(model=tiny_model_dir, device="cpu", data_path=data, output_path=output, max_length=24)
-        return [sys.executable, "-m", "src.lenpred", *flags, "--batch-size", "2", "--temperatures", "0.0", "0.7"]
+        return [*flags, "--batch-size", "2", "--temperatures", "0.0", "0.7"]
+
+    def command(output):
+        return [sys.executable, "-m", "src.lenpred", *flags(output)]
 
     reference = tmp_path / "reference.json"
-    subprocess.run(command(reference), cwd=project, check=True, capture_output=True)
+    lenpred.main(flags(reference))  # in this process: the killed run's subprocess is what the test is about
 
     output = tmp_path / "killed.json"
     side = lenpred.partial_path(str(output))
@@ -169,7 +172,6 @@ def test_two_processes_killed_with_sigkill_resume_to_the_same_file(eos_model_dir
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from benchmarks.lenpred_resume import child_pids
@@ -180,7 +182,7 @@ def test_two_processes_killed_with_sigkill_resume_to_the_same_file(eos_model_dir
     flags = cli_args(model=eos_model_dir, device="cpu", data_path=data, max_length=24, batch_size=2)
     flags += ["--temperatures", "0.0", "0.7"]
     reference = tmp_path / "reference.json"
-    run_command([sys.executable, "-m", "src.lenpred", *flags, "--output-path", str(reference)])
+    lenpred.main([*flags, "--output-path", str(reference)])  # in this process: one interpreter start fewer
 
     output = tmp_path / "killed.json"
     command = torchrun("src.lenpred", [*flags, "--output-path", str(output)])

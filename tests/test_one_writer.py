@@ -99,6 +99,25 @@ def test_a_benchmark_leaves_a_result_file_another_run_writes_alone(small_data, t
     assert sorted(path.name for path in folder.iterdir()) == ["r.json"]
 
 
+@pytest.mark.parametrize("command", ["train_lora", "train_proxy"])
+def test_a_training_folder_another_run_writes_is_refused_before_anything_loads(command, small_data, tmp_path):
+    """Two trainings into one --output_dir would resume from the same checkpoints and each swap its result in: the
+    second is refused, naming the holder, before it reads the folder; the lock sits beside the folder, not in it."""
+    from src import train_lora, train_proxy
+
+    data, _ = small_data
+    folder = tmp_path / "out"
+    (folder / "checkpoint-2").mkdir(parents=True)  # the holder's, mid-run: not read, not resumed
+    main = {"train_lora": train_lora.main, "train_proxy": train_proxy.main}[command]
+    argv = ["--data_path", str(data), "--output_dir", f"{folder}/"]  # a trailing slash names the same folder
+    argv += ["--model_name_or_path", "smollm2-135m"] if command == "train_lora" else []
+    with OutputLock(folder, "--output_dir"):
+        with pytest.raises(UserError, match="--output_dir .*out.* another run"):
+            main(argv)
+        assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("out")) == ["out", "out.lock"]
+    assert sorted(path.name for path in folder.iterdir()) == ["checkpoint-2"]
+
+
 def test_answers_left_in_a_process_file_are_merged_by_the_next_run_whatever_the_name(eos_model_dir, tmp_path):
     """A torchrun run killed during its merge leaves answers in `<output>.rank1.partial`: the next run finds every
     request answered and merges them (the file found by its exact name, though the output's name has glob

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
-from .conftest import PROJECT, run_command
+import pytest
+
+from src import pipeline
+from src.common.utils import UserError
+
+from .conftest import run_command
 
 
-def test_the_pipeline_runs_every_step_then_a_rerun_runs_none(eos_model_dir, tmp_path):
+def test_the_pipeline_runs_every_step_then_a_rerun_runs_none(eos_model_dir, tmp_path, capsys):
     work = tmp_path / "pipeline"
     command = [sys.executable, "-m", "src.pipeline", "--model", str(eos_model_dir), "--device", "cpu"]
     command += ["--train-rows", "8", "--val-rows", "4", "--max-length", "8", "--epochs", "1"]
@@ -34,9 +38,8 @@ def test_the_pipeline_runs_every_step_then_a_rerun_runs_none(eos_model_dir, tmp_
     constant = json.loads((work / "eval-constant.json").read_text())
     assert set(constant["predictions"].values()) == {round((lengths[3] + lengths[4]) / 2)}
 
-    again = run_command(command, timeout=600).stdout
-    assert again.count("done before") == 7
-    other = subprocess.run(
-        [*command[:-2], "--max-length", "16", *command[-2:]], cwd=PROJECT, capture_output=True, text=True
-    )
-    assert other.returncode == 2 and "holds a pipeline run with other settings" in other.stderr
+    # the rerun and the refusal start no step: in this process, two interpreter starts fewer
+    again = pipeline.main(command[3:])
+    assert again["steps"] == log["steps"] and capsys.readouterr().out.count("done before") == 7
+    with pytest.raises(UserError, match="holds a pipeline run with other settings"):
+        pipeline.main([*command[3:-2], "--max-length", "16", *command[-2:]])

@@ -38,6 +38,19 @@ def check_training_arguments(training_args) -> None:
         check_range("--num_train_epochs", training_args.num_train_epochs, 0, open_low=True)
 
 
+def lock_training_output(training_args):
+    """One run per --output_dir: the main process holds `<output_dir>.lock` (answers.OutputLock) from before the
+    folder is read for a resume until the run ends; a second run is refused naming the holder's pid. Without it, two
+    runs resume from the same checkpoints, write into one training folder, and each swaps its adapter in."""
+    from contextlib import nullcontext
+
+    from .answers import OutputLock
+
+    if training_args.process_index != 0:  # launched processes: the main one holds it for all
+        return nullcontext()
+    return OutputLock(Path(training_args.output_dir), "--output_dir")
+
+
 # Written into a training folder when a run starts there: what the run trains, so that a resume from its checkpoints
 # is known to continue the same training.
 TRAINING_REQUEST_FILE = "training_request.json"
