@@ -6,14 +6,15 @@
         --output-json runs/infer-real.json
 
 replay: every request ends at Vicuna-7B's greedy length (`L_t0.0`), max 512 new tokens, as docs/CPU.md's table;
-src.infer with --strategy vanilla, then with its default strategy, then src.benchmark with that strategy on the same
-samples (the tool should cost nothing over the benchmark).
+src.infer with --strategy vanilla, then with its default plan, then src.benchmark with the strategy that plan chose
+on the same samples (the tool should cost nothing over the benchmark).
 real: the model stops where it stops, max 256 new tokens; vanilla (static batches in file order), src.infer's default
-plan (on a CPU: one queue, shortest predicted first, on the slots engine) once per predictor, transformers'
+plan (the cost model's cheapest; on this CPU one queue, shortest predicted first) once per predictor, transformers'
 continuous-batching manager (FCFS), then proxy+fcr+resume (static batches of similar predicted length, cut and resumed);
 every run's texts are compared with vanilla's, id by id, and each predictor's medians (as the answers record them)
 with the lengths of vanilla's answers.
-parity: replayed lengths as in replay; src.infer's default strategy and src.benchmark with that strategy, `--repeats`
+parity: replayed lengths as in replay; src.infer with the slots engine's queue (`continuous:proxy`, pinned) and
+src.benchmark with the same strategy, `--repeats`
 pairs, each pair in the other order, so the machine's drift falls on both alike; the figure is the median paired ratio.
 
 The requests are the upstream draw (`--num-data 256 --seed 42` of data/alpaca-val-10k.json), written as FastChat
@@ -67,12 +68,13 @@ def measure_parity(args: argparse.Namespace, common: list[str], work: Path, max_
     for repeat in range(args.repeats):
         answers = work / f"default-{repeat}.jsonl"
         infer_flags = [*common, "--predictor-path", args.predictor_path[0], "--output", str(answers)]
+        infer_flags += ["--strategy", QUEUE_CANDIDATES[0]]  # one strategy on both sides of every pair
         if repeat % 2:  # every other pair the benchmark goes first, so neither always runs on a warmer machine
             result = run_benchmark(args, QUEUE_CANDIDATES[0], max_length)
             summary = infer.main(infer_flags)
         else:
             summary = infer.main(infer_flags)
-            result = run_benchmark(args, summary["strategy"], max_length)
+            result = run_benchmark(args, QUEUE_CANDIDATES[0], max_length)
         output["pairs"].append(
             {
                 "strategy": summary["strategy"],
@@ -153,7 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
             )
     if args.part == "replay":
         default_name = runs[1][0]
-        strategy = output["runs"][default_name]["strategy"]
+        plans = list(output["runs"][default_name]["groups_by_strategy"])
+        if len(plans) != 1:  # groups of 256: a larger --num-data may plan its groups differently
+            raise UserError(f"the default plan chose {', '.join(plans)}: compare with --num-data 256 or fewer")
+        (strategy,) = plans
         result = run_benchmark(args, strategy, max_length)
         output["benchmark"] = {
             "strategy": strategy,

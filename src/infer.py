@@ -265,6 +265,8 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
             + (f", {processes.count} processes" if processes.distributed else ""),
             file=sys.stderr,
         )
+        if not planned and args.plan_reason:  # the default fell back to file order: say why, and how to fix it
+            print(f"plan: {label}, because {args.plan_reason}", file=sys.stderr)
     if not args.no_warmup:  # one-off costs (allocator, kernels) before the clock starts
         loaded.engine.generate([loaded.formatter.encode("Hello")], 2, 0.0)
     executor = StaticBatchExecutor(loaded.engine, {}, args.temperature, replay, top_p=args.top_p)
@@ -281,7 +283,7 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
     if not processes.is_main:
         return {}
     finish_output(args.output, list(ids) if args.output_order == "input" else None)
-    result = summary(totals, args, len(answered), loaded.engine.device, answer_settings(args))
+    result = summary(totals, args, label, len(answered), loaded.engine.device, answer_settings(args))
     print_summary(result)
     if args.summary_json:
         write_json_atomic(args.summary_json, result)

@@ -261,7 +261,7 @@ def test_smollm2_answers_do_not_depend_on_the_schedule(tmp_path):
         summary = infer.main(cli_args(input=requests, output=output, **flags, **strategy_flags))
         runs[name] = answers_by_id(output)
         if name == "default":
-            assert summary["strategy"] == "continuous:proxy"  # the CPU's default engine refills its rows
+            assert summary["strategy"] == "continuous:proxy"  # the cpu profile prices one queue cheapest
     expected = {key: row["text"] for key, row in runs["vanilla"].items()}
     assert len(set(expected.values())) == len(samples)
     for name in ("resumed", "default"):

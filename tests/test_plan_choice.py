@@ -92,4 +92,26 @@ def test_the_measured_costs_are_kept_and_read_back_for_the_same_model(tiny_model
     cost_cache_path().write_text("{not json")  # a broken cache is measured again and rewritten
     cached_costs(engine, 2, 16, 16)
     assert "measuring" in capsys.readouterr().err
-    assert len(json.loads(cost_cache_path().read_text())) == 1
+    entries = json.loads(cost_cache_path().read_text())
+    assert len(entries) == 1
+    for wrong in ([0.1], {}, {"1": -1.0}):  # JSON of the wrong shape, no step cost, a negative one: measured again
+        (entry,) = entries.values()
+        entry["costs"]["base_seconds_per_step"] = wrong
+        cost_cache_path().write_text(json.dumps(entries))
+        assert cached_costs(engine, 2, 16, 16).steps.base.keys() == {1, 2}
+        assert "measuring" in capsys.readouterr().err
+
+
+def test_without_a_predictor_the_default_says_why_it_runs_in_file_order(eos_model_dir, tmp_path, monkeypatch, capsys):
+    from src import infer
+    from src.running import plan
+
+    monkeypatch.setattr(plan, "proxy_available", lambda path: (False, "its encoder is missing: pip install x"))
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "Hi."}\n')
+    argv = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--max-length", "4"]
+    summary = infer.main([*argv, "--model", str(eos_model_dir)])
+    assert "plan: continuous, because requests run in file order (its encoder is missing: pip install x)" in (
+        capsys.readouterr().err
+    )
+    assert summary["strategy"] == "continuous" and summary["predictor_path"] is None
+    assert "estimated_generation_s" not in summary  # nothing was priced, so nothing was measured

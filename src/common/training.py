@@ -39,9 +39,9 @@ def check_training_arguments(training_args) -> None:
 
 
 def lock_training_output(training_args):
-    """One run per --output_dir: the main process holds `<output_dir>.lock` (answers.OutputLock) from before the
-    folder is read for a resume until the run ends; a second run is refused naming the holder's pid. Without it, two
-    runs resume from the same checkpoints, write into one training folder, and each swaps its adapter in."""
+    """One run per --output_dir: the main process holds `<output_dir>.lock` (answers.OutputLock) from before it
+    resumes from or writes in the folder until the run ends; a second run is refused naming the holder's pid. Without
+    it, two runs resume from the same checkpoints, write into one training folder, and each swaps its result in."""
     from contextlib import nullcontext
 
     from .answers import OutputLock

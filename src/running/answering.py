@@ -73,7 +73,8 @@ def groups_of(requests, group_size: int, default_cap: int, default_temperature: 
 class Runner:
     """One process's model, predictor and executor, answering one group at a time into `writer`."""
 
-    settings: RunSettings  # its one strategy, the batch size and the VBS table; caps and temperatures are per group
+    settings: RunSettings  # its strategy (the default plan's candidates), the batch size and the VBS table; caps and
+    # temperatures are per group
     predictor: Predictor
     formatter: object
     engine: Engine
@@ -85,6 +86,7 @@ class Runner:
     device_costs: DeviceCosts | None = None  # --device-profile's cost model; None: no estimate
     planner: Planner | None = None  # the default plan: each group's strategy the cheapest of settings.strategies
     plan_reason: str = ""  # why the planner's candidates are those, said with each group's choice
+    last_plan: str | None = None  # the strategy of the group before, so that a line says only a change
 
     def answer_group(self, cap: int, temperature: float, requests: list[Request], progress) -> None:
         if self.started is None:
@@ -121,15 +123,16 @@ class Runner:
 
     def plan(self, samples: list[Sample], cap: int, prompt_ids, progress):
         """The group's strategy and its predictions: the one strategy, or the planner's cheapest (said in a line
-        where it differs from the previous group's)."""
+        where it differs from the previous group's of this process; the main process's only, which shows the bar)."""
         if self.planner is None:
             strategy = self.settings.strategies[0]
             retry_levels = self.settings.retry_levels_of(strategy)
             return strategy, predict_for_schedule(strategy, self.predictor, samples, cap, retry_levels=retry_levels)
         tokens = {sample.id: len(prompt_ids[sample.id]) for sample in samples}
         choice = self.planner.choose(self.predictor, samples, cap, tokens)
-        if not progress.disable and choice.strategy.label not in self.totals.plans:
+        if not progress.disable and choice.strategy.label != self.last_plan:
             progress.write(describe_choice(choice, len(samples), self.plan_reason), file=sys.stderr)
+        self.last_plan = choice.strategy.label
         return choice.strategy, choice.predicted
 
     def estimate(self, ids: list[str], record, prompt_ids) -> None:

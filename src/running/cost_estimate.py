@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -35,8 +36,9 @@ def add_device_profile_argument(parser) -> None:
         choices=(*sorted(profiles), MEASURE),
         default=None,
         help="estimate each strategy's seconds with this device's cost model (decode step by rows and context, "
-        f"prefill per token) and report them beside the measured ones; {MEASURE}: time this device through the "
-        f"engine first (real runs). {described}",
+        f"prefill per token) and report them beside the measured ones (src.infer's default plan also prices its "
+        f"candidates with it; without the flag, with this engine's costs from the cache); {MEASURE}: time this "
+        f"device through the engine first (real runs). {described}",
     )
 
 
@@ -79,8 +81,8 @@ def device_key(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) 
 
     if engine.device.startswith("cuda"):
         device = torch.cuda.get_device_name(engine.device)
-    else:
-        device = f"{cpu_name() or platform.machine()}, {torch.get_num_threads()} threads"
+    else:  # the kind first: an MPS run and a CPU run on one machine are two devices
+        device = f"{engine.device.split(':')[0]}: {cpu_name() or platform.machine()}, {torch.get_num_threads()} threads"
     config = engine.model.config.to_json_string(use_diff=False)
     return {
         "device": device,
@@ -102,25 +104,43 @@ def cpu_name() -> str | None:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
-def cached_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> DeviceCosts:
-    """This device's cost model from the cache, or measured now (measured_costs) and kept there for the next run of
-    the same model, dtype and engine on the same device."""
+def cached_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int, refresh: bool = False) -> DeviceCosts:
+    """This device's cost model from the cache, or measured now (measured_costs; always with `refresh`) and kept
+    there for the next run of the same model, dtype and engine on the same device. Runs that start together on an
+    empty cache take turns (a lock beside it): the second reads what the first measured, instead of both measuring
+    at once, each slowed by the other."""
+    import fcntl
+
     key = device_key(engine, largest_batch, prompt_tokens, new_tokens)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cost_cache_path()
-    entries = read_cost_cache(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = read_cost_cache(path)
+        kept = None if refresh else cached_entry(entries.get(name), key)
+        if kept is not None:
+            return kept
+        print(f"measuring this device's costs for the plan, once (kept in {path})", file=sys.stderr, flush=True)
+        costs = measured_costs(engine, largest_batch, prompt_tokens, new_tokens)
+        entries[name] = {"key": key, "costs": costs.to_json()}
+        try:
+            write_json_atomic(path, entries)
+        except OSError as error:  # a cache that cannot be written costs a measurement next time, nothing else
+            print(f"note: the cost model was not kept in {path} ({error.strerror})", file=sys.stderr, flush=True)
+    return costs
+
+
+def cached_entry(entry, key: dict) -> DeviceCosts | None:
+    """A kept cost model, where it is one for `key` with a step cost for some rows and every figure a finite
+    number of 0 or more; None (measured again) for anything else."""
     try:
-        return costs_from_json(entries[name]["costs"]["name"], entries[name]["costs"])
-    except (KeyError, TypeError, ValueError):  # none yet, or one this code cannot read: measured again
-        pass
-    print(f"measuring this device's costs for the plan, once (kept in {path})", file=sys.stderr, flush=True)
-    costs = measured_costs(engine, largest_batch, prompt_tokens, new_tokens)
-    entries[name] = {"key": key, "costs": costs.to_json()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, entries)
-    except OSError as error:  # a cache that cannot be written costs a measurement next time, nothing else
-        print(f"note: the cost model was not kept in {path} ({error.strerror})", file=sys.stderr, flush=True)
+        costs = costs_from_json(entry["costs"]["name"], entry["costs"])
+        figures = [*costs.steps.base.values(), costs.steps.per_context_token, costs.prefill_per_token]
+        if entry["key"] != key or not costs.steps.base or not all(0 <= float(value) < math.inf for value in figures):
+            return None
+    except Exception:  # noqa: BLE001 - whatever a hand edit or another version left there is measured again
+        return None
     return costs
 
 

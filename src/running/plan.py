@@ -88,7 +88,10 @@ class Planner:
         drawn = draw_lengths(known.rows, known.quantile_levels, cap)
         prices = price_plans(plans, ids, drawn, self.costs, prompt_tokens)
         strategy = next(strategy for strategy in self.settings.strategies if strategy.label == cheapest(prices))
-        return PlanChoice(strategy, predicted[strategy], prices)
+        chosen = predicted[strategy]
+        if strategy.predictor == "vanilla":  # scheduled without a prediction: its lines record the cap, as ever
+            chosen = chosen._replace(lengths=dict.fromkeys(ids, cap))
+        return PlanChoice(strategy, chosen, prices)
 
     def candidate(self, strategy, predicted: SchedulePredictions, group: int, cap: int) -> CandidatePlan:
         if strategy.continuous:

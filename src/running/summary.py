@@ -9,9 +9,9 @@ from ..scheduling.metrics import token_ratios
 from .answering import Totals
 
 
-def summary(totals: list[Totals], args, skipped: int, device: str, settings: dict) -> dict:
+def summary(totals: list[Totals], args, label: str, skipped: int, device: str, settings: dict) -> dict:
     """The run's summary from every process's totals: the processes ran side by side, so the run took as long as
-    the slowest one."""
+    the slowest one. `label`: the strategy asked for ("plan" for the default plan), named where no group ran."""
     plans: dict[str, int] = {}
     for total in totals:
         for label, groups in total.plans.items():
@@ -29,9 +29,10 @@ def summary(totals: list[Totals], args, skipped: int, device: str, settings: dic
     return {
         "input": args.input,
         "output": args.output,
-        "strategy": plan_label(plans),
+        "strategy": plan_label(plans) if plans else label,
         "groups_by_strategy": plans,
-        "predictor_path": args.predictor_path if any("proxy" in label for label in plans) else None,
+        # the default plan asks the predictor for every group, a vanilla one too
+        "predictor_path": args.predictor_path if label == "plan" or "proxy" in label else None,
         "device": device,
         "processes": len(totals),
         "requests": requests,
@@ -59,8 +60,8 @@ def summary(totals: list[Totals], args, skipped: int, device: str, settings: dic
 
 def plan_label(plans: dict[str, int]) -> str:
     """The strategy that answered every group, or each with its groups where the plan changed between groups."""
-    if len(plans) <= 1:
-        return next(iter(plans), "none (no request ran)")
+    if len(plans) == 1:
+        return next(iter(plans))
     return ", ".join(f"{label} ({groups} group{'s' * (groups != 1)})" for label, groups in plans.items())
 
 
@@ -87,8 +88,8 @@ def print_summary(result: dict) -> None:
 
 
 def estimate_summary(totals: list[Totals], generation: float) -> dict:
-    """With --device-profile: the cost model's seconds of generation for the plan that ran (the slowest process's)
-    and for plain batches in file order over the same answers, against the measured seconds."""
+    """With --device-profile or the default plan: the cost model's seconds of generation for the plan that ran (the
+    slowest process's) and for plain batches in file order over the same answers, against the measured seconds."""
     profile = totals[0].device_profile
     if profile is None:
         return {}
