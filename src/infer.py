@@ -240,7 +240,7 @@ def answer_requests(args, settings: RunSettings, ids: dict[str, str], processes)
     # every group clamps its predictions to its own cap, which a record's max_tokens may set above --max-length
     context.max_length = max(args.max_length, args.requests.largest_cap or 0)
     predictor = None
-    if not PREDICTORS[strategy.predictor].needs_model:  # a missing predictor fails before the model
+    if pending and not PREDICTORS[strategy.predictor].needs_model:  # a missing predictor fails before the model
         predictor = build_predictor(strategy.predictor, context)
         if PREDICTORS[strategy.predictor].reads_ids_from_file:
             predictor.predict([Sample(sample_id, "", None) for sample_id in pending])  # every id has a row

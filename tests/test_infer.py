@@ -203,7 +203,7 @@ def test_kill_9_at_a_random_point_then_the_same_command_finishes_the_work(eos_mo
     process.wait()
     answered = len(read_complete_lines(output))
     assert 0 < answered < len(many), "the kill came before the first line or after the last"
-    run_command([sys.executable, "-m", "src.infer", *cli_args(input=requests, output=output, **flags)])
+    infer.main(cli_args(input=requests, output=output, **flags))  # the same command, in this process
     assert texts(output) == texts(whole)
 
 
