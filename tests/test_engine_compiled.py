@@ -9,13 +9,14 @@ import sys
 
 import pytest
 
+from benchmarks import gpu_table
 from src import benchmark
 from src.common.models import load_model
 from src.engines.eager import TransformersEngine
 from src.engines.registry import build_engine, resolve_engine_name
 from src.engines.static_cache import CACHE_LENGTH_STEP, cache_length, padded_rows
 
-from .conftest import PROJECT, cli_args, run_command
+from .conftest import PROJECT, cli_args
 
 TOKEN_COLUMNS = ("token_slots", "generated_tokens", "average_length", "effective_token_ratio", "num_batches")
 
@@ -118,12 +119,12 @@ def test_gpu_table_script_runs_end_to_end_on_a_cpu(tiny_model_dir, small_data, t
     test_benchmark_on_a_compiled_engine_gives_the_eager_token_columns checks: here it would add 30 s on a CPU.)"""
     data, lengths = small_data
     out = tmp_path / "table"
-    command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out)]
-    flags = ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
+    flags = ["--output-dir", str(out)]
+    flags += ["--model", str(tiny_model_dir), "--load-format", "auto", "--device", "cpu", "--data-path", str(data)]
     flags += ["--replay-lengths", str(lengths), "--num-data", "6", "--batch-size", "2", "--max-length", "8"]
     flags += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--budget-s", "600"]
     flags += ["--parts", "captured", "eager", "continuous", "step"]
-    run_command([*command, *flags], timeout=900)
+    assert gpu_table.main(flags) == 0  # the script in this process; each part is a process of its own
     for name in ("captured.json", "eager.json", "continuous.json", "step.json", "summary.json"):
         assert (out / name).is_file(), name
     rows = json.loads((out / "summary.json").read_text())["rows"]
@@ -162,32 +163,20 @@ def test_gpu_table_hands_the_whole_table_down_the_chain_when_an_engine_fails(sma
     and that one to the compiled part; each fails the same way here, and the log says each ran every strategy."""
     data, lengths = small_data
     out = tmp_path / "table"
-    command = [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out), "--model", "no-such-model"]
-    command += ["--load-format", "auto", "--device", "cpu", "--data-path", str(data), "--replay-lengths", str(lengths)]
-    command += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--parts", "captured"]
-    import subprocess
-
-    done = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
+    argv = ["--output-dir", str(out), "--model", "no-such-model"]
+    argv += ["--load-format", "auto", "--device", "cpu", "--data-path", str(data), "--replay-lengths", str(lengths)]
+    argv += ["--predictor-path", str(tmp_path / "no-proxy"), "--predictions-path", "", "--parts", "captured"]
+    assert gpu_table.main(argv) == 1  # in this process; each part is a process of its own
     starts = [line for line in (out / "log.txt").read_text().splitlines() if line.startswith("== ") and ":" in line]
     whole_table = [line.split()[1] for line in starts if "--strategies vanilla gt+vbs+fcr gt" in line]
     assert whole_table == ["captured", "graph", "compiled"]
 
 
 def test_gpu_table_script_skips_parts_past_its_budget(tmp_path):
-    import subprocess
-
     out = tmp_path / "table"
     out.mkdir()
     (out / "compiled.json").write_text(json.dumps({"results": [{"strategy": "stale"}]}))  # an earlier run's
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_table", "--output-dir", str(out), "--budget-s", "0"],
-        cwd=PROJECT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 1  # nothing ran
+    assert gpu_table.main(["--output-dir", str(out), "--budget-s", "0"]) == 1  # nothing ran
     assert (out / "log.txt").read_text().count("skipped, the budget is spent") == 4  # captured, continuous, train, step
     assert json.loads((out / "summary.json").read_text())["rows"] == [] and not (out / "compiled.json").exists()
 
