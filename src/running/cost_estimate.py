@@ -104,8 +104,8 @@ def cpu_name() -> str | None:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
-def cached_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int, refresh: bool = False) -> DeviceCosts:
-    """This device's cost model from the cache, or measured now (measured_costs; always with `refresh`) and kept
+def cached_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> DeviceCosts:
+    """This device's cost model from the cache, or measured now (measured_costs) and kept
     there for the next run of the same model, dtype and engine on the same device. Runs that start together on an
     empty cache take turns (a lock beside it): the second reads what the first measured, instead of both measuring
     at once, each slowed by the other."""
@@ -118,7 +118,7 @@ def cached_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: int
     with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         entries = read_cost_cache(path)
-        kept = None if refresh else cached_entry(entries.get(name), key)
+        kept = cached_entry(entries.get(name), key)
         if kept is not None:
             return kept
         print(f"measuring this device's costs for the plan, once (kept in {path})", file=sys.stderr, flush=True)
