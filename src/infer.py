@@ -56,7 +56,7 @@ from .common.data import Sample, load_replay_lengths
 from .common.distributed import start_processes
 from .common.models import context_length, model_folder
 from .common.openai_batch import OpenAIBatchOutput
-from .common.request_file import check_request_file
+from .common.request_file import OWN_SETTINGS, check_request_file
 from .common.utils import GZIP_SUFFIX, UserError, resolve_device, resolve_dtype, write_json_atomic, write_text_atomic
 from .engines.registry import resolve_engine_name
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
@@ -180,15 +180,14 @@ def choose_strategies(args) -> tuple:
 
 def answer_settings(args) -> dict:
     """What makes the answers, resolved (dtype, engine, device kind: a float16 CUDA output is never continued in float32
-    on a CPU); --max-length and --temperature None where every record gives its own."""
+    on a CPU); a flag None where every record gives its own (request_file.OWN_SETTINGS)."""
     settings = {key: getattr(args, key) for key in ANSWER_SETTINGS}
     device = resolve_device(args.device)
     settings["dtype"] = str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     settings["engine"] = resolve_engine_name(args.engine, device)
     settings["device_type"] = device.split(":")[0]
-    every, own = len(args.requests.fingerprints), {"max_length": args.requests.own_caps}  # a flag no record uses
-    own["temperature"] = args.requests.own_temperatures  # changes no answer, so a rerun may change it
-    settings |= {key: None for key, count in own.items() if count == every}
+    every = len(args.requests.fingerprints)  # a flag every record overrides changes no answer: a rerun may change it
+    settings |= {key: None for key, count in args.requests.own_settings.items() if count == every}
     return settings
 
 
@@ -199,7 +198,7 @@ def check_settings(args, answered: int) -> None:
         return
     earlier = read_run_settings(path)
     if isinstance(earlier, dict):  # a flag recorded as None (every record had its own) made no kept answer
-        earlier |= {key: settings[key] for key in ("max_length", "temperature") if earlier.get(key, 0) is None}
+        earlier |= {key: settings[key] for key in OWN_SETTINGS if earlier.get(key, 0) is None}
     if earlier != settings:
         different = (
             [key for key in settings if earlier.get(key) != settings[key]]
@@ -219,6 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = infer_settings(args)
     args.requests = check_request_file(args.input)  # a malformed file stops here
+    if args.replay_lengths is not None and args.requests.stopped:
+        raise UserError(
+            f"--replay-lengths ends every answer at its recorded length, and {args.requests.stopped} records of "
+            f"{args.input} give stop strings: remove their stop, or the flag"
+        )
     ids = args.requests.fingerprints  # id -> what it asks, in file order
     processes = start_processes(args.device)
     args.device = processes.device(args.device)

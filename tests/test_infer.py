@@ -155,6 +155,7 @@ def test_other_settings_are_refused_before_the_model_loads(eos_model_dir, tmp_pa
         ("malformed", "line 2"),
         ("gt-without-lengths", "--length-path"),
         ("top-p", "--top-p"),
+        ("replay-with-stops", "1 records of"),
         ("missing-predictor", "proxy predictor not found"),
         ("missing-model", "no config.json"),
     ],
@@ -170,6 +171,10 @@ def test_mistakes_are_one_line_before_any_model_loads(tmp_path, capsys, case, me
         flags["strategy"] = "gt"
     elif case == "top-p":
         flags["top_p"] = 0
+    elif case == "replay-with-stops":  # every answer ends at its recorded length: a stop string cannot end one
+        requests.write_text('{"id": "a", "prompt": "hi", "stop": "."}\n{"id": "b", "prompt": "hello"}\n')
+        lengths = [{"id": key, "L_t0.0": 3} for key in "ab"]
+        flags["replay_lengths"] = write_json(tmp_path / "lengths.json", lengths)
     elif case == "missing-predictor":  # a model alias passes the model check without loading anything
         flags |= {"strategy": "proxy", "predictor_path": tmp_path / "nowhere", "model": "smollm2-135m"}
     with pytest.raises(SystemExit) as exit_info:

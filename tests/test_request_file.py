@@ -79,15 +79,13 @@ def test_requests_that_cannot_run_are_kept_with_their_problem(tmp_path):
 
 
 def test_an_openai_field_that_would_be_ignored_becomes_an_error_line_naming_it(tmp_path):
-    """A field src.infer does not honour (n > 1, streaming, nucleus sampling, stop strings, ...) is refused for its
-    line; at the value that asks for what src.infer does anyway (n 1, stream false, top_p 1, no stop), or a field that
-    changes nothing here (the model, the user), the line is answered."""
+    """A field src.infer does not honour (n > 1, streaming, log probabilities, tools, ...) is refused for its line;
+    at the value that asks for what src.infer does anyway (n 1, stream false), or a field that changes nothing here
+    (the model, the user), the line is answered."""
     messages = [{"role": "user", "content": "hi"}]
     bodies = {
         "n2": {"n": 2},
         "stream": {"stream": True},
-        "top-p": {"top_p": 0.9},
-        "stop": {"stop": ["\n"]},
         "logprobs": {"logprobs": True},
         "tools": {"tools": []},
         "plain": {"model": "gpt-4o-mini", "user": "u1", "n": 1, "stream": False, "top_p": 1, "stop": None},
@@ -99,8 +97,6 @@ def test_an_openai_field_that_would_be_ignored_becomes_an_error_line_naming_it(t
     assert problems == {
         "n2": "body.n = 2" + suffix,
         "stream": "body.stream = true" + suffix,
-        "top-p": "body.top_p = 0.9" + suffix,
-        "stop": 'body.stop = ["\\n"]' + suffix,
         "logprobs": "body.logprobs = true" + suffix,
         "tools": "body.tools = []" + suffix,
         "plain": None,
@@ -119,6 +115,12 @@ def test_an_openai_field_that_would_be_ignored_becomes_an_error_line_naming_it(t
         ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}}', "at least"),
         ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}}', "finite"),
         ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-9}}', "0.001"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "top_p": 0}}', "above 0"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}}', "at most 1"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "seed": 1.5}}', "seed must"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "seed": -1}}', "seed must"),
+        ('{"custom_id": "x", "body": {"messages": [{"role": "user", "content": "hi"}], "stop": 3}}', "list of strings"),
+        ('{"id": "x", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "at most 4 strings"),
         ('{"custom_id": "x", "body": {"messages": [{"role": "bot", "content": "hi"}]}}', "role"),
         ('{"id": "x", "body": {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}}', "text parts"),
         ('{"id": "x", "conversations": [{"from": "robot", "value": "hi"}]}', "from"),
@@ -139,3 +141,30 @@ def test_an_empty_or_missing_file_is_refused(tmp_path):
         check_request_file(tmp_path / "empty.jsonl")
     with pytest.raises(UserError, match="not found"):
         check_request_file(tmp_path / "nowhere.jsonl")
+
+
+def test_top_p_seed_and_stop_are_a_records_own_in_every_shape(tmp_path):
+    """An OpenAI body's and a plain record's top_p, seed and stop are read (one stop string stands for a list of one;
+    empty ones ask for nothing); they change the fingerprint, and a record without them keeps the fingerprint it had
+    before these fields were read, so that answer files written then are still continued."""
+    messages = [{"role": "user", "content": "hi"}]
+    path = write_lines(
+        tmp_path / "in.jsonl",
+        [
+            {"custom_id": "o", "body": {"messages": messages, "top_p": 0.5, "seed": 7, "stop": ["\n\n", "", "END"]}},
+            {"id": "p", "prompt": "hi", "stop": "."},
+            {"id": "q", "prompt": "hi"},
+        ],
+    )
+    requests = {request.id: request for request in read_requests(path)}
+    assert (requests["o"].top_p, requests["o"].seed, requests["o"].stop) == (0.5, 7, ("\n\n", "END"))
+    assert (requests["p"].top_p, requests["p"].seed, requests["p"].stop) == (None, None, (".",))
+    assert (requests["q"].top_p, requests["q"].seed, requests["q"].stop) == (None, None, ())
+    index = check_request_file(path)
+    assert index.own_settings == {"max_length": 0, "temperature": 0, "top_p": 1, "seed": 1}
+    # the fingerprint of a bare prompt, as every earlier answer file recorded it (worked out before these fields)
+    import hashlib
+
+    bare = json.dumps([[["user", "hi"]], None, None], ensure_ascii=False)
+    assert index.fingerprints["q"] == hashlib.sha256(bare.encode()).hexdigest()[:16]
+    assert index.fingerprints["p"] != index.fingerprints["q"]

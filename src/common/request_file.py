@@ -9,9 +9,9 @@
 A record without an id (`id`, or `custom_id` for an OpenAI line) gets its line number (its position from 1 in a JSON
 list). An Alpaca record becomes the human turn of Stanford Alpaca's template, as in the paper's data; a conversation
 that ends with answers ("gpt"/"assistant" turns, such as the paper's references) is asked its last human turn again.
-A completion's prompt is continued as it is, without the chat template. `max_tokens` and `temperature` are a record's
-own in every shape (at the top of a record, in the body of an OpenAI line); an OpenAI line is answered with an OpenAI
-batch output line (src/common/openai_batch.py).
+A completion's prompt is continued as it is, without the chat template. `max_tokens`, `temperature`, `top_p`, `seed`
+and `stop` (a string or a list of at most four) are a record's own in every shape (at the top of a record, in the body
+of an OpenAI line); an OpenAI line is answered with an OpenAI batch output line (src/common/openai_batch.py).
 
 Two kinds of fault. A malformed file (a line that is not JSON, a record of no known shape, a field of the wrong
 type, an id given twice) is refused before any model loads, naming the line. A well-formed request that cannot run
@@ -29,8 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import temperature_problem
+from .cli import MAX_SEED, temperature_problem
 from .prompts import COMPLETION, alpaca_human_turn
+from .stops import MAX_STOP_STRINGS
 from .utils import UserError, open_text, resolve_json_path
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
@@ -48,6 +49,9 @@ class Request:
     temperature: float | None = None  # the record's own temperature (an OpenAI line's body.temperature)
     problem: str | None = None  # why it cannot run; None when it can
     endpoint: str | None = None  # an OpenAI batch line's url, which decides the shape of its answer; None otherwise
+    top_p: float | None = None  # the record's own nucleus of sampling
+    seed: int | None = None  # the record's own seed of sampling: its group's draws start from it
+    stop: tuple[str, ...] = ()  # strings its answer ends before (src.common.stops)
 
     @property
     def prompt(self) -> str:
@@ -111,10 +115,11 @@ def _number(record: dict, key: str, where: str, integer: bool):
 # An OpenAI batch body's fields: those src.infer honours, those that change nothing here (the model is --model's), and
 # those it does not honour, allowed only at the value that asks for what it does anyway; any other field of a body is
 # not honoured either, and the request gets an error line naming it instead of an answer that ignores it.
-HONOURED_BODY_FIELDS = ("messages", "prompt", "max_tokens", "max_completion_tokens", "temperature")
+HONOURED_BODY_FIELDS = ("messages", "prompt", "max_tokens", "max_completion_tokens")
+HONOURED_BODY_FIELDS += ("temperature", "top_p", "seed", "stop")  # a record's own settings (_own_settings)
 IGNORED_BODY_FIELDS = ("model", "user", "metadata", "store")
-NEUTRAL_BODY_VALUES = {"n": 1, "stream": False, "top_p": 1, "logprobs": False, "presence_penalty": 0}
-NEUTRAL_BODY_VALUES |= {"frequency_penalty": 0, "stop": [], "echo": False, "best_of": 1}
+NEUTRAL_BODY_VALUES = {"n": 1, "stream": False, "logprobs": False, "presence_penalty": 0}
+NEUTRAL_BODY_VALUES |= {"frequency_penalty": 0, "echo": False, "best_of": 1}
 
 
 def unhonoured_body_field(body: dict) -> str | None:
@@ -122,7 +127,7 @@ def unhonoured_body_field(body: dict) -> str | None:
     for key, value in body.items():
         if key in HONOURED_BODY_FIELDS or key in IGNORED_BODY_FIELDS or value is None:
             continue
-        if key in NEUTRAL_BODY_VALUES and (value == NEUTRAL_BODY_VALUES[key] or (key == "stop" and value == "")):
+        if key in NEUTRAL_BODY_VALUES and value == NEUTRAL_BODY_VALUES[key]:
             continue
         name = json.dumps(key)[1:-1]  # escaped: a lone surrogate in a name cannot be written back raw
         return f"body.{name} = {json.dumps(value)} is not honoured by src.infer: remove it, or ask elsewhere"
@@ -156,15 +161,39 @@ def _openai_line(record: dict) -> tuple:
     return turns, unhonoured_body_field(body), endpoint
 
 
-def _own_settings(fields: dict, where: str) -> tuple[int | None, float | None]:
-    """A record's own (max_tokens, temperature): at the top of a record, or in an OpenAI body (`where` "body."),
-    where max_completion_tokens may stand for max_tokens."""
+def _stop_strings(fields: dict, where: str) -> tuple[str, ...]:
+    """A record's stop strings: one string or a list of them (empty ones ask for nothing)."""
+    value = fields.get("stop")
+    stops = [value] if isinstance(value, str) else value if value is not None else []
+    if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
+        raise _Malformed(f"{where}stop must be a string or a list of strings, got {value!r}")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise _Malformed(f"{where}stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    if not all(_is_unicode(stop) for stop in stops):
+        raise _Malformed(f"{where}stop holds a lone surrogate escape (such as \\ud800), which is not a character")
+    return tuple(stop for stop in stops if stop)
+
+
+def _own_settings(fields: dict, where: str) -> dict:
+    """A record's own max_tokens, temperature, top_p, seed and stop (Request's fields): at the top of a record, or in
+    an OpenAI body (`where` "body."), where max_completion_tokens may stand for max_tokens."""
     tokens_key = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(fields, tokens_key, where, integer=True)
     temperature = _number(fields, "temperature", where, integer=False)
     if temperature is not None and temperature_problem(temperature):
         raise _Malformed(f"{where}temperature {temperature_problem(temperature)}")
-    return max_tokens, temperature
+    top_p = _number(fields, "top_p", where, integer=False)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise _Malformed(f"{where}top_p must be above 0 and at most 1, got {top_p!r}")
+    seed = fields.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise _Malformed(f"{where}seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return {
+        "max_tokens": _number(fields, tokens_key, where, integer=True),
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": _stop_strings(fields, where),
+    }
 
 
 def parse_record(record, line: int) -> Request:
@@ -193,7 +222,7 @@ def parse_record(record, line: int) -> Request:
         raise _Malformed(
             "no known shape: give prompt, instruction (Alpaca), conversations (FastChat) or body.messages (OpenAI)"
         )
-    max_tokens, temperature = _own_settings(record["body"], "body.") if "body" in record else _own_settings(record, "")
+    own = _own_settings(record["body"], "body.") if "body" in record else _own_settings(record, "")
     if identifier is None:
         identifier = line
     if isinstance(identifier, bool) or not isinstance(identifier, (str, int)):
@@ -209,7 +238,7 @@ def parse_record(record, line: int) -> Request:
         problem = "empty prompt"
     elif problem is None and not all(_is_unicode(text) for _, text in turns):
         problem = "the text holds a lone surrogate escape (such as \\ud800), which is not a character: fix the escape"
-    return Request(str(identifier), tuple(turns), line, max_tokens, temperature, problem, endpoint)
+    return Request(str(identifier), tuple(turns), line, problem=problem, endpoint=endpoint, **own)
 
 
 def _records(path: Path) -> Iterator[tuple[int, object]]:
@@ -249,6 +278,10 @@ def read_requests(path: str | Path) -> Iterator[Request]:
             raise UserError(f"request file {path}, line {number}: {error}") from None
 
 
+# src.infer's settings that a record may give itself: the setting's name -> the Request field that holds it
+OWN_SETTINGS = {"max_length": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+
+
 @dataclass
 class RequestIndex:
     """What a whole request file asks, held as ids (not prompts): each id's fingerprint in file order, the endpoint
@@ -257,8 +290,10 @@ class RequestIndex:
     fingerprints: dict[str, str] = field(default_factory=dict)
     endpoints: dict[str, str] = field(default_factory=dict)
     largest_cap: int | None = None
-    own_caps: int = 0  # records that give their own max_tokens: when all do, --max-length changes no answer
-    own_temperatures: int = 0  # records that give their own temperature
+    # per run setting (max_length, temperature, top_p, seed), the records that give their own: when every record
+    # does, the flag changes no answer
+    own_settings: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OWN_SETTINGS, 0))
+    stopped: int = 0  # records that give stop strings
 
 
 def check_request_file(path: str | Path) -> RequestIndex:
@@ -281,8 +316,9 @@ def check_request_file(path: str | Path) -> RequestIndex:
                 index.endpoints[request.id] = request.endpoint
             if request.max_tokens is not None:
                 index.largest_cap = max(request.max_tokens, index.largest_cap or 0)
-                index.own_caps += 1
-            index.own_temperatures += request.temperature is not None
+            for setting, field_name in OWN_SETTINGS.items():
+                index.own_settings[setting] += getattr(request, field_name) is not None
+            index.stopped += bool(request.stop)
     except UnicodeDecodeError:
         raise UserError(f"request file {resolved} is not UTF-8 text") from None
     except (gzip.BadGzipFile, EOFError, zlib.error):
@@ -293,12 +329,15 @@ def check_request_file(path: str | Path) -> RequestIndex:
 
 
 def request_fingerprint(request: Request) -> str:
-    """What the model is asked, as a short hash: the turns and the record's own cap and temperature (the settings of
-    the whole run are in the settings file beside the output). An answer records it, so that a resumed run knows
-    whether the request it answered is still the one in the file."""
+    """What the model is asked, as a short hash: the turns and the record's own settings (those of the whole run are
+    in the settings file beside the output). An answer records it, so that a resumed run knows whether the request
+    it answered is still the one in the file."""
     import hashlib
 
     asked = [request.messages, request.max_tokens, request.temperature]
     asked += [request.endpoint] if request.endpoint is not None else []  # its answer's shape follows the endpoint
+    sampling = {"top_p": request.top_p, "seed": request.seed, "stop": list(request.stop)}
+    if request.top_p is not None or request.seed is not None or request.stop:  # earlier answer files stay valid
+        asked.append(sampling)
     asked = json.dumps(asked, ensure_ascii=False)
     return hashlib.sha256(asked.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -87,9 +87,12 @@ class Engine(Protocol):
         on_result: Callable[[QueueResult], None] | None = None,
         seed: int | None = None,
         speed: str = DEFAULT_CONTINUOUS_SPEED,
+        top_p: float = 1.0,
+        stops: dict[str, tuple[str, ...]] | None = None,
     ) -> ContinuousOutcome:
         """Continuous batching: requests admitted in `order`, at most `slots` at once, the step's settings chosen by
-        `speed` (CONTINUOUS_SPEEDS above); `on_result` is told each answer as it ends."""
+        `speed` (CONTINUOUS_SPEEDS above); `on_result` is told each answer as it ends. `stops`: request id -> its
+        stop strings; an engine may end a row once its text holds one (the caller cuts every text there anyway)."""
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:
         """The time of one decode step of `batch_size` sequences at a `context`-token cache (VBS auto)."""
@@ -131,6 +134,8 @@ class EngineBase:
         on_result=None,
         seed=None,
         speed=DEFAULT_CONTINUOUS_SPEED,
+        top_p=1.0,
+        stops=None,
     ):
         raise UserError(f"engine {self.name} has no continuous batching: run static strategies with it")
 

@@ -143,11 +143,12 @@ def run_continuous(
     on_result: Callable[[QueueResult], None] | None = None,
     seed: int | None = None,
     speed: str = DEFAULT_CONTINUOUS_SPEED,
+    top_p: float = 1.0,
 ) -> ContinuousOutcome:
     """Queue every request in `order`, let the engine run them with at most `slots` at a time and its step at
     `speed`, and collect each one's length, text and finish time."""
     eos_token_ids = eos_token_ids_of(model, tokenizer)
-    sampling = sampling_arguments(temperature)
+    sampling = sampling_arguments(temperature, top_p)
     generation_config = GenerationConfig(
         max_new_tokens=max_length,
         eos_token_id=eos_token_ids,

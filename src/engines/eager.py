@@ -63,20 +63,14 @@ class TransformersEngine(EngineBase):
         on_result: Callable[[QueueResult], None] | None = None,
         seed: int | None = None,
         speed: str = DEFAULT_CONTINUOUS_SPEED,
+        top_p: float = 1.0,
+        stops: dict[str, tuple[str, ...]] | None = None,
     ) -> ContinuousOutcome:
+        # the manager runs every row to its EOS or cap: stop strings are left to the caller's cut
         return run_continuous(
-            self.model,
-            self.tokenizer,
-            order,
-            prompt_ids,
-            max_length,
-            slots,
-            temperature,
-            replay,
-            on_result,
-            seed,
-            speed,
-        )
+            self.model, self.tokenizer, order, prompt_ids, max_length, slots, temperature, replay, on_result, seed,
+            speed, top_p,
+        )  # fmt: skip
 
     def decode_step_seconds(self, batch_size: int, context: int) -> float:
         vocabulary = self.model.config.get_text_config().vocab_size

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..common.stops import holds_stop, tail_holds_stop
 from .base import DEFAULT_CONTINUOUS_SPEED, ContinuousOutcome, EngineBase, QueueResult
 from .decode_loop import EndTokens
 from .eager import TransformersEngine
@@ -141,10 +142,11 @@ def decode_one_token(model, cache: SlotCache, tokens, positions, mask) -> torch.
 class SlotRun:
     """One `run_queue` call: the queue, the rows and the cache, stepped until every request has its answer."""
 
-    def __init__(self, engine: SlotEngine, order, prompt_ids, max_length, slots, replay, on_result):
+    def __init__(self, engine: SlotEngine, order, prompt_ids, max_length, slots, replay, on_result, stops):
         self.engine, self.model = engine, engine.model
         self.queue = deque(order)
         self.prompt_ids, self.max_length, self.replay, self.on_result = prompt_ids, max_length, replay, on_result
+        self.stops = stops  # request id -> the stop strings that end its row as soon as its text holds one
         self.longest_prompt = max(len(prompt_ids[request_id]) for request_id in order)
         self.prefix_cache = prefill_prefix(self.model, shared_prefix([prompt_ids[request_id] for request_id in order]))
         length = self.longest_prompt + max_length + DEAD_COLUMNS_BEFORE_MOVE
@@ -228,20 +230,27 @@ class SlotRun:
         self.record(rows, answers, choose_tokens(logits[rows], answers, self.engine.end_tokens(logits)))
 
     def record(self, rows: list[int], answers: list[Answer], tokens: list[int]) -> None:
-        """Each answer's new token; an answer that emitted EOS or reached its cap is told and frees its row."""
-        eos = self.engine.eos_token_ids
+        """Each answer's new token; an answer that emitted EOS, completed a stop string or reached its cap is told
+        and frees its row."""
+        eos, decode = self.engine.eos_token_ids, self.decode
         for row, answer, token in zip(rows, answers, tokens, strict=True):
             answer.tokens.append(token)
-            ended = token in eos
+            stops = self.stops.get(answer.request_id)
+            ended = token in eos or bool(stops) and tail_holds_stop(answer.tokens, decode, stops)
+            if ended and token not in eos:  # the tail's text may read differently once decoded with what precedes it
+                ended = holds_stop(decode(answer.tokens), stops)
             if ended or len(answer.tokens) >= answer.cap:
                 self.finish(answer, ended)
                 self.rows[row] = None
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def finish(self, answer: Answer, ended: bool) -> None:
         outcome, request_id = self.outcome, answer.request_id
         outcome.lengths[request_id] = len(answer.tokens)
         outcome.finished[request_id] = ended
-        outcome.texts[request_id] = self.engine.tokenizer.decode(answer.tokens, skip_special_tokens=True)
+        outcome.texts[request_id] = self.decode(answer.tokens)
         outcome.finish_seconds[request_id] = time.perf_counter() - self.start
         if self.on_result is not None:
             self.on_result(
@@ -303,12 +312,14 @@ class SlotEngine(EngineBase):
         on_result: Callable[[QueueResult], None] | None = None,
         seed: int | None = None,
         speed: str = DEFAULT_CONTINUOUS_SPEED,
+        top_p: float = 1.0,
+        stops: dict[str, tuple[str, ...]] | None = None,
     ) -> ContinuousOutcome:
         if temperature > 0:  # a request's draws would depend on its neighbours here: the manager samples
             return self.static.run_queue(
-                order, prompt_ids, max_length, slots, temperature, replay, on_result, seed, speed
+                order, prompt_ids, max_length, slots, temperature, replay, on_result, seed, speed, top_p, stops
             )
         if not order:
             return ContinuousOutcome({}, {}, {}, {}, settings={"engine": self.name})
         with torch.inference_mode():
-            return SlotRun(self, order, prompt_ids, max_length, slots, replay, on_result).run()
+            return SlotRun(self, order, prompt_ids, max_length, slots, replay, on_result, stops or {}).run()

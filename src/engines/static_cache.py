@@ -212,8 +212,11 @@ class StaticCacheEngine(EngineBase):
         on_result: Callable[[QueueResult], None] | None = None,
         seed: int | None = None,
         speed: str = DEFAULT_CONTINUOUS_SPEED,
+        top_p: float = 1.0,
+        stops: dict[str, tuple[str, ...]] | None = None,
     ) -> ContinuousOutcome:
+        # the manager runs every row to its EOS or cap: stop strings are left to the caller's cut
         return run_continuous(
             self.model, self.tokenizer, order, prompt_ids, max_length, slots, temperature, replay, on_result, seed,
-            speed,
+            speed, top_p,
         )  # fmt: skip

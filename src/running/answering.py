@@ -12,7 +12,8 @@ from typing import NamedTuple
 from ..common.answers import AnswerWriter, answer_row, error_row
 from ..common.data import Sample
 from ..common.request_file import Request, read_requests
-from ..common.utils import Timer
+from ..common.stops import cut_at_stop, holds_stop
+from ..common.utils import Timer, set_seed
 from ..engines.base import Engine
 from ..predictors.registry import Predictor
 from ..scheduling.continuous import admission_order, simulate_continuous
@@ -53,20 +54,30 @@ class Totals:
     plans: dict[str, int] = field(default_factory=dict)  # strategy label -> the groups it answered
 
 
-def groups_of(requests, group_size: int, default_cap: int, default_temperature: float):
-    """(cap, temperature, requests) groups in file order: requests with the same sampling settings, at most
-    `group_size` of them; a setting's group is yielded when it is full, and the rest at the end."""
-    buffers: dict[tuple[int, float], list[Request]] = {}
+class GroupSettings(NamedTuple):
+    """What a group's requests share: their cap and sampling settings (each a record's own, or the run's flag)."""
+
+    cap: int
+    temperature: float
+    top_p: float
+    seed: int  # the seed its draws start from: its records' own, else the run's --seed
+
+
+def groups_of(requests, group_size: int, defaults: GroupSettings):
+    """(GroupSettings, requests) groups in file order: requests with the same settings, at most `group_size` of them;
+    a setting's group is yielded when it is full, and the rest at the end."""
+    buffers: dict[GroupSettings, list[Request]] = {}
     for request in requests:
-        key = (
-            request.max_tokens if request.max_tokens is not None else default_cap,
-            request.temperature if request.temperature is not None else default_temperature,
+        key = GroupSettings(
+            request.max_tokens if request.max_tokens is not None else defaults.cap,
+            request.temperature if request.temperature is not None else defaults.temperature,
+            request.top_p if request.top_p is not None else defaults.top_p,
+            request.seed if request.seed is not None else defaults.seed,
         )
         buffers.setdefault(key, []).append(request)
         if len(buffers[key]) == group_size:
-            yield (*key, buffers.pop(key))
-    for key, members in buffers.items():
-        yield (*key, members)
+            yield key, buffers.pop(key)
+    yield from buffers.items()
 
 
 @dataclass
@@ -88,14 +99,17 @@ class Runner:
     plan_reason: str = ""  # why the planner's candidates are those, said with each group's choice
     last_plan: str | None = None  # the strategy of the group before, so that a line says only a change
 
-    def answer_group(self, cap: int, temperature: float, requests: list[Request], progress) -> None:
+    def answer_group(self, group: GroupSettings, requests: list[Request], progress) -> None:
         if self.started is None:
             self.started = time.perf_counter()
+        cap = group.cap
         prompt_ids = self.encode_fitting(requests, cap, progress)
         if not prompt_ids:
             return
         self.executor.prompt_ids = prompt_ids
-        self.executor.temperature = temperature
+        self.executor.temperature, self.executor.top_p = group.temperature, group.top_p
+        self.executor.stops = {request.id: request.stop for request in requests if request.stop}
+        set_seed(group.seed)  # a group's draws depend on its requests and its seed, not on the groups before it
         samples = [Sample(request.id, request.prompt, None) for request in requests if request.id in prompt_ids]
         with Timer(self.engine.device) as prediction_timer:
             strategy, predicted = self.plan(samples, cap, prompt_ids, progress)
@@ -106,9 +120,7 @@ class Runner:
         warmup_before = self.engine.warmup_seconds
         with Timer(self.engine.device) as generation_timer:
             if strategy.continuous:
-                order, outcome = self.answer_queue(
-                    strategy, ids, cap, temperature, prompt_ids, predicted.lengths, progress
-                )
+                order, outcome = self.answer_queue(strategy, ids, group, prompt_ids, predicted.lengths, progress)
                 record = simulate_continuous(order, outcome.lengths, self.settings.batch_size, cap)
                 slots = self.count_continuous(record, outcome.finished)
             else:
@@ -161,7 +173,7 @@ class Runner:
             on_result=self.answer_writer(prompt_ids, predicted.lengths),
         )
 
-    def answer_queue(self, strategy, ids: list[str], cap: int, temperature: float, prompt_ids, predictions, progress):
+    def answer_queue(self, strategy, ids: list[str], group: GroupSettings, prompt_ids, predictions, progress):
         """The group as one queue of continuous batching, `--batch-size` rows at once, shortest prediction first
         (data order under vanilla); each answer is written and flushed as it ends."""
         by_prediction = predictions if strategy.predictor != "vanilla" else None
@@ -177,9 +189,12 @@ class Runner:
             progress.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
 
         outcome = self.engine.run_queue(
-            order, prompt_ids, cap, self.settings.batch_size, temperature, self.executor.replay, on_result,
-            self.settings.seed,
+            order, prompt_ids, group.cap, self.settings.batch_size, group.temperature, self.executor.replay,
+            on_result, group.seed, top_p=group.top_p if group.temperature > 0 else 1.0, stops=self.executor.stops,
         )  # fmt: skip
+        for request_id, stops in self.executor.stops.items():  # an engine that ran a row past its stop string
+            if request_id in outcome.finished and holds_stop(outcome.texts[request_id], stops):
+                outcome.finished[request_id] = True
         return order, outcome
 
     def encode_fitting(self, requests: list[Request], cap: int, progress) -> dict[str, list[int]]:
@@ -204,13 +219,14 @@ class Runner:
         `write(told, attempts=1)` from continuous batching; both have id, text, length and finished."""
 
         def write(result, executed=None, attempts: int | None = None) -> None:
+            text, stopped = cut_at_stop(result.text, self.executor.stops.get(result.id, ()))
             self.writer.add(
                 answer_row(
                     result.id,
-                    result.text,
+                    text,
                     len(prompt_ids[result.id]),
                     result.length,
-                    result.finished,
+                    result.finished or stopped,
                     predictions[result.id],
                     attempts if attempts is not None else executed.batch.attempt + 1,
                 )
@@ -278,7 +294,7 @@ def answer_pending(runner: Runner, args, label: str, pending: set[str], processe
                 elif processes.is_main:
                     runner.refuse(request.id, request.problem, progress)
 
-        groups = groups_of(runnable(), args.group_size, args.max_length, args.temperature)
-        for number, (cap, temperature, group) in enumerate(groups):
+        defaults = GroupSettings(args.max_length, args.temperature, args.top_p, args.seed)
+        for number, (settings, group) in enumerate(groups_of(runnable(), args.group_size, defaults)):
             if number % processes.count == processes.rank:
-                runner.answer_group(cap, temperature, group, progress)
+                runner.answer_group(settings, group, progress)

@@ -9,9 +9,15 @@ batch's `BatchOutcome.executor_fields`, so that no column can land on another ba
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ..common.stops import first_stop_token
 from ..engines.base import Engine
 from ..scheduling.schedule import Batch, BatchOutcome
 from .kept_rows import KeptRows
+
+if TYPE_CHECKING:
+    from ..engines.generate import GeneratedSample
 
 # A real batch row's clock readings (they differ from run to run; every other column is the schedule's)
 BATCH_TIMING_FIELDS = (
@@ -43,6 +49,7 @@ class StaticBatchExecutor:
         self.engine, self.prompt_ids, self.temperature, self.replay = engine, prompt_ids, temperature, replay
         self.debug, self.fail_above = debug, fail_above
         self.top_p = top_p  # the nucleus of sampling (temperature above 0); 1 samples from the whole distribution
+        self.stops: dict[str, tuple[str, ...]] = {}  # sample id -> the stop strings its answer ends at
         self.kept = KeptRows(engine.device)
 
     def __call__(self, batch: Batch) -> BatchOutcome:
@@ -60,6 +67,7 @@ class StaticBatchExecutor:
         generated = generate_splitting_on_oom(
             call.generate, prompts, replay_lengths, call.count_split, self.fail_above, prefix_caches
         )
+        generated = [self._ended_at_stop(*member) for member in zip(batch.ids, kept, generated, strict=True)]
         texts = self._texts_and_kept_rows(batch, kept, generated, call.keep_caches)
         reused = sum(len(prompt) - 1 for prompt in prompts) if prefix_caches is not None else 0
         outcome = BatchOutcome(
@@ -76,6 +84,24 @@ class StaticBatchExecutor:
             print(f"batch group={batch.group} {kind} size={len(batch.ids)} cap={batch.max_new_tokens} steps={steps}")
         return outcome
 
+    def _ended_at_stop(self, sample_id: str, kept_tokens: list[int], sample: GeneratedSample) -> GeneratedSample:
+        """A row whose text holds one of its stop strings, as if it had ended at the token that completed it: the
+        engine ran static rows on, but the scheduler sees a finished answer (no retry) of the length it needed."""
+        stops = self.stops.get(sample_id)
+        if not stops:
+            return sample
+        all_tokens = kept_tokens + sample.token_ids
+        end = first_stop_token(all_tokens, self.decode, stops)
+        if end is None:
+            return sample
+        from ..engines.generate import GeneratedSample
+
+        new_tokens = all_tokens[len(kept_tokens) : max(end, len(kept_tokens) + 1)]
+        return GeneratedSample(len(new_tokens), True, self.decode(new_tokens), new_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     def _texts_and_kept_rows(self, batch: Batch, kept, generated, keep_caches: bool) -> dict[str, str]:
         """Each member's text over all its tokens; what an unfinished member continues from is kept."""
         texts = {}
@@ -83,9 +109,7 @@ class StaticBatchExecutor:
             all_tokens = tokens + sample.token_ids
             if batch.length_limit is not None and len(all_tokens) > batch.length_limit:
                 all_tokens = all_tokens[: batch.length_limit]  # cut at max_length, as the scheduler counts it
-            texts[sample_id] = (
-                self.engine.tokenizer.decode(all_tokens, skip_special_tokens=True) if tokens else sample.text
-            )
+            texts[sample_id] = self.decode(all_tokens) if tokens else sample.text
             will_resume = keep_caches and len(all_tokens) < batch.resume_below
             self.kept.record_attempt(sample_id, all_tokens, sample.finished, sample.kv_cache, will_resume)
         return texts

@@ -25,7 +25,8 @@ def add_model_arguments(parser) -> None:
         "--model",
         default="./ckpts/vicuna-7b",
         help=f"local folder, hub id, or an offline alias: {SMOLLM2_ALIAS} (the packaged SmolLM2-135M-Instruct) or "
-        f"{VICUNA_SHAPE_ALIAS} (Vicuna-7B's architecture without weights, with --load-format dummy)",
+        f"{VICUNA_SHAPE_ALIAS} (Vicuna-7B's architecture without weights, with --load-format dummy), built once into "
+        "$XDG_CACHE_HOME/length-scheduling/models (else ~/.cache/...)",
     )
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument(
@@ -132,6 +133,7 @@ def prepare_executors(
             on_result,
             settings.seed,
             settings.continuous_speed,
+            settings.top_p if settings.temperature > 0 else 1.0,
         )
 
     mean_prompt_length = sum(len(ids) for ids in prompt_ids.values()) / len(prompt_ids)
