@@ -33,7 +33,8 @@ from src import benchmark, infer
 from src.common.answers import read_complete_lines
 from src.common.cli import check_output_dir, check_output_file, run_cli
 from src.common.data import PAPER_VAL_DATA, default_length_path, load_conversations, select_samples
-from src.common.utils import UserError, provenance, write_json_atomic
+from src.common.provenance import provenance
+from src.common.utils import UserError, write_json_atomic
 from src.running.plan import QUEUE_CANDIDATES
 from src.scheduling.metrics import length_metrics
 

@@ -37,7 +37,8 @@ from .common.data import (
 )
 from .common.distributed import Processes, share_groups, start_processes
 from .common.models import model_folder
-from .common.utils import UserError, partial_path, provenance
+from .common.provenance import provenance
+from .common.utils import UserError, partial_path
 from .engines.base import CONTINUOUS_SPEEDS, DEFAULT_CONTINUOUS_SPEED
 from .predictors.flags import add_predictor_arguments, check_predictor_arguments, predictor_context
 from .predictors.registry import build_predictor
@@ -81,7 +82,7 @@ INPUT_FLAGS = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--data-path", default=PAPER_VAL_DATA, help="FastChat conversation file")
+    parser.add_argument("--data-path", default=PAPER_VAL_DATA, help="FastChat conversations, or src.infer requests")
     add_model_arguments(parser)
     parser.add_argument("--seed", type=int, default=42, help="seed of the sample draw and of sampling")
     add_num_data_draw_argument(parser)

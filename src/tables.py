@@ -4,7 +4,7 @@
     python -m src.tables --write    # rewrite every marked table from its results file
     python -m src.tables --publish runs/cpu.json reproduce-cpu.json   # a run's JSON into results/, made small
 
-A published run writes its JSON (its `--output-json`, with the `provenance` of `src.common.utils.provenance`: the
+A published run writes its JSON (its `--output-json`, with the `provenance` of `src.common.provenance.provenance`: the
 command, commit, date and machine) and the JSON is copied into results/. A table in a markdown file is marked by a line
 `<!-- table NAME -->`; the block under it (a line naming the run, a blank line, the table) is exactly what
 `TABLES[NAME]` builds from its results file. So a figure in a marked table is the

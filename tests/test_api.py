@@ -25,8 +25,8 @@ def test_the_documented_example_schedules_generate(eos_model_dir, tmp_path, caps
     tokenizer.save_pretrained(model_path)
     AutoModelForCausalLM.from_pretrained(eos_model_dir).save_pretrained(model_path)
     (code,) = re.findall(r"```python\n(.*?)```", (PROJECT / "docs" / "API.md").read_text(), re.DOTALL)
-    assert 'model_path = "ckpts/smollm2-135m-instruct"' in code
-    code = code.replace('"ckpts/smollm2-135m-instruct"', repr(str(model_path)))
+    assert 'model_path = resolve_model_path("smollm2-135m")' in code
+    code = code.replace('resolve_model_path("smollm2-135m")', repr(str(model_path)))
     namespace: dict = {}
     exec(compile(code, "docs/API.md", "exec"), namespace)
 

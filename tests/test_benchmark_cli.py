@@ -109,7 +109,7 @@ def test_malformed_data_file(tmp_path, capsys):
     broken.write_text('[{"id": "1", "conversations": [')
     assert "not valid JSON" in run_and_expect_error(["--data-path", str(broken)], capsys)
     wrong_shape = write_json(tmp_path / "shape.json", [{"id": "1", "text": "hi"}])
-    assert "FastChat format" in run_and_expect_error(["--data-path", str(wrong_shape)], capsys)
+    assert "line 1: no known shape" in run_and_expect_error(["--data-path", str(wrong_shape)], capsys)
 
 
 def test_length_file_lacking_ids(small_data, tmp_path, capsys):

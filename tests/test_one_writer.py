@@ -218,3 +218,23 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes_the_answers(eos_model_di
     assert 0 < len(answers_by_id(output)) < 10
     run_cli(infer.main, argv)
     assert answers_by_id(output) == answers_by_id(whole)
+
+
+def test_output_order_input_rewrites_the_lines_in_the_inputs_order_byte_for_byte(tmp_path):
+    """The finished output in the input's order: each line's bytes unchanged (an answer with non-ASCII text too), an
+    id the input no longer asks after the rest in its file order; a file already in order is left as it is."""
+    from src.common.answers import finish_output
+
+    output = tmp_path / "answers.jsonl"
+    lines = [
+        '{"id": "c", "text": "trois"}\n',
+        '{"id": "old", "text": "x"}\n',
+        '{"id": "a", "text": "un \u00e9t\u00e9"}\n',
+    ]
+    lines.append('{"id": "b", "text": "deux"}\n')
+    output.write_text("".join(lines), encoding="utf-8")
+    finish_output(str(output), ["a", "b", "c"])
+    assert output.read_text(encoding="utf-8") == "".join([lines[2], lines[3], lines[0], lines[1]])
+    stamp = output.stat().st_mtime_ns
+    finish_output(str(output), ["a", "b", "c"])
+    assert output.stat().st_mtime_ns == stamp  # already in order: not written again

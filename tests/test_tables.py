@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from src import tables
-from src.common.utils import provenance
+from src.common.provenance import provenance
 
 PROVENANCE = {
     "command": "python -m benchmarks.infer_speed real --num-data 4",

@@ -201,18 +201,27 @@ def lock_output(output: str, processes, flag: str = "--output") -> OutputLock | 
 def finish_output(output: str, order: list[str] | None = None) -> None:
     """The other processes' answers appended to the output; then, given the input's `order` of ids (--output-order
     input), the output rewritten in that order (answers to ids the input no longer asks last), beside itself and
-    renamed into place."""
-    from .utils import write_text_atomic
+    renamed into place. Memory holds each line's place in the file, not the lines: the rewrite reads them back one
+    at a time."""
+    from .utils import atomic_file
 
     merge_rank_files(output)
     if order is None or not Path(output).is_file():
         return
     position = {sample_id: index for index, sample_id in enumerate(order)}
-    with open(output, encoding="utf-8") as handle:
-        lines = handle.readlines()
-    ordered = sorted(lines, key=lambda line: position.get(json.loads(line)["id"], len(position)))
-    if ordered != lines:
-        write_text_atomic(output, "".join(ordered))
+    places = []  # (its place in `order`, its place in the file, offset, bytes) of each line
+    with open(output, "rb") as handle:
+        offset = 0
+        for number, line in enumerate(handle):
+            places.append((position.get(json.loads(line)["id"], len(position)), number, offset, len(line)))
+            offset += len(line)
+    ordered = sorted(places)
+    if [place[1] for place in ordered] == list(range(len(places))):
+        return
+    with open(output, "rb") as source, atomic_file(output) as target:
+        for _, _, offset, size in ordered:
+            source.seek(offset)
+            target.write(source.read(size))
 
 
 def write_answer_file(path: str | Path, rows: list[dict]) -> None:

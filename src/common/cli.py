@@ -92,10 +92,13 @@ def check_range(flag: str, value, low=None, high=None, *, open_low: bool = False
         raise UserError(f"{flag} must be {' and '.join(part for part in (left, right) if part)}, got {value}")
 
 
+# The lowest sampling temperature: logits divided by less overflow float32 into NaN draws, and below it sampling is
+# greedy in all but name; 0 is greedy decoding.
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
 def temperature_problem(value: float) -> str | None:
     """Why a temperature cannot run (None when it can): 0 is greedy; sampling needs MIN_SAMPLING_TEMPERATURE."""
-    from .data import MIN_SAMPLING_TEMPERATURE
-
     if not math.isfinite(value):
         return f"must be a finite number, got {value}"
     if value < 0:

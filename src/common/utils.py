@@ -7,10 +7,10 @@ the project (the scheduler, the data files, the dry-run metrics) import in milli
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +25,12 @@ class UserError(Exception):
 
 # the clone: what ships in it (the paper's data, the predictor) is found from any working directory
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def user_cache_dir() -> Path:
+    """The project's folder in the user's cache, for what a run builds or measures once and keeps wherever it is
+    started from (converted models, device costs): $XDG_CACHE_HOME, else ~/.cache, then length-scheduling/."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "length-scheduling"
 
 
 def project_path(relative: str) -> str:
@@ -89,16 +95,16 @@ def read_json(path: str | os.PathLike, what: str, hint: str = "") -> Any:
         raise UserError(f"{what} {path} is not a complete gzip file: make or download it again") from None
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file.
-    A name ending in `.gz` gets gzip-compressed text (no time stamp inside: the same text, the same bytes)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike):
+    """A binary stream to write `path` through: a temporary file in the same folder, synced and renamed into place
+    when the block ends, removed if it raises; readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            data = text.encode("utf-8")
-            stream.write(gzip.compress(data, mtime=0) if path.name.endswith(GZIP_SUFFIX) else data)
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         share_with_umask(Path(temporary))
@@ -107,6 +113,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write through `atomic_file`. A name ending in `.gz` gets gzip-compressed text (no time stamp inside: the same
+    text, the same bytes)."""
+    with atomic_file(path) as stream:
+        data = text.encode("utf-8")
+        stream.write(gzip.compress(data, mtime=0) if Path(path).name.endswith(GZIP_SUFFIX) else data)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int = 4) -> None:
@@ -165,75 +179,6 @@ def cpu_has_bf16_instructions() -> bool | None:
         if name.strip() in ("flags", "Features"):
             return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(value.split()))
     return None
-
-
-def describe_device(device: str) -> str:
-    """What a result was measured on, in words: the GPU's name, or the CPU's core count."""
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(device))
-    if device == "cpu":
-        return f"CPU, {os.cpu_count()} cores"
-    return device
-
-
-def library_versions() -> dict[str, str]:
-    """The versions that decide what a measurement means."""
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def machine_description(device: str) -> str:
-    """The machine a figure was measured on, in words: the GPU's name and memory, or the CPU's model and cores."""
-    if device.startswith("cuda"):
-        import torch
-
-        properties = torch.cuda.get_device_properties(torch.device(device))
-        return f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB"
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() == "model name":
-                model = value.strip()
-                break
-    except OSError:
-        pass
-    return f"{model or platform.processor() or 'CPU'}, {os.cpu_count()} cores"
-
-
-def provenance(device: str = "cpu") -> dict:
-    """What names a published figure's run: the command as typed, the commit (with `+changes` when the tree differed
-    from it), the UTC date and time, the machine and the library versions."""
-    import subprocess
-    from datetime import datetime, timezone
-
-    project = Path(__file__).resolve().parents[2]  # the checkout this code runs from, wherever the command runs
-
-    def git(*arguments: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *arguments], capture_output=True, text=True, timeout=10, check=True, cwd=project
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit is not None and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+changes"
-    module = getattr(sys.modules.get("__main__"), "__spec__", None)
-    program = f"python -m {module.name}" if module is not None else f"python {sys.argv[0]}"
-    return {
-        "command": " ".join([program, *sys.argv[1:]]),
-        "commit": commit,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_description(device),
-        **library_versions(),
-    }
 
 
 def synchronize(device: str) -> None:

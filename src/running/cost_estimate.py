@@ -7,12 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from ..common.utils import UserError, write_json_atomic
+from ..common.utils import UserError, user_cache_dir, write_json_atomic
 from ..scheduling.continuous import ContinuousRecord
 from ..scheduling.cost_model import (
     DeviceCosts,
@@ -67,9 +66,8 @@ def measured_costs(engine, largest_batch: int, prompt_tokens: int, new_tokens: i
 
 
 def cost_cache_path() -> Path:
-    """Where measured cost models are kept: $XDG_CACHE_HOME (else ~/.cache)/length-scheduling/device-costs.json."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "length-scheduling" / "device-costs.json"
+    """Where measured cost models are kept: device-costs.json in the user's cache folder."""
+    return user_cache_dir() / "device-costs.json"
 
 
 def device_key(engine, largest_batch: int, prompt_tokens: int, new_tokens: int) -> dict:

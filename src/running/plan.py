@@ -36,6 +36,8 @@ def default_plan(args) -> tuple[tuple[str, ...], str]:
     if not ready and Path(args.predictor_path) != Path(SHIPPED_PROXY_PATH):  # a folder the user typed must load
         raise UserError(f"--predictor-path {args.predictor_path}: {reason}; or leave the flag out for the shipped one")
     refills = engine in ENGINES_THAT_REFILL_ROWS
+    if not ready and not Path(SHIPPED_PROXY_PATH).exists():  # the code was copied without the clone's folders
+        reason = f"no shipped predictor at {SHIPPED_PROXY_PATH}: install with `pip install -e .` from the clone"
     if not ready:
         fallback = QUEUE_FALLBACK_STRATEGY if refills else STATIC_FALLBACK_STRATEGY
         return (fallback,), f"requests run in file order ({reason})"

@@ -9,10 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..common.distributed import Processes
+from ..common.provenance import describe_device, library_versions
 from ..common.utils import (
     UserError,
-    describe_device,
-    library_versions,
     partial_path,
     path_fingerprint,
     read_json,
