@@ -99,6 +99,26 @@ def infer_real_full_table(results: dict) -> list[str]:
     return lines
 
 
+def strategies_table(results: dict) -> list[str]:
+    """docs/CPU.md's table of a benchmark run (src.reproduce cpu): each strategy's seconds and token slots, in the
+    order the run ran them; x vanilla is samples/s against vanilla's of the same run."""
+    lines = [
+        "| strategy | samples/s | x vanilla | token slots per sample | effective token ratio | failure ratio | "
+        "mean / p90 latency |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows = results["results"]
+    vanilla = next(row["throughput_samples_per_s"] for row in rows if row["strategy"] == "vanilla")
+    for row in rows:
+        lines.append(
+            f"| {row['strategy']} | {row['throughput_samples_per_s']:.3f} | "
+            f"{times(row['throughput_samples_per_s'] / vanilla)} | {row['average_length']:.2f} | "
+            f"{row['effective_token_ratio'] * 100:.2f} % | {row['failure_ratio'] * 100:.2f} % | "
+            f"{row['mean_latency_s']:.1f} / {row['p90_latency_s']:.1f} s |"
+        )
+    return lines
+
+
 def paper_side_by_side(dry: dict, cpu: dict | None = None) -> list[str]:
     """README's side-by-side table: the paper against src.reproduce's dry part and, once published, its CPU part."""
     from .running.paper_table import side_by_side_table
@@ -116,8 +136,8 @@ class Table:
 TABLES = {
     "infer-real": Table(("infer-real-256.json",), infer_real_table),
     "infer-real-full": Table(("infer-real-256.json",), infer_real_full_table),
-    # the CPU column joins with its results file (src.reproduce cpu with the shipped predictor, about 90 min here)
-    "paper": Table(("reproduce-dry.json",), paper_side_by_side, ("dry run",)),
+    "paper": Table(("reproduce-dry.json", "reproduce-cpu.json"), paper_side_by_side, ("dry run", "CPU")),
+    "cpu": Table(("reproduce-cpu.json",), strategies_table),
 }
 
 

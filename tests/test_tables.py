@@ -132,3 +132,14 @@ def test_the_side_by_side_table_names_both_runs_and_is_built_from_them(tmp_path,
         tables.publish(str(tmp_path / "cpu.json"), "../elsewhere.json", tmp_path)
     with pytest.raises(SystemExit, match="is not replaced"):
         tables.publish(str(tmp_path / "cpu.json"), "reproduce-cpu.json", tmp_path)
+
+
+def test_the_strategies_table_gives_each_run_its_seconds_and_slots_against_vanilla():
+    columns = ("strategy", "throughput_samples_per_s", "average_length", "effective_token_ratio", "failure_ratio")
+    columns += ("mean_latency_s", "p90_latency_s")
+    rows = [("vanilla", 0.5, 300.0, 0.4, 0.0, 200.0, 380.0), ("gt", 0.9, 160.125, 0.75, 0.0625, 90.04, 210.0)]
+    results = {"results": [dict(zip(columns, row, strict=True)) for row in rows]}
+    assert tables.strategies_table(results)[2:] == [
+        "| vanilla | 0.500 | 1.00x | 300.00 | 40.00 % | 0.00 % | 200.0 / 380.0 s |",
+        "| gt | 0.900 | 1.80x | 160.12 | 75.00 % | 6.25 % | 90.0 / 210.0 s |",  # 0.9 / 0.5; 160.125 rounds to even
+    ]
