@@ -508,21 +508,11 @@ def test_dry_run_with_arrivals_reports_latency_from_each_arrival(small_data):
     assert [row["id"] for row in sorted(aged["samples"], key=lambda row: row["admitted"])] == list("acedbf")
 
 
-def test_continuous_speeds_ask_the_manager_for_graphs_on_cuda_only():
-    """What each speed asks of transformers' manager (a GPU is needed to see it run): graphs forces CUDA graphs and
-    asynchronous batching on CUDA and leaves them to the manager elsewhere; compiled adds its compile level 1; plain
-    asks for nothing, so that the manager's defaults decide."""
+def test_the_managers_cache_holds_as_many_of_the_longest_requests_as_there_are_slots():
+    """The cache the manager is given: 4 slots of the longest request, 20 prompt tokens and 64 new ones. (What each
+    speed asks of it is seen running, on a CPU, in test_continuous_speeds_give_the_same_answers_and_say_what_ran.)"""
     from src.engines.continuous import continuous_config
 
-    def asked(speed, on_cuda):
-        config = continuous_config([10, 20], 64, 4, speed, on_cuda)
-        return config.use_cuda_graph, config.use_async_batching, config.default_compile_level
-
-    assert asked("graphs", True) == (True, True, 0)
-    assert asked("compiled", True) == (True, True, 1)
-    assert asked("plain", True) == (None, None, 0)
-    assert asked("graphs", False) == (None, None, 0)
-    assert asked("compiled", False) == (None, None, 1)
     config = continuous_config([10, 20], 64, 4, "plain")
-    # the cache holds 4 of the longest requests: ceil((20 + 64) / 64) = 2 pages each, and one spare page
+    # ceil((20 + 64) / 64) = 2 pages a request, 4 requests, and one spare page
     assert (config.num_blocks, config.max_requests_per_batch, config.auto_switch_to_flash) == (9, 4, False)
