@@ -138,6 +138,7 @@ TABLES = {
     "infer-real-full": Table(("infer-real-256.json",), infer_real_full_table),
     "paper": Table(("reproduce-dry.json", "reproduce-cpu.json"), paper_side_by_side, ("dry run", "CPU")),
     "cpu": Table(("reproduce-cpu.json",), strategies_table),
+    "quickstart": Table(("quickstart.json",), strategies_table),
 }
 
 
