@@ -156,7 +156,10 @@ def publish(run: str, name: str, results_dir: Path = RESULTS) -> Path:
     results = json.loads(Path(run).read_text())
     if "provenance" not in results:
         raise SystemExit(f"{run} records no provenance (command, commit, date, machine): it cannot be published")
-    results["results"] = [{key: value for key, value in row.items() if key != "samples"} for row in results["results"]]
+    if "results" in results:  # a src.benchmark run (benchmarks.infer_speed's keeps no per-sample rows)
+        results["results"] = [
+            {key: value for key, value in row.items() if key != "samples"} for row in results["results"]
+        ]
     if Path(name).name != name or not name.endswith(".json"):
         raise SystemExit(f"{name}: give a file name ending in .json, without a folder: it goes into {results_dir}")
     target = results_dir / name

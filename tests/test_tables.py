@@ -143,3 +143,11 @@ def test_the_strategies_table_gives_each_run_its_seconds_and_slots_against_vanil
         "| vanilla | 0.500 | 1.00x | 300.00 | 40.00 % | 0.00 % | 200.0 / 380.0 s |",
         "| gt | 0.900 | 1.80x | 160.12 | 75.00 % | 6.25 % | 90.0 / 210.0 s |",  # 0.9 / 0.5; 160.125 rounds to even
     ]
+
+
+def test_a_run_without_per_sample_rows_is_published_as_it_is(tmp_path):
+    """benchmarks.infer_speed's JSON has runs, not src.benchmark's results: it is copied whole."""
+    run = tmp_path / "infer-real.json"
+    run.write_text(json.dumps(made_up_results()))
+    published = tables.publish(str(run), "infer-real-4.json", tmp_path)
+    assert json.loads(published.read_text()) == made_up_results()
